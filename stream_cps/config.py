@@ -1,0 +1,216 @@
+"""Settings: the guide's JSON file as-is, plus our own sections, env vars and flags.
+
+Precedence is flag > environment > file > default, decided per key. Every key is declared once
+in ``FIELDS`` (name, type, default, help); ``docs/configuration.md`` documents the same table and
+a test keeps the two in step. Invalid input fails fast with one message naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import make_conninfo
+
+from stream_cps.errors import ConfigError
+
+ENV_PREFIX = "STREAM_CPS_"
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: its type, default and a line of help for the docs."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+    def parse(self, key: str, raw: Any) -> Any:
+        try:
+            value = _coerce(self.type, raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{key}: expected {self.type.__name__}, got {raw!r}") from exc
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(self.choices)}, got {value!r}")
+        return value
+
+
+def _coerce(kind: type, raw: Any) -> Any:
+    if raw is None:
+        return None
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(raw)
+    if kind is list:
+        if isinstance(raw, list):
+            return [str(v) for v in raw]
+        return [part.strip() for part in str(raw).split(",") if part.strip()]
+    if kind in (int, float) and isinstance(raw, bool):
+        raise TypeError(raw)
+    return kind(raw)
+
+
+FIELDS: dict[str, Field] = {
+    "dsn": Field(str, None, "PostgreSQL connection string; else built from the `postgresql` section"),
+    "cdp_schema": Field(str, "public", "schema of sources, events, attributes, customer_attributes"),
+    "ce_schema": Field(str, "cdp_ce", "schema of customer_events"),
+    "ps_schema": Field(str, "cdp_ps", "schema of stitching_attributes_config and stitching state"),
+    "attr_schema": Field(str, "cdp_attr", "schema of caches, context alias, outbox, errors"),
+    "stitching.batch_size": Field(int, 2000, "events stitched per transaction"),
+    "stitching.poll_interval": Field(float, 0.05, "seconds between slot polls when idle"),
+    "stitching.sweep_interval": Field(
+        float, 5.0, "seconds between sweeps for rows with stitched IS NULL the slot did not carry"
+    ),
+    "stitching.slot_name": Field(str, "stream_cps", "logical replication slot (pgoutput)"),
+    "stitching.publication": Field(str, "stream_cps_events", "publication on customer_events"),
+    "stitching.standby_poll": Field(float, 2.0, "seconds a standby waits between takeover tries"),
+    "attributes.batch_size": Field(int, 500, "entities calculated per transaction"),
+    "attributes.statement_timeout_ms": Field(
+        int, 10000, "statement timeout for admin-written attribute SQL"
+    ),
+    "attributes.poll_interval": Field(float, 0.5, "seconds between looks for due entities"),
+    "attributes.context_max_age_hours": Field(
+        float, 24.0, "context values older than this are refreshed before calculation"
+    ),
+    "attributes.cache_interval": Field(float, 300.0, "seconds between UI cache refreshes"),
+    "telemetry.exporter": Field(
+        str, "none", "where spans and metrics go", choices=("none", "console", "otlp")
+    ),
+    "telemetry.otlp_endpoint": Field(str, "http://localhost:4318", "OTLP/HTTP collector URL"),
+    "telemetry.service_name": Field(str, "stream-cps", "service.name resource attribute"),
+    "log_level": Field(str, "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+}
+
+_SCHEMA_KEYS = ("cdp_schema", "ce_schema", "ps_schema", "attr_schema")
+_PG_KEYS = {"host", "port", "user", "password", "dbname", "sslmode"}
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """The four configurable schema names (defaults are the guide's)."""
+
+    cdp: str = "public"
+    ce: str = "cdp_ce"
+    ps: str = "cdp_ps"
+    attr: str = "cdp_attr"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration; ``values`` holds every key of ``FIELDS``."""
+
+    values: Mapping[str, Any]
+
+    @property
+    def dsn(self) -> str:
+        dsn = self.values.get("dsn")
+        if not dsn:
+            raise ConfigError(
+                "dsn: no database given; pass --dsn, set STREAM_CPS_DSN, or add a "
+                "`postgresql` section to the --config file"
+            )
+        return str(dsn)
+
+    @property
+    def schemas(self) -> Schemas:
+        v = self.values
+        return Schemas(v["cdp_schema"], v["ce_schema"], v["ps_schema"], v["attr_schema"])
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def load(
+    config_file: str | Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Resolve settings; flag > env > file > default for each key."""
+    env = os.environ if environ is None else environ
+    file_values = _read_file(Path(config_file)) if config_file else {}
+    values: dict[str, Any] = {}
+    for key, spec in FIELDS.items():
+        raw: Any = spec.default
+        if key in file_values:
+            raw = file_values[key]
+        env_name = env_var(key)
+        if env.get(env_name) not in (None, ""):
+            raw = env[env_name]
+        if flags and flags.get(key) is not None:
+            raw = flags[key]
+        values[key] = spec.parse(key, raw)
+    for key in _SCHEMA_KEYS:
+        if not _IDENT.match(values[key]):
+            raise ConfigError(f"{key}: {values[key]!r} is not a valid schema name")
+    for key in ("stitching.slot_name", "stitching.publication"):
+        if not re.match(r"^[a-z0-9_]{1,63}$", values[key]):
+            raise ConfigError(f"{key}: use lower-case letters, digits and _ only")
+    for key in ("stitching.batch_size", "attributes.batch_size"):
+        if values[key] < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    return Settings(values)
+
+
+def env_var(key: str) -> str:
+    """The environment variable for a key, e.g. stitching.batch_size -> STREAM_CPS_STITCHING_BATCH_SIZE."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config: {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a JSON object")
+    return _flatten(data)
+
+
+def _flatten(data: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "postgresql":
+            flat["dsn"] = _dsn_from_section(value)
+        elif isinstance(value, dict):
+            for sub, subvalue in value.items():
+                name = f"{key}.{sub}"
+                if name not in FIELDS:
+                    raise ConfigError(f"{name}: unknown setting")
+                flat[name] = subvalue
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            raise ConfigError(f"{key}: unknown setting")
+    return flat
+
+
+def _dsn_from_section(section: Any) -> str:
+    if not isinstance(section, dict):
+        raise ConfigError("postgresql: must be an object with host, user, password, dbname")
+    unknown = set(section) - _PG_KEYS
+    if unknown:
+        raise ConfigError(f"postgresql.{sorted(unknown)[0]}: unknown setting")
+    for required in ("host", "dbname"):
+        if not section.get(required):
+            raise ConfigError(f"postgresql.{required}: required")
+    parts = {k: str(v) for k, v in section.items() if v not in (None, "")}
+    return make_conninfo(**parts)

@@ -1,0 +1,220 @@
+"""Stitching rules: load, validate and evaluate ``value_expression`` in PostgreSQL, set-based.
+
+All rules that match a batch's events are evaluated by one query: each rule is one arm of a
+``UNION ALL`` inside a ``LATERAL`` subquery over the event row, so an expression sees the event's
+columns (id, source_id, type, version, event_time, payload) unqualified, as in the guide, and a
+set-returning expression yields several values. Rule matching values go in as parameters; the
+expressions themselves are admin-written SQL and are embedded as such.
+
+A rule that does not even plan (syntax error, unknown column, ``:`` in its attribute id) is
+reported by name at load time and left out. A rule that fails on some event at run time is
+isolated: the batch is re-evaluated without the failing (rule, event) pairs, which are recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+from stream_cps.config import Schemas
+from stream_cps.errors import DefinitionError
+from stream_cps.stitching.normalize import SEPARATOR, Blocklist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of stitching_attributes_config joined to the event type it applies to."""
+
+    attribute_id: str
+    event_id: str
+    expression: str
+    source_id: str | None
+    type: str | None
+    version: str | None
+
+
+@dataclass(frozen=True)
+class RuleFailure:
+    attribute_id: str
+    event_id: str | None
+    message: str
+
+
+@dataclass
+class RuleSet:
+    rules: list[Rule]
+    blocklist: Blocklist
+    broken: list[DefinitionError] = field(default_factory=list)
+
+
+@dataclass
+class Extracted:
+    """Per event: its time and raw (attribute id, value) pairs; plus isolated failures."""
+
+    events: dict[str, tuple[object, list[tuple[str, str | None]]]]
+    failures: list[RuleFailure]
+
+
+class RuleBook:
+    """Holds the current rule set; reloads it when the configuration tables change."""
+
+    def __init__(self, schemas: Schemas) -> None:
+        self.schemas = schemas
+        self._fingerprint: tuple[object, ...] | None = None
+        self.current = RuleSet([], Blocklist())
+
+    def refresh(self, conn: psycopg.Connection[object]) -> RuleSet:
+        """Reload rules and blocklist if they changed (one small query when they did not)."""
+        s = self.schemas
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT c.attribute_id, c.event_id, c.value_expression, e.source_id, e.type, "
+                "e.version FROM {cfg} c JOIN {events} e ON e.id = c.event_id "
+                "ORDER BY c.attribute_id, c.event_id"
+            ).format(
+                cfg=sql.Identifier(s.ps, "stitching_attributes_config"),
+                events=sql.Identifier(s.cdp, "events"),
+            )
+        ).fetchall()
+        blocked = conn.execute(
+            sql.SQL("SELECT attribute_id, value FROM {} ORDER BY 1, 2").format(
+                sql.Identifier(s.ps, "identifier_blocklist")
+            )
+        ).fetchall()
+        fingerprint = (tuple(rows), tuple(blocked))
+        if fingerprint == self._fingerprint:
+            return self.current
+        rules, broken = [], []
+        for row in rows:
+            rule = Rule(*row)
+            problem = self._validate(conn, rule)
+            if problem:
+                broken.append(DefinitionError(f"stitching rule {rule.attribute_id}/{rule.event_id}", problem))
+                log.error("stitching rule %s/%s is broken and skipped: %s",
+                          rule.attribute_id, rule.event_id, problem)
+            else:
+                rules.append(rule)
+        self.current = RuleSet(rules, Blocklist.from_rows(blocked), broken)
+        self._fingerprint = fingerprint
+        log.info("loaded %d stitching rules (%d broken)", len(rules), len(broken))
+        return self.current
+
+    def _validate(self, conn: psycopg.Connection[object], rule: Rule) -> str | None:
+        if SEPARATOR in rule.attribute_id:
+            return f"attribute id must not contain {SEPARATOR!r}"
+        if not (rule.expression or "").strip():
+            return "value_expression is empty"
+        query = sql.SQL("SELECT ({})::text FROM {} LIMIT 0").format(
+            sql.SQL(rule.expression),  # type: ignore[arg-type]
+            sql.Identifier(self.schemas.ce, "customer_events"),
+        )
+        try:
+            with conn.transaction():
+                conn.execute(query)
+        except psycopg.Error as exc:
+            return _message(exc)
+        return None
+
+
+def extract(
+    conn: psycopg.Connection[object], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+) -> Extracted:
+    """Evaluate every rule against the unstitched events among ``event_ids``, in one query."""
+    try:
+        with conn.transaction():
+            rows = conn.execute(*_query(schemas, rules, event_ids)).fetchall()
+        return _collect(rows, rules, [])
+    except psycopg.errors.QueryCanceled:
+        raise
+    except psycopg.Error:
+        log.warning("rule evaluation failed for a batch of %d events; isolating", len(event_ids))
+    return _isolate(conn, schemas, rules, event_ids)
+
+
+def _query(
+    schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+) -> tuple[sql.Composed, dict[str, object]]:
+    params: dict[str, object] = {"ids": event_ids}
+    parts = []
+    for n, rule in enumerate(rules):
+        params[f"s{n}"], params[f"t{n}"], params[f"v{n}"] = rule.source_id, rule.type, rule.version
+        parts.append(
+            sql.SQL("SELECT {n}::int AS rule, ({expr})::text AS value WHERE ev.source_id = {s} "
+                    "AND ev.type = {t} AND ev.version = {v}").format(
+                n=sql.Literal(n),
+                # '%' is psycopg's placeholder mark; a LIKE pattern in a rule must survive it.
+                expr=sql.SQL(rule.expression.replace("%", "%%")),  # type: ignore[arg-type]
+                s=sql.Placeholder(f"s{n}"),
+                t=sql.Placeholder(f"t{n}"),
+                v=sql.Placeholder(f"v{n}"),
+            )
+        )
+    lateral = (
+        sql.SQL(" UNION ALL ").join(parts) if parts
+        else sql.SQL("SELECT NULL::int AS rule, NULL::text AS value WHERE false")
+    )
+    query = sql.SQL(
+        "SELECT ev.id, ev.event_time, x.rule, x.value FROM {events} ev "
+        "LEFT JOIN LATERAL ({lateral}) x ON true "
+        "WHERE ev.id = ANY({ids}) AND ev.stitched IS NULL"
+    ).format(
+        events=sql.Identifier(schemas.ce, "customer_events"),
+        lateral=lateral,
+        ids=sql.Placeholder("ids"),
+    )
+    return query, params
+
+
+def _collect(
+    rows: Sequence[tuple[object, ...]], rules: Sequence[Rule], failures: list[RuleFailure]
+) -> Extracted:
+    events: dict[str, tuple[object, list[tuple[str, str | None]]]] = {}
+    for event_id, event_time, rule_no, value in rows:
+        entry = events.setdefault(str(event_id), (event_time, []))
+        if rule_no is not None:
+            entry[1].append((rules[int(str(rule_no))].attribute_id, None if value is None else str(value)))
+    return Extracted(events, failures)
+
+
+def _isolate(
+    conn: psycopg.Connection[object], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+) -> Extracted:
+    """Slow path: find the failing (rule, event) pairs and evaluate the rest without them."""
+    failures: list[RuleFailure] = []
+    good_rules: list[Rule] = []
+    bad_rules: list[Rule] = []
+    for rule in rules:
+        try:
+            with conn.transaction():
+                conn.execute(*_query(schemas, [rule], event_ids)).fetchall()
+            good_rules.append(rule)
+        except psycopg.Error:
+            bad_rules.append(rule)
+    with conn.transaction():
+        rows = list(conn.execute(*_query(schemas, good_rules, event_ids)).fetchall())
+    extracted = _collect(rows, good_rules, failures)
+    for rule in bad_rules:
+        for event_id in event_ids:
+            try:
+                with conn.transaction():
+                    found = conn.execute(*_query(schemas, [rule], [event_id])).fetchall()
+            except psycopg.Error as exc:
+                failures.append(RuleFailure(rule.attribute_id, event_id, _message(exc)))
+                log.error("stitching rule %s failed on event %s: %s",
+                          rule.attribute_id, event_id, _message(exc))
+                continue
+            for _, _, rule_no, value in found:
+                if rule_no is not None and event_id in extracted.events:
+                    extracted.events[event_id][1].append((rule.attribute_id, value))
+    return extracted
+
+
+def _message(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    return (diag.message_primary or str(exc)).strip()
