@@ -64,8 +64,12 @@ def _coerce(kind: type, raw: Any) -> Any:
 
 
 FIELDS: dict[str, Field] = {
-    "dsn": Field(str, None, "PostgreSQL connection string; else built from the `postgresql` section"),
-    "cdp_schema": Field(str, "public", "schema of sources, events, attributes, customer_attributes"),
+    "dsn": Field(
+        str, None, "PostgreSQL connection string; else built from the `postgresql` section"
+    ),
+    "cdp_schema": Field(
+        str, "public", "schema of sources, events, attributes, customer_attributes"
+    ),
     "ce_schema": Field(str, "cdp_ce", "schema of customer_events"),
     "ps_schema": Field(str, "cdp_ps", "schema of stitching_attributes_config and stitching state"),
     "attr_schema": Field(str, "cdp_attr", "schema of caches, context alias, outbox, errors"),
@@ -132,6 +136,13 @@ class Settings:
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
 
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some keys changed (dotted keys via a dict: ``replace(**{"a.b": 1})``)."""
+        unknown = set(changes) - set(FIELDS)
+        if unknown:
+            raise ConfigError(f"{sorted(unknown)[0]}: unknown setting")
+        return Settings({**self.values, **changes})
+
 
 def load(
     config_file: str | Path | None = None,
@@ -165,7 +176,7 @@ def load(
 
 
 def env_var(key: str) -> str:
-    """The environment variable for a key, e.g. stitching.batch_size -> STREAM_CPS_STITCHING_BATCH_SIZE."""
+    """Env var of a key: stitching.batch_size -> STREAM_CPS_STITCHING_BATCH_SIZE."""
     return ENV_PREFIX + key.replace(".", "_").upper()
 
 

@@ -54,7 +54,9 @@ def setup(settings: Mapping[str, Any]) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create({"service.name": settings.get("telemetry.service_name", "stream-cps")})
+    resource = Resource.create(
+        {"service.name": settings.get("telemetry.service_name", "stream-cps")}
+    )
     if exporter == "console":
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter

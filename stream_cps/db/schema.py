@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -40,7 +41,7 @@ def latest_version() -> int:
 
 def render(template: str, schemas: Schemas) -> sql.Composed:
     """Fill the schema placeholders of a SQL template with quoted identifiers."""
-    return sql.SQL(template).format(  # type: ignore[arg-type]
+    return sql.SQL(template).format(
         cdp=sql.Identifier(schemas.cdp),
         ce=sql.Identifier(schemas.ce),
         ps=sql.Identifier(schemas.ps),
@@ -48,7 +49,7 @@ def render(template: str, schemas: Schemas) -> sql.Composed:
     )
 
 
-def current_version(conn: psycopg.Connection[object], schemas: Schemas) -> int | None:
+def current_version(conn: psycopg.Connection[Any], schemas: Schemas) -> int | None:
     """The applied schema version, or None when stream-cps never ran ``init`` here."""
     row = conn.execute(
         "SELECT to_regclass(%s) IS NOT NULL",
@@ -64,7 +65,7 @@ def current_version(conn: psycopg.Connection[object], schemas: Schemas) -> int |
     return int(found[0]) if found and found[0] is not None else None
 
 
-def migrate(conn: psycopg.Connection[object], schemas: Schemas) -> list[int]:
+def migrate(conn: psycopg.Connection[Any], schemas: Schemas) -> list[int]:
     """Create or upgrade every table and view; returns the versions applied now."""
     applied: list[int] = []
     with conn.transaction():
@@ -97,7 +98,7 @@ def migrate(conn: psycopg.Connection[object], schemas: Schemas) -> list[int]:
     return applied
 
 
-def check(conn: psycopg.Connection[object], schemas: Schemas) -> None:
+def check(conn: psycopg.Connection[Any], schemas: Schemas) -> None:
     """Refuse to run unless the schema is exactly the version this build writes."""
     schema_row = conn.execute(
         "SELECT count(*) FROM pg_namespace WHERE nspname = ANY(%s)",
@@ -120,7 +121,7 @@ def check(conn: psycopg.Connection[object], schemas: Schemas) -> None:
         )
 
 
-def _create_aliases(conn: psycopg.Connection[object], schemas: Schemas) -> None:
+def _create_aliases(conn: psycopg.Connection[Any], schemas: Schemas) -> None:
     """Views that let the guide's scripts use unqualified and legacy names.
 
     A plain psql session resolves unqualified names in ``public``; the guide also addresses

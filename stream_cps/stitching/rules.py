@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -57,7 +59,7 @@ class RuleSet:
 class Extracted:
     """Per event: its time and raw (attribute id, value) pairs; plus isolated failures."""
 
-    events: dict[str, tuple[object, list[tuple[str, str | None]]]]
+    events: dict[str, tuple[datetime, list[tuple[str, str | None]]]]
     failures: list[RuleFailure]
 
 
@@ -69,7 +71,7 @@ class RuleBook:
         self._fingerprint: tuple[object, ...] | None = None
         self.current = RuleSet([], Blocklist())
 
-    def refresh(self, conn: psycopg.Connection[object]) -> RuleSet:
+    def refresh(self, conn: psycopg.Connection[Any]) -> RuleSet:
         """Reload rules and blocklist if they changed (one small query when they did not)."""
         s = self.schemas
         rows = conn.execute(
@@ -95,9 +97,15 @@ class RuleBook:
             rule = Rule(*row)
             problem = self._validate(conn, rule)
             if problem:
-                broken.append(DefinitionError(f"stitching rule {rule.attribute_id}/{rule.event_id}", problem))
-                log.error("stitching rule %s/%s is broken and skipped: %s",
-                          rule.attribute_id, rule.event_id, problem)
+                broken.append(
+                    DefinitionError(f"stitching rule {rule.attribute_id}/{rule.event_id}", problem)
+                )
+                log.error(
+                    "stitching rule %s/%s is broken and skipped: %s",
+                    rule.attribute_id,
+                    rule.event_id,
+                    problem,
+                )
             else:
                 rules.append(rule)
         self.current = RuleSet(rules, Blocklist.from_rows(blocked), broken)
@@ -105,13 +113,13 @@ class RuleBook:
         log.info("loaded %d stitching rules (%d broken)", len(rules), len(broken))
         return self.current
 
-    def _validate(self, conn: psycopg.Connection[object], rule: Rule) -> str | None:
+    def _validate(self, conn: psycopg.Connection[Any], rule: Rule) -> str | None:
         if SEPARATOR in rule.attribute_id:
             return f"attribute id must not contain {SEPARATOR!r}"
         if not (rule.expression or "").strip():
             return "value_expression is empty"
         query = sql.SQL("SELECT ({})::text FROM {} LIMIT 0").format(
-            sql.SQL(rule.expression),  # type: ignore[arg-type]
+            sql.SQL(rule.expression),
             sql.Identifier(self.schemas.ce, "customer_events"),
         )
         try:
@@ -123,7 +131,7 @@ class RuleBook:
 
 
 def extract(
-    conn: psycopg.Connection[object], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+    conn: psycopg.Connection[Any], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
 ) -> Extracted:
     """Evaluate every rule against the unstitched events among ``event_ids``, in one query."""
     try:
@@ -145,18 +153,21 @@ def _query(
     for n, rule in enumerate(rules):
         params[f"s{n}"], params[f"t{n}"], params[f"v{n}"] = rule.source_id, rule.type, rule.version
         parts.append(
-            sql.SQL("SELECT {n}::int AS rule, ({expr})::text AS value WHERE ev.source_id = {s} "
-                    "AND ev.type = {t} AND ev.version = {v}").format(
+            sql.SQL(
+                "SELECT {n}::int AS rule, ({expr})::text AS value WHERE ev.source_id = {s} "
+                "AND ev.type = {t} AND ev.version = {v}"
+            ).format(
                 n=sql.Literal(n),
                 # '%' is psycopg's placeholder mark; a LIKE pattern in a rule must survive it.
-                expr=sql.SQL(rule.expression.replace("%", "%%")),  # type: ignore[arg-type]
+                expr=sql.SQL(rule.expression.replace("%", "%%")),
                 s=sql.Placeholder(f"s{n}"),
                 t=sql.Placeholder(f"t{n}"),
                 v=sql.Placeholder(f"v{n}"),
             )
         )
     lateral = (
-        sql.SQL(" UNION ALL ").join(parts) if parts
+        sql.SQL(" UNION ALL ").join(parts)
+        if parts
         else sql.SQL("SELECT NULL::int AS rule, NULL::text AS value WHERE false")
     )
     query = sql.SQL(
@@ -172,18 +183,18 @@ def _query(
 
 
 def _collect(
-    rows: Sequence[tuple[object, ...]], rules: Sequence[Rule], failures: list[RuleFailure]
+    rows: Sequence[tuple[Any, ...]], rules: Sequence[Rule], failures: list[RuleFailure]
 ) -> Extracted:
-    events: dict[str, tuple[object, list[tuple[str, str | None]]]] = {}
+    events: dict[str, tuple[datetime, list[tuple[str, str | None]]]] = {}
     for event_id, event_time, rule_no, value in rows:
         entry = events.setdefault(str(event_id), (event_time, []))
         if rule_no is not None:
-            entry[1].append((rules[int(str(rule_no))].attribute_id, None if value is None else str(value)))
+            entry[1].append((rules[rule_no].attribute_id, None if value is None else str(value)))
     return Extracted(events, failures)
 
 
 def _isolate(
-    conn: psycopg.Connection[object], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+    conn: psycopg.Connection[Any], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
 ) -> Extracted:
     """Slow path: find the failing (rule, event) pairs and evaluate the rest without them."""
     failures: list[RuleFailure] = []
@@ -206,8 +217,12 @@ def _isolate(
                     found = conn.execute(*_query(schemas, [rule], [event_id])).fetchall()
             except psycopg.Error as exc:
                 failures.append(RuleFailure(rule.attribute_id, event_id, _message(exc)))
-                log.error("stitching rule %s failed on event %s: %s",
-                          rule.attribute_id, event_id, _message(exc))
+                log.error(
+                    "stitching rule %s failed on event %s: %s",
+                    rule.attribute_id,
+                    event_id,
+                    _message(exc),
+                )
                 continue
             for _, _, rule_no, value in found:
                 if rule_no is not None and event_id in extracted.events:

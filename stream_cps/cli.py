@@ -1,0 +1,126 @@
+"""Command line: ``stream-cps init | run | demo``.
+
+Errors that are the user's to fix (configuration, schema) print one line and exit 2; anything else
+is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from stream_cps import config
+from stream_cps.errors import ConfigError, SchemaError, StreamCpsError
+
+log = logging.getLogger("stream_cps")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(args.config, flags=_flags(args))
+        _logging(settings["log_level"])
+        result: int = args.handler(settings, args)
+        return result
+    except (ConfigError, SchemaError) as exc:
+        print(f"stream-cps: {exc}", file=sys.stderr)
+        return 2
+    except StreamCpsError as exc:
+        print(f"stream-cps: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="the guide's JSON configuration file")
+    common.add_argument("--dsn", help="PostgreSQL connection string (else STREAM_CPS_DSN)")
+    common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = argparse.ArgumentParser(
+        prog="stream-cps", description="Always-on customer profile stitching."
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    init = sub.add_parser("init", parents=[common], help="create or upgrade the schema")
+    init.set_defaults(handler=_cmd_init)
+
+    run = sub.add_parser("run", parents=[common], help="stitch and calculate until stopped")
+    run.add_argument("--source", choices=["postgres"], default="postgres")
+    run.add_argument("--batch-size", type=int, dest="batch_size")
+    run.set_defaults(handler=_cmd_run)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run on an embedded PostgreSQL with sample data"
+    )
+    demo.add_argument("--workdir", default=".state/demo", help="where the embedded server lives")
+    demo.add_argument("--persons", type=int, default=300, help="people in the sample data")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "dsn": getattr(args, "dsn", None),
+        "log_level": getattr(args, "log_level", None),
+        "stitching.batch_size": getattr(args, "batch_size", None),
+    }
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
+    from stream_cps.db import schema
+    from stream_cps.db.connect import connect
+    from stream_cps.sources.replication import SlotSource
+
+    with connect(settings.dsn, role="init", autocommit=True) as conn:
+        applied = schema.migrate(conn, settings.schemas)
+        version = schema.latest_version()
+        print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
+        try:
+            SlotSource(settings).ensure(conn)
+        except SchemaError as exc:
+            print(f"replication not set up yet: {exc}", file=sys.stderr)
+    return 0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: finish the batch in flight, then exit."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("received %s; finishing the batch in flight", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def _cmd_run(settings: config.Settings, _args: argparse.Namespace) -> int:
+    from stream_cps.service import StitchingService
+
+    stop = stop_on_signals()
+    StitchingService(settings, stop).run()
+    return 0
+
+
+def _cmd_demo(settings: config.Settings, args: argparse.Namespace) -> int:
+    from stream_cps.demo import run_demo
+
+    return run_demo(settings, args.workdir, args.persons)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

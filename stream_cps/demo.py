@@ -1,0 +1,107 @@
+"""``stream-cps demo``: the whole pipeline on an embedded PostgreSQL with the sample data.
+
+Events are inserted in chunks while the service runs, so the demo exercises the real path
+(logical replication -> stitching -> calculation), then prints a short summary of the entities.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from stream_cps.config import Settings
+from stream_cps.db import embedded, schema
+from stream_cps.sample import generator
+from stream_cps.service import StitchingService
+
+log = logging.getLogger(__name__)
+
+
+def run_demo(settings: Settings, workdir: str, persons: int) -> int:
+    datadir = Path(workdir).resolve() / "pgdata"
+    shutil.rmtree(datadir, ignore_errors=True)
+    print(f"starting embedded PostgreSQL in {datadir} ...", flush=True)
+    server = embedded.start(datadir)
+    try:
+        settings = settings.replace(dsn=server.dsn)
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            schema.migrate(conn, settings.schemas)
+            conn.execute(generator.config_sql(settings.schemas))
+            stop = threading.Event()
+            service = StitchingService(settings, stop)
+            thread = threading.Thread(target=service.run, name="stitching", daemon=True)
+            thread.start()
+            rows = list(generator.events(persons=persons))
+            _feed(conn, settings, rows)
+            _wait_until_done(conn, settings, len(rows))
+            stop.set()
+            thread.join(timeout=30)
+            _summary(conn, settings, service)
+    finally:
+        embedded.destroy(server)
+    return 0
+
+
+def _feed(conn: psycopg.Connection[Any], settings: Settings, rows: list[Any]) -> None:
+    table = sql.Identifier(settings.schemas.ce, "customer_events")
+    chunk = max(1, len(rows) // 10)
+    for start in range(0, len(rows), chunk):
+        with conn.cursor() as cur:
+            generator.copy_events(cur, table, rows[start : start + chunk])
+        print(f"inserted {min(start + chunk, len(rows))}/{len(rows)} events", flush=True)
+        time.sleep(0.2)
+
+
+def _wait_until_done(
+    conn: psycopg.Connection[Any], settings: Settings, total: int, timeout: float = 120
+) -> None:
+    query = sql.SQL("SELECT count(*) FILTER (WHERE stitched IS NULL) FROM {}").format(
+        sql.Identifier(settings.schemas.ce, "customer_events")
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(query).fetchone()
+        left = int(row[0]) if row else total
+        print(f"stitched {total - left}/{total} events", flush=True)
+        if left == 0:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the demo did not finish stitching in time")
+
+
+def _summary(conn: psycopg.Connection[Any], settings: Settings, service: StitchingService) -> None:
+    ca = sql.Identifier(settings.schemas.cdp, "customer_attributes")
+    row = conn.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(max(cardinality(identifiers)), 0), "
+            "coalesce(avg(cardinality(identifiers)), 0) FROM {}"
+        ).format(ca)
+    ).fetchone()
+    assert row is not None
+    progress = service.progress
+    print()
+    print("summary")
+    print(f"  events stitched:   {progress.events}")
+    print(
+        f"  entities:          {row[0]}  "
+        f"(from {progress.created} created, {progress.merges} merges)"
+    )
+    print(f"  identifiers/entity: avg {float(row[2]):.1f}, max {row[1]}")
+    print("  largest entities:")
+    top = conn.execute(
+        sql.SQL(
+            "SELECT customer_entity_id, cardinality(identifiers), identifiers[1:3], attributes "
+            "FROM {} ORDER BY cardinality(identifiers) DESC, customer_entity_id LIMIT 5"
+        ).format(ca)
+    ).fetchall()
+    for entity_id, count, sample, attributes in top:
+        print(f"    {entity_id}  {count} identifiers, e.g. {', '.join(sample)}")
+        if attributes:
+            print(f"      attributes: {attributes}")

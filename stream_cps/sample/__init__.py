@@ -1,0 +1,1 @@
+"""Bundled sample data: a CDP configuration and a generator of realistic customer events."""

@@ -1,0 +1,164 @@
+"""The always-on process: lease -> slot -> stitch -> acknowledge, plus the calculation thread.
+
+Commit order (docs/delivery.md): a batch's stitching transaction commits first; only then is the
+slot advanced past the transactions that carried it. A crash between the two replays those
+transactions, and the stitcher skips rows that are already stitched. Rows the slot never carried
+(older than the slot, or restitched while the service was away) are found by the sweep over
+``stitched IS NULL``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from stream_cps import telemetry
+from stream_cps.config import Settings
+from stream_cps.db import schema
+from stream_cps.db.connect import connect
+from stream_cps.sources.replication import SlotLease, SlotSource
+from stream_cps.stitching.worker import BatchResult, Stitcher
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 10.0
+
+
+@dataclass
+class Progress:
+    """Running totals, logged every few seconds and returned at the end."""
+
+    events: int = 0
+    created: int = 0
+    merges: int = 0
+    purged: int = 0
+    rule_failures: int = 0
+    lag_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _last_log: float = field(default_factory=time.monotonic)
+    _last_events: int = 0
+
+    def add(self, result: BatchResult) -> None:
+        self.events += result.events
+        self.created += result.created
+        self.merges += result.merges
+        self.purged += len(result.purged)
+        self.rule_failures += result.rule_failures
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_log < PROGRESS_EVERY:
+            return
+        rate = (self.events - self._last_events) / max(now - self._last_log, 1e-9)
+        log.info(
+            "stitched %d events (%.0f/s), %d entities created, %d merges, %d purged, "
+            "slot lag %d bytes",
+            self.events,
+            rate,
+            self.created,
+            self.merges,
+            self.purged,
+            self.lag_bytes,
+        )
+        self._last_log, self._last_events = now, self.events
+
+
+class StitchingService:
+    """Runs until ``stop`` is set; one instance per process."""
+
+    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.progress = Progress()
+        self.stitcher = Stitcher(settings)
+        self.source = SlotSource(settings)
+        self.lease = SlotLease(settings)
+        self.on_batch: Callable[[BatchResult], None] | None = None
+
+    def run(self) -> Progress:
+        telemetry.setup(self.settings.values)
+        with connect(self.settings.dsn, role="check", autocommit=True) as conn:
+            schema.check(conn, self.settings.schemas)
+        if not self._acquire_lease():
+            return self.progress
+        try:
+            with connect(self.settings.dsn, role="stitching", autocommit=True) as conn:
+                self.source.ensure(conn)
+                self._register_lag_gauge()
+                self._loop(conn)
+        finally:
+            self.lease.release()
+            self.progress.maybe_log(force=True)
+        return self.progress
+
+    def _acquire_lease(self) -> bool:
+        waiting_logged = False
+        while not self.stop.is_set():
+            if self.lease.try_acquire():
+                log.info("active: holding the lease for slot %s", self.source.slot)
+                return True
+            if not waiting_logged:
+                log.info("standby: another process is active on slot %s; waiting", self.source.slot)
+                waiting_logged = True
+            self.stop.wait(self.settings["stitching.standby_poll"])
+        return False
+
+    def _loop(self, conn: psycopg.Connection[Any]) -> None:
+        batch_size = self.settings["stitching.batch_size"]
+        poll = self.settings["stitching.poll_interval"]
+        sweep_every = self.settings["stitching.sweep_interval"]
+        last_sweep = 0.0
+        last_lease_check = time.monotonic()
+        while not self.stop.is_set():
+            if time.monotonic() - last_lease_check > 1.0:
+                if not self.lease.alive():
+                    log.error("lost the lease connection; stepping down")
+                    return
+                last_lease_check = time.monotonic()
+            with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
+                batch = self.source.poll(conn, batch_size)
+            for start in range(0, len(batch.event_ids), batch_size):
+                self._record(
+                    self.stitcher.stitch(conn, batch.event_ids[start : start + batch_size])
+                )
+                if self.stop.is_set():
+                    return  # not acknowledged: replayed and skipped on restart
+            if batch.ack_lsn:
+                with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_ACK):
+                    self.source.ack(conn, batch.ack_lsn)
+            if time.monotonic() - last_sweep > sweep_every or self.stitcher.store.pending_purge(
+                conn
+            ):
+                self._sweep(conn)
+                last_sweep = time.monotonic()
+                self.progress.lag_bytes = self.source.lag_bytes(conn)
+            self.progress.maybe_log()
+            if not batch.event_ids:
+                self.stop.wait(poll)
+
+    def _sweep(self, conn: psycopg.Connection[Any]) -> None:
+        """Stitch everything still unstitched, batch by batch (and run pending purges)."""
+        while not self.stop.is_set():
+            result = self.stitcher.sweep(conn)
+            self._record(result)
+            if result.events == 0:
+                return
+
+    def _record(self, result: BatchResult) -> None:
+        self.progress.add(result)
+        if self.on_batch:
+            self.on_batch(result)
+
+    def _register_lag_gauge(self) -> None:
+        def observe(_options: Any) -> list[Any]:
+            from opentelemetry.metrics import Observation
+
+            return [Observation(self.progress.lag_bytes)]
+
+        telemetry.meter().create_observable_gauge(telemetry.METRIC_SLOT_LAG, [observe], unit="By")

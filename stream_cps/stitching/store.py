@@ -1,0 +1,221 @@
+"""All SQL of the stitching state: read what a batch touches, write what its plan decided.
+
+Every statement is set-based (arrays in, one round trip per step) and keeps to the subset that
+CockroachDB also speaks: unnest, ON CONFLICT, RETURNING, nextval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from stream_cps.config import Schemas
+from stream_cps.stitching.grouping import BatchPlan, EventKey, StitchEvent
+from stream_cps.stitching.rules import RuleFailure
+
+
+@dataclass(frozen=True)
+class Written:
+    events: int
+    created: int
+    merged: int
+    absorbed: int
+
+
+class StitchStore:
+    """SQL for one configured set of schemas."""
+
+    def __init__(self, schemas: Schemas) -> None:
+        ids = {
+            "ca": sql.Identifier(schemas.cdp, "customer_attributes"),
+            "ce": sql.Identifier(schemas.ce, "customer_events"),
+            "ie": sql.Identifier(schemas.ps, "identifier_entities"),
+            "al": sql.Identifier(schemas.ps, "entity_aliases"),
+            "err": sql.Identifier(schemas.ps, "stitching_errors"),
+            "seq": sql.Literal(f"{_quote(schemas.ps)}.entity_version_seq"),
+            "outbox": sql.Identifier(schemas.attr, "outbox"),
+        }
+
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(**ids)
+
+        self.has_purge = q("SELECT EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)")
+        self.purge_entities = q(
+            "DELETE FROM {ca} WHERE modified IS NULL RETURNING customer_entity_id"
+        )
+        self.free_identifiers = q("DELETE FROM {ie} WHERE entity_id = ANY(%(ids)s)")
+        self.outbox_deletes = q(
+            "INSERT INTO {outbox} (entity_id, op, version) "
+            "SELECT id, 'delete', nextval({seq}) FROM unnest(%(ids)s::text[]) AS d(id)"
+        )
+        self.unstitched = q(
+            "SELECT id FROM {ce} WHERE stitched IS NULL ORDER BY id LIMIT %(limit)s"
+        )
+        self.lookup = q(
+            "SELECT ie.identifier, ie.entity_id, ca.first_event_time, ca.first_event_id "
+            "FROM {ie} ie JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
+            "WHERE ie.identifier = ANY(%(idents)s)"
+        )
+        self.absorb = q(
+            "DELETE FROM {ca} WHERE customer_entity_id = ANY(%(old)s) "
+            "RETURNING customer_entity_id, identifiers"
+        )
+        self.repoint = q(
+            "UPDATE {ie} AS ie SET entity_id = m.new_id "
+            "FROM unnest(%(old)s::text[], %(new)s::text[]) AS m(old_id, new_id) "
+            "WHERE ie.entity_id = m.old_id"
+        )
+        self.alias_insert = q(
+            "INSERT INTO {al} (old_id, new_id, reason) "
+            "SELECT * FROM unnest(%(old)s::text[], %(new)s::text[], %(why)s::text[]) "
+            "ON CONFLICT (old_id) DO UPDATE SET new_id = excluded.new_id, "
+            "reason = excluded.reason, created = now()"
+        )
+        self.alias_compress = q(
+            "UPDATE {al} AS al SET new_id = m.new_id "
+            "FROM unnest(%(old)s::text[], %(new)s::text[]) AS m(old_id, new_id) "
+            "WHERE al.new_id = m.old_id"
+        )
+        self.alias_live = q("DELETE FROM {al} WHERE old_id = ANY(%(ids)s)")
+        self.claim = q(
+            "INSERT INTO {ie} (identifier, entity_id) "
+            "SELECT * FROM unnest(%(idents)s::text[], %(owners)s::text[]) "
+            "ON CONFLICT (identifier) DO UPDATE SET entity_id = excluded.entity_id"
+        )
+        self.upsert_entities = q(
+            "INSERT INTO {ca} AS ca (customer_entity_id, identifiers, modified, "
+            "first_event_time, first_event_id, version) "
+            "SELECT k.id, coalesce(a.idents, ARRAY[]::text[]), now(), k.t, k.e, nextval({seq}) "
+            "FROM unnest(%(ids)s::text[], %(times)s::timestamptz[], %(firsts)s::text[]) "
+            "AS k(id, t, e) "
+            "LEFT JOIN (SELECT p.id, array_agg(DISTINCT p.ident) AS idents "
+            "  FROM unnest(%(pid)s::text[], %(pident)s::text[]) AS p(id, ident) GROUP BY p.id) a "
+            "ON a.id = k.id "
+            "ON CONFLICT (customer_entity_id) DO UPDATE SET "
+            "identifiers = ARRAY(SELECT DISTINCT x FROM unnest(ca.identifiers || "
+            "excluded.identifiers) AS u(x) ORDER BY x), "
+            "modified = now(), first_event_time = excluded.first_event_time, "
+            "first_event_id = excluded.first_event_id, version = excluded.version"
+        )
+        self.mark_events = q(
+            "UPDATE {ce} AS ev SET stitched = now(), "
+            "identifiers = coalesce(a.idents, ARRAY[]::text[]) "
+            "FROM unnest(%(ids)s::text[]) AS k(id) "
+            "LEFT JOIN (SELECT p.id, array_agg(p.ident ORDER BY p.ident) AS idents "
+            "  FROM unnest(%(pid)s::text[], %(pident)s::text[]) AS p(id, ident) GROUP BY p.id) a "
+            "ON a.id = k.id WHERE ev.id = k.id"
+        )
+        self.record_errors = q(
+            "INSERT INTO {err} (attribute_id, event_id, message) "
+            "SELECT * FROM unnest(%(attrs)s::text[], %(events)s::text[], %(msgs)s::text[])"
+        )
+
+    # -- purge -------------------------------------------------------------------------------
+
+    def purge(self, conn: psycopg.Connection[Any]) -> list[str]:
+        """Delete entities whose ``modified`` was set to NULL, free their identifiers and queue
+        OpenSearch deletes (the guide's clean-up routine)."""
+        ids = [r[0] for r in conn.execute(self.purge_entities).fetchall()]
+        if ids:
+            conn.execute(self.free_identifiers, {"ids": ids})
+            conn.execute(self.outbox_deletes, {"ids": ids})
+        return ids
+
+    def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
+        row = conn.execute(self.has_purge).fetchone()
+        return bool(row and row[0])
+
+    def unstitched_ids(self, conn: psycopg.Connection[Any], limit: int) -> list[str]:
+        return [r[0] for r in conn.execute(self.unstitched, {"limit": limit}).fetchall()]
+
+    # -- read --------------------------------------------------------------------------------
+
+    def owners(
+        self, conn: psycopg.Connection[Any], identifiers: Iterable[str]
+    ) -> tuple[dict[str, str], dict[str, EventKey]]:
+        """Current entity of each known identifier, and each such entity's first event key."""
+        owner: dict[str, str] = {}
+        keys: dict[str, EventKey] = {}
+        rows = conn.execute(self.lookup, {"idents": sorted(set(identifiers))}).fetchall()
+        for ident, entity, first_time, first_id in rows:
+            owner[ident] = entity
+            keys[entity] = (first_time, first_id)
+        return owner, keys
+
+    # -- write -------------------------------------------------------------------------------
+
+    def write(
+        self,
+        conn: psycopg.Connection[Any],
+        plan: BatchPlan,
+        events: list[StitchEvent],
+        failures: list[RuleFailure],
+    ) -> Written:
+        """Apply a plan: absorb, claim identifiers, upsert survivors, mark events stitched."""
+        old, new, why = [], [], []
+        for comp in plan.components:
+            for absorbed in comp.absorbed:
+                old.append(absorbed)
+                new.append(comp.entity_id)
+                why.append(comp.absorb_reason)
+        absorbed_identifiers: dict[str, list[str]] = {}
+        if old:
+            for entity, idents in conn.execute(self.absorb, {"old": old}).fetchall():
+                absorbed_identifiers[entity] = list(idents)
+            conn.execute(self.repoint, {"old": old, "new": new})
+            conn.execute(self.alias_compress, {"old": old, "new": new})
+            conn.execute(self.alias_insert, {"old": old, "new": new, "why": why})
+            conn.execute(self.outbox_deletes, {"ids": old})
+
+        claim_idents, claim_owners = [], []
+        ids, times, firsts, pid, pident = [], [], [], [], []
+        for comp in plan.components:
+            for ident in sorted(comp.new_identifiers):
+                claim_idents.append(ident)
+                claim_owners.append(comp.entity_id)
+            ids.append(comp.entity_id)
+            times.append(comp.first_key[0])
+            firsts.append(comp.first_key[1])
+            idents = set(comp.event_identifiers)
+            for absorbed in comp.absorbed:
+                idents.update(absorbed_identifiers.get(absorbed, ()))
+            for ident in sorted(idents):
+                pid.append(comp.entity_id)
+                pident.append(ident)
+        if claim_idents:
+            conn.execute(self.claim, {"idents": claim_idents, "owners": claim_owners})
+        if ids:
+            conn.execute(self.alias_live, {"ids": ids})
+            conn.execute(
+                self.upsert_entities,
+                {"ids": ids, "times": times, "firsts": firsts, "pid": pid, "pident": pident},
+            )
+
+        eid, eident = [], []
+        for ev in events:
+            for ident in ev.identifiers:
+                eid.append(ev.id)
+                eident.append(ident)
+        if events:
+            conn.execute(
+                self.mark_events,
+                {"ids": [ev.id for ev in events], "pid": eid, "pident": eident},
+            )
+        if failures:
+            conn.execute(
+                self.record_errors,
+                {
+                    "attrs": [f.attribute_id for f in failures],
+                    "events": [f.event_id for f in failures],
+                    "msgs": [f.message for f in failures],
+                },
+            )
+        return Written(len(events), plan.created, plan.merges, len(old))
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'

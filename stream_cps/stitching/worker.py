@@ -1,0 +1,121 @@
+"""One stitching batch = one transaction: purge, extract, group, write.
+
+The transaction runs at REPEATABLE READ so the purge signals and the events it stitches come
+from one snapshot: the guide's restitch scripts (``modified = NULL`` first, then
+``stitched = NULL``) then give the right result with no wait between their statements, because
+any snapshot that sees the second statement also sees the first, and the purge runs first.
+Serialization conflicts (40001, 40P01) and lost connections are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from opentelemetry import metrics
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from stream_cps import telemetry
+from stream_cps.config import Settings
+from stream_cps.stitching import grouping, rules
+from stream_cps.stitching.normalize import identifiers_of
+from stream_cps.stitching.store import StitchStore
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+
+
+@dataclass
+class BatchResult:
+    events: int = 0
+    created: int = 0
+    merges: int = 0
+    absorbed: int = 0
+    purged: list[str] = field(default_factory=list)
+    rule_failures: int = 0
+
+
+class Stitcher:
+    """Stitches batches of event ids against the database state.
+
+    Takes autocommit connections: each batch opens its own REPEATABLE READ transaction.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.schemas = settings.schemas
+        self.store = StitchStore(self.schemas)
+        self.rulebook = rules.RuleBook(self.schemas)
+        meter = telemetry.meter()
+        self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)
+        self._merged = meter.create_counter(telemetry.METRIC_ENTITIES_MERGED)
+        self._created = meter.create_counter(telemetry.METRIC_ENTITIES_CREATED)
+        self._purged = meter.create_counter(telemetry.METRIC_ENTITIES_PURGED)
+        self._rule_errors = meter.create_counter(telemetry.METRIC_RULE_ERRORS)
+        self._duration: metrics.Histogram = meter.create_histogram(
+            telemetry.METRIC_BATCH_DURATION, unit="s"
+        )
+
+    def stitch(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
+        """Stitch those of ``event_ids`` that are still unstitched; retried on conflicts."""
+        for attempt in Retrying(
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            stop=stop_after_attempt(8),
+            reraise=True,
+        ):
+            with attempt:
+                return self._stitch_once(conn, event_ids)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def sweep(self, conn: psycopg.Connection[Any]) -> BatchResult:
+        """Stitch one batch of rows with ``stitched IS NULL`` whatever carried them."""
+        ids = self.store.unstitched_ids(conn, self.settings["stitching.batch_size"])
+        return self.stitch(conn, ids)
+
+    def _stitch_once(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
+        tracer = telemetry.tracer()
+        result = BatchResult()
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with tracer.start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span, conn.transaction():
+            span.set_attribute("events.requested", len(event_ids))
+            with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
+                result.purged = self.store.purge(conn)
+            ruleset = self.rulebook.refresh(conn)
+            if event_ids:
+                with tracer.start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
+                    extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
+                with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
+                    events = [
+                        grouping.StitchEvent(
+                            event_id, event_time, tuple(identifiers_of(pairs, ruleset.blocklist))
+                        )
+                        for event_id, (event_time, pairs) in extracted.events.items()
+                    ]
+                    owner, keys = self.store.owners(
+                        conn, (i for ev in events for i in ev.identifiers)
+                    )
+                    plan = grouping.plan(events, owner, keys)
+                with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
+                    written = self.store.write(conn, plan, events, extracted.failures)
+                result.events = written.events
+                result.created = written.created
+                result.merges = written.merged
+                result.absorbed = written.absorbed
+                result.rule_failures = len(extracted.failures)
+            span.set_attribute("events.stitched", result.events)
+            span.set_attribute("entities.merged", result.merges)
+        self._stitched.add(result.events)
+        self._merged.add(result.merges)
+        self._created.add(result.created)
+        self._purged.add(len(result.purged))
+        self._rule_errors.add(result.rule_failures)
+        return result
