@@ -72,8 +72,6 @@ public final class DevNode {
             .put("discovery.type", "single-node")
             // A dev box's disk may be fuller than the production watermarks allow.
             .put("cluster.routing.allocation.disk.threshold_enabled", false)
-            // One node can never host replicas: default to none so indices go green.
-            .put("cluster.default_number_of_replicas", 0)
             // With a small heap the real-memory breaker trips on garbage not yet collected.
             .put("indices.breaker.total.use_real_memory", false)
             .build();
