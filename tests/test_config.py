@@ -1,0 +1,99 @@
+"""Configuration: the guide's file as-is, precedence flag > env > file > default, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stream_cps import config
+from stream_cps.errors import ConfigError
+
+GUIDE = {
+    "postgresql": {"host": "cdp.example", "user": "postgres", "password": "", "dbname": "postgres"},
+    "cdp_schema": "public",
+    "ce_schema": "cdp_ce",
+    "ps_schema": "cdp_ps",
+    "attr_schema": "cdp_attr",
+}
+
+
+def write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_guide_file_is_accepted_as_is(tmp_path: Path) -> None:
+    settings = config.load(write(tmp_path, GUIDE), environ={})
+    assert "host=cdp.example" in settings.dsn
+    assert "dbname=postgres" in settings.dsn
+    assert settings.schemas == config.Schemas("public", "cdp_ce", "cdp_ps", "cdp_attr")
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    path = write(tmp_path, {**GUIDE, "ce_schema": "file_ce", "stitching": {"batch_size": 7}})
+    env = {"STREAM_CPS_CE_SCHEMA": "env_ce", "STREAM_CPS_DSN": "host=envhost dbname=x"}
+    settings = config.load(path, flags={"ce_schema": "flag_ce"}, environ=env)
+    assert settings.schemas.ce == "flag_ce"
+    assert settings.dsn == "host=envhost dbname=x"  # env beats the file's postgresql section
+    assert settings["stitching.batch_size"] == 7  # file beats default
+    assert settings["attributes.batch_size"] == config.FIELDS["attributes.batch_size"].default
+    assert config.load(path, environ=env).schemas.ce == "env_ce"
+    assert config.load(path, environ={}).schemas.ce == "file_ce"
+
+
+def test_bad_json_names_the_file_and_position(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid JSON \(line 1, column"):
+        config.load(write(tmp_path, '{"cdp_schema": '), environ={})
+
+
+def test_unknown_keys_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="^cdp_shema: unknown setting"):
+        config.load(write(tmp_path, {"cdp_shema": "x"}), environ={})
+    with pytest.raises(ConfigError, match="^stitching.bach_size: unknown setting"):
+        config.load(write(tmp_path, {"stitching": {"bach_size": 1}}), environ={})
+    with pytest.raises(ConfigError, match="^postgresql.hostname: unknown setting"):
+        config.load(write(tmp_path, {"postgresql": {"hostname": "x"}}), environ={})
+
+
+def test_invalid_values_are_named() -> None:
+    with pytest.raises(ConfigError, match="^ce_schema: 'bad schema!' is not a valid schema name"):
+        config.load(flags={"ce_schema": "bad schema!"}, environ={})
+    with pytest.raises(ConfigError, match="^stitching.batch_size: expected int"):
+        config.load(environ={"STREAM_CPS_STITCHING_BATCH_SIZE": "many"})
+    with pytest.raises(ConfigError, match="^telemetry.exporter: must be one of"):
+        config.load(environ={"STREAM_CPS_TELEMETRY_EXPORTER": "zipkin"})
+
+
+def test_missing_dsn_is_a_clear_error() -> None:
+    settings = config.load(environ={})
+    with pytest.raises(ConfigError, match="^dsn: no database given"):
+        _ = settings.dsn
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_cps", "init"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("stream-cps: dsn: no database given")
+    bad = write(tmp_path, "{nope")
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_cps", "init", "--config", str(bad)],
+        capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 2
+    assert "is not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_docs_list_every_setting() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for key in config.FIELDS:
+        assert f"`{key}`" in docs, key
+        assert f"`{config.env_var(key)}`" in docs, key

@@ -1,0 +1,138 @@
+"""`stream-cps init`: contract tables, idempotence, refusal of newer schemas, the guide's scripts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+
+from stream_cps import config
+from stream_cps.db import embedded, schema
+from stream_cps.errors import SchemaError
+
+CONTRACT_TABLES = {
+    "public": {"sources", "events", "attributes", "meta_attributes", "context", "customer_attributes"},
+    "cdp_ce": {"customer_events"},
+    "cdp_ps": {"stitching_attributes_config"},
+    "cdp_attr": {
+        "cached_attributes_counts_customers_per_attribute",
+        "cached_attribute_values_counts",
+    },
+}
+
+GUIDE_SCRIPTS = [
+    "UPDATE customer_attributes SET calculated = NULL;",
+    "UPDATE customer_attributes SET calculated = NULL "
+    "WHERE customer_entity_id = '0002b1f7-53e6-9d3f-705c-68320c05baa9';",
+    "UPDATE customer_attributes SET modified = NULL;\n"
+    "UPDATE customer_events SET stitched = NULL, identifiers = NULL;",
+    "UPDATE customer_attributes SET modified = NULL, identifiers = ARRAY[]::text[];",
+    "WITH entities AS (\nUPDATE customer_attributes\nSET modified = NULL\n"
+    "WHERE customer_entity_id = '0002b1f7-53e6-9d3f-705c-68320c05baa9' RETURNING identifiers\n)\n"
+    "UPDATE customer_events SET stitched = NULL, identifiers = NULL\n"
+    "FROM entities WHERE customer_events.identifiers <@ entities.identifiers;",
+    "UPDATE cdp_attr.context SET modified = NULL;",
+    "UPDATE cdp_attr.cached_attributes_counts_customers_per_attribute SET modified = NULL;",
+    "UPDATE cdp_attr.cached_attribute_values_counts SET modified = NULL;",
+]
+
+
+def psql(dsn: str, script: str) -> str:
+    result = subprocess.run(
+        [str(embedded.bin_dir() / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-c", script],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def catalog(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        "SELECT n.nspname, c.relname, c.relkind, pg_get_viewdef(c.oid) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname IN ('public', 'cdp_ce', 'cdp_ps', 'cdp_attr') ORDER BY 1, 2"
+    ).fetchall()
+
+
+def init(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream_cps", "init", "--dsn", dsn],
+        capture_output=True, text=True, check=False,
+    )
+
+
+def test_init_twice_creates_contract_tables_and_changes_nothing(pg_dsn: str) -> None:
+    first = init(pg_dsn)
+    assert first.returncode == 0, first.stderr
+    with psycopg.connect(pg_dsn) as conn:
+        before = catalog(conn)
+    second = init(pg_dsn)
+    assert second.returncode == 0, second.stderr
+    assert "applied" not in second.stdout
+    with psycopg.connect(pg_dsn) as conn:
+        assert catalog(conn) == before
+    for schema_name, tables in CONTRACT_TABLES.items():
+        listing = psql(pg_dsn, f"\\dt {schema_name}.*")
+        for table in tables:
+            assert f" {table} " in listing, (schema_name, table, listing)
+
+
+def test_guide_scripts_run_in_plain_psql(db: psycopg.Connection[Any], pg_dsn: str) -> None:
+    for script in GUIDE_SCRIPTS:
+        psql(pg_dsn, script)
+
+
+def test_guide_stitching_config_ddl_indexes(db: psycopg.Connection[Any]) -> None:
+    indexes = {
+        row[0]
+        for row in db.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = 'cdp_ps' "
+            "AND tablename = 'stitching_attributes_config'"
+        )
+    }
+    assert any("UNIQUE" in i and "(event_id, attribute_id)" in i for i in indexes)
+    assert any("(attribute_id)" in i for i in indexes)
+    assert any("(event_id)" in i and "UNIQUE" not in i for i in indexes)
+
+
+def test_newer_schema_is_refused(db: psycopg.Connection[Any], settings: config.Settings) -> None:
+    db.execute(
+        "INSERT INTO cdp_ps.stream_cps_schema (version, name) VALUES (%s, 'from the future')",
+        [schema.latest_version() + 1],
+    )
+    with pytest.raises(SchemaError, match="newer than this stream-cps understands"):
+        schema.migrate(db, settings.schemas)
+    with pytest.raises(SchemaError, match="newer"):
+        schema.check(db, settings.schemas)
+
+
+def test_run_refuses_uninitialised_database(pg_dsn: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_cps", "run", "--dsn", pg_dsn],
+        capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "run `stream-cps init` first" in result.stderr
+
+
+def test_configured_schema_names_are_used(pg_dsn: str) -> None:
+    custom = config.load(
+        flags={"dsn": pg_dsn, "cdp_schema": "cdp", "ce_schema": "ce", "ps_schema": "ps",
+               "attr_schema": "attr"},
+        environ={},
+    )
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        schema.migrate(conn, custom.schemas)
+        schema.check(conn, custom.schemas)
+        with pytest.raises(SchemaError, match="run `stream-cps init` first"):
+            schema.check(conn, config.Schemas())
+    for script in GUIDE_SCRIPTS[:5]:
+        psql(pg_dsn, script)  # unqualified names resolve through the public views
+
+
+def test_postgres_runs_with_logical_wal(db: psycopg.Connection[Any]) -> None:
+    row = db.execute("SHOW wal_level").fetchone()
+    assert row == ("logical",)
