@@ -17,6 +17,9 @@ import pytest
 from stream_cps import config
 from stream_cps.db import embedded, schema
 
+# Service fixtures for Kafka and OpenSearch live beside this file, one module per service.
+pytest_plugins = ["tests.kafka_fixtures", "tests.opensearch_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[embedded.EmbeddedPostgres]:

@@ -1,0 +1,1 @@
+"""Kafka broker fixture (placeholder until the broker module lands)."""

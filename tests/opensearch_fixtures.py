@@ -1,0 +1,1 @@
+"""OpenSearch node fixture (placeholder until the relay work lands)."""
