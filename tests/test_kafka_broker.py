@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 KAFKA_DIR = Path(__file__).resolve().parents[1] / "infra" / "kafka"
 sys.path.insert(0, str(KAFKA_DIR))  # infra/kafka is a script dir, not a package
@@ -34,7 +35,7 @@ def _lib_dir() -> Path:
 def _start_or_fail(workdir: Path) -> ks.KafkaBroker:
     try:
         return ks.start(workdir, lib_dir=_lib_dir(), timeout=120)
-    except Exception as exc:  # noqa: BLE001 - any failure to start must fail loudly, never skip
+    except Exception as exc:  # any failure to start must fail loudly, never skip
         pytest.fail(f"local Kafka broker could not start: {exc}", pytrace=False)
 
 
@@ -45,6 +46,12 @@ def _accepts_connections(bootstrap: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def _record(msg: Message) -> tuple[int, bytes, bytes]:
+    partition, key, value = msg.partition(), msg.key(), msg.value()
+    assert partition is not None and isinstance(key, bytes) and isinstance(value, bytes)
+    return partition, key, value
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +68,9 @@ def test_keyed_messages_round_trip_in_partition_order(kafka_broker: ks.KafkaBrok
     bootstrap = kafka_broker.bootstrap
     topic = f"test-roundtrip-{uuid.uuid4().hex[:12]}"
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(timeout=30)
+    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(
+        timeout=30
+    )
 
     sent = [(f"key-{i % 7}".encode(), f"payload-{i:03d}".encode()) for i in range(100)]
     delivered: list[Message] = []
@@ -83,7 +92,8 @@ def test_keyed_messages_round_trip_in_partition_order(kafka_broker: ks.KafkaBrok
     # Expected per-partition sequence, in the order the producer sent them.
     expected: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
     for msg in delivered:
-        expected[msg.partition()].append((msg.key(), msg.value()))
+        partition, key, value = _record(msg)
+        expected[partition].append((key, value))
     assert len(expected) > 1, "7 keys over 3 partitions should spread"
 
     consumer = Consumer(
@@ -99,24 +109,24 @@ def test_keyed_messages_round_trip_in_partition_order(kafka_broker: ks.KafkaBrok
         consumer.subscribe([topic])
         deadline = time.monotonic() + 60
         while sum(map(len, received.values())) < 100 and time.monotonic() < deadline:
-            msg = consumer.poll(1.0)
-            if msg is None:
+            polled = consumer.poll(1.0)
+            if polled is None:
                 continue
-            assert msg.error() is None, msg.error()
-            received[msg.partition()].append((msg.key(), msg.value()))
+            assert polled.error() is None, polled.error()
+            partition, key, value = _record(polled)
+            received[partition].append((key, value))
     finally:
         consumer.close()
 
+    # Exact payloads, each partition in the order it was produced, nothing extra.
     assert dict(received) == dict(expected)
     assert sorted(kv for part in received.values() for kv in part) == sorted(sent)
-    for part in received.values():  # each key lives on exactly one partition, in send order
-        values = [v for _, v in part]
-        assert values == sorted(values)
     owners: dict[bytes, set[int]] = defaultdict(set)
     for partition, part in received.items():
+        assert [v for _, v in part] == sorted(v for _, v in part)  # send order == index order
         for key, _ in part:
             owners[key].add(partition)
-    assert all(len(p) == 1 for p in owners.values())
+    assert all(len(p) == 1 for p in owners.values()), "a key must map to a single partition"
 
 
 def test_stop_really_stops_the_broker(tmp_path: Path) -> None:
@@ -129,7 +139,9 @@ def test_stop_really_stops_the_broker(tmp_path: Path) -> None:
     broker.stop()
 
     assert not _accepts_connections(bootstrap)
-    assert not Path(f"/proc/{pid}").exists(), "broker process still exists (or is an unreaped zombie)"
+    assert not Path(f"/proc/{pid}").exists(), (
+        "broker process still exists (or is an unreaped zombie)"
+    )
     assert not (workdir / "kafka.pid").exists()
     ks.stop(workdir)  # idempotent
     with pytest.raises(ks.KafkaServiceError):
