@@ -68,7 +68,7 @@ class Stitcher:
         """Stitch those of ``event_ids`` that are still unstitched; retried on conflicts."""
         for attempt in Retrying(
             retry=retry_if_exception_type(RETRYABLE),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
             stop=stop_after_attempt(8),
             reraise=True,
         ):

@@ -1,0 +1,132 @@
+"""Helpers shared by the stitching tests: rules, events, the observed state, a service process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tests import oracle
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+RULES = [
+    ("email", "pv", "payload->>'email'"),
+    ("cookie", "pv",
+     "json_array_elements_text(json_build_array(payload->>'cookie', payload->'inbound'->>0))"),
+    ("email", "buy", "payload->>'email'"),
+    ("phone", "buy", "payload->>'phone'"),
+]
+
+
+def setup_rules(conn: psycopg.Connection[Any], rules: Iterable[tuple[str, str, str]] = RULES) -> None:
+    conn.execute("INSERT INTO sources VALUES ('web', 'Web'), ('shop', 'Shop') ON CONFLICT DO NOTHING")
+    conn.execute(
+        "INSERT INTO events VALUES ('pv', 'web', 'page_view', '1', 'PV'), "
+        "('buy', 'shop', 'purchase', '1', 'Buy') ON CONFLICT DO NOTHING"
+    )
+    conn.execute(
+        "INSERT INTO attributes (id, name) VALUES ('email', 'Email'), ('cookie', 'Cookie'), "
+        "('phone', 'Phone'), ('num', 'Num') ON CONFLICT DO NOTHING"
+    )
+    for attribute_id, event_id, expression in rules:
+        conn.execute(
+            "INSERT INTO cdp_ps.stitching_attributes_config VALUES (%s, %s, %s)",
+            [attribute_id, event_id, expression],
+        )
+
+
+def event(eid: str, minutes: int, kind: str = "pv", **payload: object) -> tuple[Any, ...]:
+    source, etype = ("web", "page_view") if kind == "pv" else ("shop", "purchase")
+    return (eid, source, etype, "1", T0 + timedelta(minutes=minutes), json.dumps(payload))
+
+
+def insert(conn: psycopg.Connection[Any], rows: Iterable[tuple[Any, ...]]) -> None:
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO cdp_ce.customer_events (id, source_id, type, version, event_time, payload) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            list(rows),
+        )
+
+
+def observed(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
+    """event id -> entity id as the database says, after checking its internal consistency."""
+    events = conn.execute(
+        "SELECT id, event_time, identifiers FROM cdp_ce.customer_events ORDER BY id"
+    ).fetchall()
+    assert all(idents is not None for _, _, idents in events), "unstitched events remain"
+    owner = dict(conn.execute("SELECT identifier, entity_id FROM cdp_ps.identifier_entities"))
+    rows = {
+        r[0]: set(r[1])
+        for r in conn.execute("SELECT customer_entity_id, identifiers FROM customer_attributes")
+    }
+    mapping: dict[str, str | None] = {}
+    union: dict[str, set[str]] = {}
+    for eid, _, idents in events:
+        if not idents:
+            mapping[eid] = None
+            continue
+        owners = {owner[i] for i in idents}
+        assert len(owners) == 1, f"event {eid} spans entities {owners}"
+        entity = owners.pop()
+        mapping[eid] = entity
+        union.setdefault(entity, set()).update(idents)
+    assert union == rows, "customer_attributes.identifiers differ from the union of events"
+    return mapping
+
+
+def expected(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
+    """The oracle's answer over the identifiers the database extracted."""
+    events = conn.execute("SELECT id, event_time, identifiers FROM cdp_ce.customer_events").fetchall()
+    return oracle.partition((eid, when, idents or []) for eid, when, idents in events)
+
+
+def snapshot(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    """Everything the contract exposes about stitching, for comparing two databases."""
+    return (
+        conn.execute("SELECT id, identifiers FROM cdp_ce.customer_events ORDER BY id").fetchall(),
+        conn.execute(
+            "SELECT customer_entity_id, identifiers, first_event_id FROM customer_attributes "
+            "ORDER BY 1"
+        ).fetchall(),
+    )
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def unstitched(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NULL"
+    ).fetchone()
+    return int(row[0]) if row else -1
+
+
+def start_service(dsn: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    environment = {
+        **os.environ,
+        "STREAM_CPS_DSN": dsn,
+        "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.02",
+        "STREAM_CPS_STITCHING_STANDBY_POLL": "0.5",
+        "STREAM_CPS_STITCHING_SWEEP_INTERVAL": "1",
+        **env,
+    }
+    handle = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_cps", "run"], env=environment, stdout=handle, stderr=handle
+    )

@@ -1,0 +1,229 @@
+"""The stitcher against a real PostgreSQL: grouping, merges, purge signals, rules, blocklist."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from typing import Any
+
+import psycopg
+import pytest
+
+from stream_cps import config
+from stream_cps.db import embedded, schema
+from stream_cps.sample import generator
+from stream_cps.stitching.grouping import entity_id_for
+from stream_cps.stitching.worker import Stitcher
+from tests.support import event, expected, insert, observed, setup_rules, snapshot
+
+
+def stitch_all(stitcher: Stitcher, conn: psycopg.Connection[Any]) -> None:
+    while stitcher.sweep(conn).events:
+        pass
+
+
+def test_merge_marks_survivor_records_alias_and_outbox_delete(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 10, email="x@a"), event("b", 5, cookie="c1")])
+    stitch_all(stitcher, db)
+    assert db.execute("SELECT count(*) FROM customer_attributes").fetchone() == (2,)
+    insert(db, [event("c", 20, email="x@a", cookie="c1")])
+    result = stitcher.stitch(db, ["c"])
+    assert (result.events, result.merges) == (1, 1)
+    survivor, absorbed = entity_id_for("b"), entity_id_for("a")
+    rows = db.execute(
+        "SELECT customer_entity_id, identifiers, modified IS NOT NULL, calculated "
+        "FROM customer_attributes"
+    ).fetchall()
+    assert rows == [(survivor, ["cookie:c1", "email:x@a"], True, None)]
+    assert db.execute("SELECT old_id, new_id, reason FROM cdp_ps.entity_aliases").fetchall() == [
+        (absorbed, survivor, "merge")
+    ]
+    assert db.execute("SELECT entity_id, op FROM cdp_attr.outbox").fetchall() == [
+        (absorbed, "delete")
+    ]
+    assert observed(db) == expected(db)
+
+
+def test_earlier_event_rekeys_entity_and_aliases_chain(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("late", 100, email="x@a")])
+    stitch_all(stitcher, db)
+    insert(db, [event("mid", 50, email="x@a")])
+    stitch_all(stitcher, db)
+    insert(db, [event("early", 1, email="x@a")])
+    stitch_all(stitcher, db)
+    live = entity_id_for("early")
+    assert db.execute("SELECT customer_entity_id FROM customer_attributes").fetchall() == [(live,)]
+    aliases = dict(db.execute("SELECT old_id, new_id FROM cdp_ps.entity_aliases").fetchall())
+    # every old id resolves to the live one in one hop
+    assert aliases == {entity_id_for("late"): live, entity_id_for("mid"): live}
+    reasons = {r[0] for r in db.execute("SELECT reason FROM cdp_ps.entity_aliases")}
+    assert reasons == {"rekey"}
+
+
+def test_two_databases_fed_in_different_orders_end_identical(pg_server: Any) -> None:
+    rows = list(generator.events(seed=11, persons=60, per_person=5))
+    snapshots = []
+    for n, seed in enumerate([1, 2]):
+        name = f"order_{n}_{random.randrange(1 << 30)}"
+        with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={name}"
+        settings = config.load(
+            flags={"dsn": dsn, "stitching.batch_size": 7 + 30 * n}, environ={}
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schema.migrate(conn, settings.schemas)
+            conn.execute(generator.config_sql(settings.schemas))
+            shuffled = rows[:]
+            random.Random(seed).shuffle(shuffled)
+            stitcher = Stitcher(settings)
+            for start in range(0, len(shuffled), 50):
+                insert(conn, shuffled[start : start + 50])
+                stitch_all(stitcher, conn)
+            assert observed(conn) == expected(conn)
+            snapshots.append(snapshot(conn))
+    assert snapshots[0] == snapshots[1]
+
+
+def test_purge_signal_deletes_entity_frees_identifiers_and_queues_delete(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 1, email="x@a"), event("b", 2, email="y@a")])
+    stitch_all(stitcher, db)
+    gone = entity_id_for("a")
+    db.execute("UPDATE customer_attributes SET modified = NULL WHERE customer_entity_id = %s", [gone])
+    result = stitcher.stitch(db, [])
+    assert result.purged == [gone]
+    assert db.execute("SELECT customer_entity_id FROM customer_attributes").fetchall() == [
+        (entity_id_for("b"),)
+    ]
+    assert db.execute(
+        "SELECT count(*) FROM cdp_ps.identifier_entities WHERE entity_id = %s", [gone]
+    ).fetchone() == (0,)
+    assert db.execute(
+        "SELECT op FROM cdp_attr.outbox WHERE entity_id = %s", [gone]
+    ).fetchall() == [("delete",)]
+
+
+def test_restitch_all_after_config_change_without_waiting(
+    db: psycopg.Connection[Any], settings: config.Settings, pg_dsn: str
+) -> None:
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 1, email="x@a", cookie="c"), event("b", 2, email="y@a", cookie="c")])
+    stitch_all(stitcher, db)
+    assert len(set(observed(db).values())) == 1  # glued together by the shared cookie
+    db.execute("DELETE FROM cdp_ps.stitching_attributes_config WHERE attribute_id = 'cookie'")
+    psql = embedded.bin_dir() / "psql"
+    subprocess.run(
+        [str(psql), "-X", "-v", "ON_ERROR_STOP=1", "-d", pg_dsn, "-c",
+         "UPDATE customer_attributes SET modified = NULL;",
+         "-c", "UPDATE customer_events SET stitched = NULL, identifiers = NULL;"],
+        check=True, capture_output=True,
+    )
+    stitch_all(stitcher, db)
+    assert observed(db) == expected(db) == {"a": entity_id_for("a"), "b": entity_id_for("b")}
+
+
+def test_restitch_one_customer_script(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 1, email="x@a"), event("b", 2, email="x@a"), event("c", 3, email="z@a")])
+    stitch_all(stitcher, db)
+    target = entity_id_for("a")
+    db.execute(
+        "WITH entities AS (UPDATE customer_attributes SET modified = NULL "
+        "WHERE customer_entity_id = %s RETURNING identifiers) "
+        "UPDATE customer_events SET stitched = NULL, identifiers = NULL "
+        "FROM entities WHERE customer_events.identifiers <@ entities.identifiers",
+        [target],
+    )
+    reset = db.execute("SELECT id FROM customer_events WHERE stitched IS NULL ORDER BY id")
+    assert [r[0] for r in reset] == ["a", "b"]
+    stitch_all(stitcher, db)
+    assert observed(db) == expected(db)
+    assert db.execute("SELECT op FROM cdp_attr.outbox WHERE entity_id = %s", [target]).fetchall() == [
+        ("delete",)
+    ]
+
+
+def test_blocklist_table_global_and_per_attribute(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db)
+    db.execute(
+        "INSERT INTO cdp_ps.identifier_blocklist (attribute_id, value) VALUES "
+        "(NULL, 'guest'), ('email', 'test@test.com')"
+    )
+    stitcher = Stitcher(settings)
+    insert(db, [
+        event("a", 1, email="GUEST", cookie="test@test.com"),
+        event("b", 2, email="test@test.com", cookie="None"),
+        event("c", 3, email=" 42.0 ", cookie="0000"),
+    ])
+    stitch_all(stitcher, db)
+    identifiers = dict(db.execute("SELECT id, identifiers FROM customer_events").fetchall())
+    assert identifiers == {"a": ["cookie:test@test.com"], "b": [], "c": ["email:42"]}
+
+
+def test_failing_rule_is_reported_by_attribute_and_event_and_rest_works(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db, [
+        ("email", "pv", "payload->>'email'"),
+        ("num", "pv", "((payload->>'n')::int * 2)::text"),
+    ])
+    stitcher = Stitcher(settings)
+    insert(db, [event("ok", 1, email="x@a", n="21"), event("bad", 2, email="y@a", n="abc")])
+    stitch_all(stitcher, db)
+    identifiers = dict(db.execute("SELECT id, identifiers FROM customer_events").fetchall())
+    assert identifiers == {"ok": ["email:x@a", "num:42"], "bad": ["email:y@a"]}
+    errors = db.execute("SELECT attribute_id, event_id, message FROM cdp_ps.stitching_errors").fetchall()
+    assert [(a, e) for a, e, _ in errors] == [("num", "bad")]
+    assert "invalid input syntax for type integer" in errors[0][2]
+
+
+def test_broken_rule_is_named_at_load_and_skipped(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db, [("email", "pv", "payload->>'email'"), ("cookie", "pv", "payload->>>'x' +")])
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 1, email="x@a", x="1")])
+    stitch_all(stitcher, db)
+    broken = stitcher.rulebook.current.broken
+    assert [b.name for b in broken] == ["stitching rule cookie/pv"]
+    assert db.execute("SELECT identifiers FROM customer_events").fetchall() == [(["email:x@a"],)]
+
+
+def test_event_without_identifiers_is_stitched_to_no_entity(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db)
+    insert(db, [event("anon", 1, email="undefined")])
+    stitch_all(Stitcher(settings), db)
+    row = db.execute("SELECT stitched IS NOT NULL, identifiers FROM customer_events").fetchone()
+    assert row == (True, [])
+    assert db.execute("SELECT count(*) FROM customer_attributes").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 1000])
+def test_batch_boundaries_do_not_change_the_result(
+    db: psycopg.Connection[Any], settings: config.Settings, batch_size: int
+) -> None:
+    db.execute(generator.config_sql(settings.schemas))
+    insert(db, list(generator.events(seed=5, persons=15, per_person=3)))
+    stitcher = Stitcher(settings.replace(**{"stitching.batch_size": batch_size}))
+    stitch_all(stitcher, db)
+    assert observed(db) == expected(db)
