@@ -82,10 +82,24 @@ class Stitcher:
         return self.stitch(conn, ids)
 
     def _stitch_once(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            result = self.stitch_in_transaction(conn, event_ids)
+        self.count_metrics(result)
+        return result
+
+    def stitch_in_transaction(
+        self, conn: psycopg.Connection[Any], event_ids: list[str]
+    ) -> BatchResult:
+        """The batch itself, inside the caller's transaction.
+
+        Sources that must commit their own writes atomically with the stitching (the Kafka
+        consumer inserts the events it stitches) call this within their transaction; they own
+        the isolation level and the retry on serialization failures (``RETRYABLE``).
+        """
         tracer = telemetry.tracer()
         result = BatchResult()
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with tracer.start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span, conn.transaction():
+        with tracer.start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
             span.set_attribute("events.requested", len(event_ids))
             with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
                 result.purged = self.store.purge(conn)
@@ -113,9 +127,12 @@ class Stitcher:
                 result.rule_failures = len(extracted.failures)
             span.set_attribute("events.stitched", result.events)
             span.set_attribute("entities.merged", result.merges)
+        return result
+
+    def count_metrics(self, result: BatchResult) -> None:
+        """Add a committed batch to the metrics (call only after the commit)."""
         self._stitched.add(result.events)
         self._merged.add(result.merges)
         self._created.add(result.created)
         self._purged.add(len(result.purged))
         self._rule_errors.add(result.rule_failures)
-        return result

@@ -1,0 +1,192 @@
+"""`stream-cps run` as a real process: streaming, signals, crashes, standby takeover, heartbeat."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from stream_cps.sample import generator
+from tests.support import (
+    event,
+    expected,
+    insert,
+    observed,
+    setup_rules,
+    start_service,
+    unstitched,
+    wait_until,
+)
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    proc.send_signal(sig)
+    return proc.wait(timeout=timeout)
+
+
+def slot_active(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'stream_cps'"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_streaming_inserts_are_stitched_and_sigterm_exits_cleanly(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    setup_rules(db)
+    proc = start_service(pg_dsn, tmp_path / "run.log")
+    try:
+        wait_until(lambda: slot_active(db), what="the slot")
+        for n in range(200):
+            insert(db, [event(f"e{n}", n % 37, email=f"p{n % 23}@x", cookie=f"c{n % 31}")])
+            if n % 50 == 0:
+                wait_until(lambda: unstitched(db) == 0, timeout=10, what="stitching")
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="stitching")
+        assert observed(db) == expected(db)
+        started = time.monotonic()
+        assert stop(proc) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "run.log").read_text()
+    assert "stitched 200 events" in log
+
+
+def test_kill_9_at_random_points_loses_and_doubles_nothing(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    db.execute(generator.config_sql(__import__("stream_cps.config").config.Schemas()))
+    rows = list(generator.events(seed=3, persons=120, per_person=5))
+    rng = random.Random(99)
+    chunks = [rows[i : i + 40] for i in range(0, len(rows), 40)]
+    log = tmp_path / "run.log"
+    for trial in range(3):
+        proc = start_service(pg_dsn, log, STREAM_CPS_STITCHING_BATCH_SIZE=str(rng.choice([5, 17, 64])))
+        try:
+            for _ in range(len(chunks) // 3 + 1):
+                if chunks:
+                    insert(db, chunks.pop())
+            time.sleep(rng.uniform(0.05, 0.6))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        _ = trial
+    proc = start_service(pg_dsn, log)
+    try:
+        for chunk in chunks:
+            insert(db, chunk)
+        wait_until(lambda: unstitched(db) == 0, timeout=60, what="stitching after restarts")
+        assert observed(db) == expected(db)
+        # nothing doubled: each absorbed id deleted once per absorption, live ids never deleted
+        live = {r[0] for r in db.execute("SELECT customer_entity_id FROM customer_attributes")}
+        deleted = {r[0] for r in db.execute("SELECT entity_id FROM cdp_attr.outbox WHERE op = 'delete'")}
+        assert not (live & deleted - {r[0] for r in db.execute(
+            "SELECT old_id FROM cdp_ps.entity_aliases")})
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_standby_takes_over_when_active_process_dies(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    setup_rules(db)
+    first = start_service(pg_dsn, tmp_path / "a.log")
+    wait_until(lambda: slot_active(db), what="first process active")
+    second = start_service(pg_dsn, tmp_path / "b.log")
+    try:
+        wait_until(lambda: "standby" in (tmp_path / "b.log").read_text(), what="standby")
+        insert(db, [event("before", 1, email="x@a")])
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="active stitching")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        killed = time.monotonic()
+        insert(db, [event("after", 2, email="x@a")])
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="takeover")
+        assert time.monotonic() - killed < 10
+        assert "active: holding the lease" in (tmp_path / "b.log").read_text()
+        assert observed(db) == expected(db)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_idle_database_does_not_hold_wal_and_lag_is_small(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    setup_rules(db)
+    proc = start_service(pg_dsn, tmp_path / "run.log")
+    try:
+        wait_until(lambda: slot_active(db), what="the slot")
+        db.execute("CREATE TABLE unrelated (x text)")
+        for _ in range(20):
+            db.execute("INSERT INTO unrelated SELECT repeat('x', 1000) FROM generate_series(1, 200)")
+
+        def caught_up() -> bool:
+            row = db.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn) "
+                "FROM pg_replication_slots WHERE slot_name = 'stream_cps'"
+            ).fetchone()
+            return row is not None and row[0] is not None and row[0] < 64 * 1024
+
+        wait_until(caught_up, timeout=10, what="slot to follow WAL of unrelated tables")
+    finally:
+        stop(proc)
+
+
+def test_preexisting_rows_large_payloads_and_restitch_updates(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    setup_rules(db)
+    big = "z" * 20_000  # TOASTed: not resent in UPDATEs
+    insert(db, [event("old", 1, email="x@a", blob=big)])  # before any slot exists
+    proc = start_service(pg_dsn, tmp_path / "run.log")
+    try:
+        wait_until(lambda: unstitched(db) == 0, timeout=15, what="pre-existing row")
+        insert(db, [event("new", 2, email="x@a", blob=big)])
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="new row")
+        # the guide's restitch-all, no wait between statements, config changed first
+        db.execute("UPDATE cdp_ps.stitching_attributes_config SET value_expression = "
+                   "'lower(payload->>''email'')' WHERE attribute_id = 'email'")
+        db.execute("UPDATE customer_events SET payload = payload || %s::jsonb WHERE id = 'old'",
+                   [json.dumps({"email": "X@A"})])
+        db.execute("UPDATE customer_attributes SET modified = NULL")
+        db.execute("UPDATE customer_events SET stitched = NULL, identifiers = NULL")
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="restitch")
+        assert observed(db) == expected(db)
+        assert db.execute("SELECT identifiers FROM customer_attributes").fetchall() == [
+            (["email:x@a"],)
+        ]
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_stop_within_seconds_while_busy(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path, sig: int
+) -> None:
+    db.execute(generator.config_sql(__import__("stream_cps.config").config.Schemas()))
+    proc = start_service(pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="50")
+    try:
+        wait_until(lambda: slot_active(db), what="the slot")
+        insert(db, list(generator.events(seed=8, persons=200, per_person=5)))
+        time.sleep(0.3)
+        started = time.monotonic()
+        assert stop(proc, sig) == 0
+        assert time.monotonic() - started < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert os.path.exists(tmp_path / "run.log")
