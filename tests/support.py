@@ -20,15 +20,22 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 RULES = [
     ("email", "pv", "payload->>'email'"),
-    ("cookie", "pv",
-     "json_array_elements_text(json_build_array(payload->>'cookie', payload->'inbound'->>0))"),
+    (
+        "cookie",
+        "pv",
+        "json_array_elements_text(json_build_array(payload->>'cookie', payload->'inbound'->>0))",
+    ),
     ("email", "buy", "payload->>'email'"),
     ("phone", "buy", "payload->>'phone'"),
 ]
 
 
-def setup_rules(conn: psycopg.Connection[Any], rules: Iterable[tuple[str, str, str]] = RULES) -> None:
-    conn.execute("INSERT INTO sources VALUES ('web', 'Web'), ('shop', 'Shop') ON CONFLICT DO NOTHING")
+def setup_rules(
+    conn: psycopg.Connection[Any], rules: Iterable[tuple[str, str, str]] = RULES
+) -> None:
+    conn.execute(
+        "INSERT INTO sources VALUES ('web', 'Web'), ('shop', 'Shop') ON CONFLICT DO NOTHING"
+    )
     conn.execute(
         "INSERT INTO events VALUES ('pv', 'web', 'page_view', '1', 'PV'), "
         "('buy', 'shop', 'purchase', '1', 'Buy') ON CONFLICT DO NOTHING"
@@ -86,7 +93,9 @@ def observed(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
 
 def expected(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
     """The oracle's answer over the identifiers the database extracted."""
-    events = conn.execute("SELECT id, event_time, identifiers FROM cdp_ce.customer_events").fetchall()
+    events = conn.execute(
+        "SELECT id, event_time, identifiers FROM cdp_ce.customer_events"
+    ).fetchall()
     return oracle.partition((eid, when, idents or []) for eid, when, idents in events)
 
 

@@ -85,7 +85,9 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
     bad = write(tmp_path, "{nope")
     result = subprocess.run(
         [sys.executable, "-m", "stream_cps", "init", "--config", str(bad)],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 2
     assert "is not valid JSON" in result.stderr

@@ -14,7 +14,14 @@ from stream_cps.db import embedded, schema
 from stream_cps.errors import SchemaError
 
 CONTRACT_TABLES = {
-    "public": {"sources", "events", "attributes", "meta_attributes", "context", "customer_attributes"},
+    "public": {
+        "sources",
+        "events",
+        "attributes",
+        "meta_attributes",
+        "context",
+        "customer_attributes",
+    },
     "cdp_ce": {"customer_events"},
     "cdp_ps": {"stitching_attributes_config"},
     "cdp_attr": {
@@ -43,7 +50,9 @@ GUIDE_SCRIPTS = [
 def psql(dsn: str, script: str) -> str:
     result = subprocess.run(
         [str(embedded.bin_dir() / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-c", script],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -60,7 +69,9 @@ def catalog(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
 def init(dsn: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stream_cps", "init", "--dsn", dsn],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -112,7 +123,10 @@ def test_newer_schema_is_refused(db: psycopg.Connection[Any], settings: config.S
 def test_run_refuses_uninitialised_database(pg_dsn: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "stream_cps", "run", "--dsn", pg_dsn],
-        capture_output=True, text=True, check=False, timeout=60,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "run `stream-cps init` first" in result.stderr
@@ -120,8 +134,13 @@ def test_run_refuses_uninitialised_database(pg_dsn: str) -> None:
 
 def test_configured_schema_names_are_used(pg_dsn: str) -> None:
     custom = config.load(
-        flags={"dsn": pg_dsn, "cdp_schema": "cdp", "ce_schema": "ce", "ps_schema": "ps",
-               "attr_schema": "attr"},
+        flags={
+            "dsn": pg_dsn,
+            "cdp_schema": "cdp",
+            "ce_schema": "ce",
+            "ps_schema": "ps",
+            "attr_schema": "attr",
+        },
         environ={},
     )
     with psycopg.connect(pg_dsn, autocommit=True) as conn:

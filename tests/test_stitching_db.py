@@ -76,9 +76,7 @@ def test_two_databases_fed_in_different_orders_end_identical(pg_server: Any) -> 
         with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
         dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={name}"
-        settings = config.load(
-            flags={"dsn": dsn, "stitching.batch_size": 7 + 30 * n}, environ={}
-        )
+        settings = config.load(flags={"dsn": dsn, "stitching.batch_size": 7 + 30 * n}, environ={})
         with psycopg.connect(dsn, autocommit=True) as conn:
             schema.migrate(conn, settings.schemas)
             conn.execute(generator.config_sql(settings.schemas))
@@ -101,7 +99,9 @@ def test_purge_signal_deletes_entity_frees_identifiers_and_queues_delete(
     insert(db, [event("a", 1, email="x@a"), event("b", 2, email="y@a")])
     stitch_all(stitcher, db)
     gone = entity_id_for("a")
-    db.execute("UPDATE customer_attributes SET modified = NULL WHERE customer_entity_id = %s", [gone])
+    db.execute(
+        "UPDATE customer_attributes SET modified = NULL WHERE customer_entity_id = %s", [gone]
+    )
     result = stitcher.stitch(db, [])
     assert result.purged == [gone]
     assert db.execute("SELECT customer_entity_id FROM customer_attributes").fetchall() == [
@@ -110,9 +110,9 @@ def test_purge_signal_deletes_entity_frees_identifiers_and_queues_delete(
     assert db.execute(
         "SELECT count(*) FROM cdp_ps.identifier_entities WHERE entity_id = %s", [gone]
     ).fetchone() == (0,)
-    assert db.execute(
-        "SELECT op FROM cdp_attr.outbox WHERE entity_id = %s", [gone]
-    ).fetchall() == [("delete",)]
+    assert db.execute("SELECT op FROM cdp_attr.outbox WHERE entity_id = %s", [gone]).fetchall() == [
+        ("delete",)
+    ]
 
 
 def test_restitch_all_after_config_change_without_waiting(
@@ -126,10 +126,20 @@ def test_restitch_all_after_config_change_without_waiting(
     db.execute("DELETE FROM cdp_ps.stitching_attributes_config WHERE attribute_id = 'cookie'")
     psql = embedded.bin_dir() / "psql"
     subprocess.run(
-        [str(psql), "-X", "-v", "ON_ERROR_STOP=1", "-d", pg_dsn, "-c",
-         "UPDATE customer_attributes SET modified = NULL;",
-         "-c", "UPDATE customer_events SET stitched = NULL, identifiers = NULL;"],
-        check=True, capture_output=True,
+        [
+            str(psql),
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            pg_dsn,
+            "-c",
+            "UPDATE customer_attributes SET modified = NULL;",
+            "-c",
+            "UPDATE customer_events SET stitched = NULL, identifiers = NULL;",
+        ],
+        check=True,
+        capture_output=True,
     )
     stitch_all(stitcher, db)
     assert observed(db) == expected(db) == {"a": entity_id_for("a"), "b": entity_id_for("b")}
@@ -154,9 +164,9 @@ def test_restitch_one_customer_script(
     assert [r[0] for r in reset] == ["a", "b"]
     stitch_all(stitcher, db)
     assert observed(db) == expected(db)
-    assert db.execute("SELECT op FROM cdp_attr.outbox WHERE entity_id = %s", [target]).fetchall() == [
-        ("delete",)
-    ]
+    assert db.execute(
+        "SELECT op FROM cdp_attr.outbox WHERE entity_id = %s", [target]
+    ).fetchall() == [("delete",)]
 
 
 def test_blocklist_table_global_and_per_attribute(
@@ -168,11 +178,14 @@ def test_blocklist_table_global_and_per_attribute(
         "(NULL, 'guest'), ('email', 'test@test.com')"
     )
     stitcher = Stitcher(settings)
-    insert(db, [
-        event("a", 1, email="GUEST", cookie="test@test.com"),
-        event("b", 2, email="test@test.com", cookie="None"),
-        event("c", 3, email=" 42.0 ", cookie="0000"),
-    ])
+    insert(
+        db,
+        [
+            event("a", 1, email="GUEST", cookie="test@test.com"),
+            event("b", 2, email="test@test.com", cookie="None"),
+            event("c", 3, email=" 42.0 ", cookie="0000"),
+        ],
+    )
     stitch_all(stitcher, db)
     identifiers = dict(db.execute("SELECT id, identifiers FROM customer_events").fetchall())
     assert identifiers == {"a": ["cookie:test@test.com"], "b": [], "c": ["email:42"]}
@@ -181,16 +194,21 @@ def test_blocklist_table_global_and_per_attribute(
 def test_failing_rule_is_reported_by_attribute_and_event_and_rest_works(
     db: psycopg.Connection[Any], settings: config.Settings
 ) -> None:
-    setup_rules(db, [
-        ("email", "pv", "payload->>'email'"),
-        ("num", "pv", "((payload->>'n')::int * 2)::text"),
-    ])
+    setup_rules(
+        db,
+        [
+            ("email", "pv", "payload->>'email'"),
+            ("num", "pv", "((payload->>'n')::int * 2)::text"),
+        ],
+    )
     stitcher = Stitcher(settings)
     insert(db, [event("ok", 1, email="x@a", n="21"), event("bad", 2, email="y@a", n="abc")])
     stitch_all(stitcher, db)
     identifiers = dict(db.execute("SELECT id, identifiers FROM customer_events").fetchall())
     assert identifiers == {"ok": ["email:x@a", "num:42"], "bad": ["email:y@a"]}
-    errors = db.execute("SELECT attribute_id, event_id, message FROM cdp_ps.stitching_errors").fetchall()
+    errors = db.execute(
+        "SELECT attribute_id, event_id, message FROM cdp_ps.stitching_errors"
+    ).fetchall()
     assert [(a, e) for a, e, _ in errors] == [("num", "bad")]
     assert "invalid input syntax for type integer" in errors[0][2]
 
