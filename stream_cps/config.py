@@ -90,6 +90,24 @@ FIELDS: dict[str, Field] = {
         float, 24.0, "context values older than this are refreshed before calculation"
     ),
     "attributes.cache_interval": Field(float, 300.0, "seconds between UI cache refreshes"),
+    "kafka.bootstrap_servers": Field(str, "localhost:9092", "Kafka brokers, host:port[,...]"),
+    "kafka.group_id": Field(str, "stream-cps", "consumer group every `run --source kafka` joins"),
+    "kafka.topics": Field(list, ["customer_events"], "topics consumed (comma-separated)"),
+    "kafka.dead_letter_topic": Field(
+        str, "stream-cps-dead-letters", "where undecodable messages are copied"
+    ),
+    "kafka.schema_registry_url": Field(
+        str, None, "Confluent schema registry; else Avro ids resolve from the shipped schemas/"
+    ),
+    "kafka.message_format": Field(
+        str, "auto", "customer event encoding", choices=("auto", "avro", "json")
+    ),
+    "kafka.batch_size": Field(int, 500, "messages applied per database transaction"),
+    "kafka.poll_timeout": Field(float, 0.2, "seconds a poll waits for the first message"),
+    "webhook.host": Field(str, "0.0.0.0", "address `stream-cps webhook` listens on"),
+    "webhook.port": Field(int, 8443, "HTTPS port of `stream-cps webhook`"),
+    "webhook.cert_file": Field(str, None, "PEM certificate (chain) of the webhook server"),
+    "webhook.key_file": Field(str, None, "PEM private key of the webhook server"),
     "telemetry.exporter": Field(
         str, "none", "where spans and metrics go", choices=("none", "console", "otlp")
     ),
@@ -169,7 +187,7 @@ def load(
     for key in ("stitching.slot_name", "stitching.publication"):
         if not re.match(r"^[a-z0-9_]{1,63}$", values[key]):
             raise ConfigError(f"{key}: use lower-case letters, digits and _ only")
-    for key in ("stitching.batch_size", "attributes.batch_size"):
+    for key in ("stitching.batch_size", "attributes.batch_size", "kafka.batch_size"):
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
     return Settings(values)
