@@ -1,0 +1,272 @@
+"""Calculate and store the attributes of one batch of due entities.
+
+One READ COMMITTED transaction per batch:
+
+1. the batch's events go into a temporary table (one GIN-indexed join for all entities);
+2. inside a read-only, time-limited savepoint every attribute is computed for the whole batch,
+   all in one statement; only when that fails, attribute by attribute, and only for a failing
+   attribute, entity by entity;
+3. the savepoint is rolled back (it wrote nothing that must stay) and the results are stored
+   with ``WHERE modified = <the value read>``, so an entity the stitcher changed meanwhile stays
+   due; each stored entity gets a new version and an outbox ``upsert`` in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from stream_cps.attributes import sandbox
+from stream_cps.attributes.compiler import EVENTS, EVENTS_TABLE, CompiledAttribute, statement
+from stream_cps.attributes.plan import Plan
+from stream_cps.config import Schemas
+
+log = logging.getLogger(__name__)
+
+# After this many entities in a row time out on one attribute, the rest of the batch is
+# reported as timed out without trying: a definition slow for everyone must not cost
+# batch_size x statement_timeout.
+MAX_TIMEOUTS_IN_A_ROW = 3
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An attribute that could not be computed; ``entity_id`` None means the whole batch."""
+
+    attribute_id: str
+    entity_id: str | None
+    message: str
+
+
+@dataclass
+class BatchOutcome:
+    picked: int
+    stored: int
+    failures: list[Failure] = field(default_factory=list)
+
+
+@dataclass
+class _Results:
+    values: dict[str, dict[str, Any]] = field(default_factory=lambda: defaultdict(dict))
+    failed: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    failures: list[Failure] = field(default_factory=list)
+
+
+class BatchCalculator:
+    """Computes and stores one batch; remembers which attributes need running on their own."""
+
+    def __init__(self, schemas: Schemas, timeout_ms: int) -> None:
+        self._schemas = schemas
+        self._timeout_ms = timeout_ms
+        self._alone: set[str] = set()
+        self._plan_key: str | None = None
+
+    def run(
+        self, conn: psycopg.Connection[Any], plan: Plan, entities: Sequence[tuple[str, datetime]]
+    ) -> BatchOutcome:
+        """Calculate ``entities`` (id, modified read) inside the caller's transaction."""
+        if plan.fingerprint != self._plan_key:  # new definitions: give every one a fresh try
+            self._alone = set()
+            self._plan_key = plan.fingerprint
+        ids = [entity_id for entity_id, _ in entities]
+        self._ensure_events_table(conn)
+        with sandbox.read_only(conn, self._timeout_ms):
+            self._load_events(conn, ids)
+            counts = dict(
+                conn.execute(
+                    sql.SQL("SELECT entity_id, count(*)::int FROM {} GROUP BY entity_id").format(
+                        EVENTS
+                    )
+                ).fetchall()
+            )
+            results = self._compute(conn, plan.attributes, ids)
+        stored = self._store(conn, entities, counts, results, plan.invalid_ids)
+        self._record(conn, results.failures)
+        return BatchOutcome(len(entities), stored, results.failures)
+
+    # -- computing -----------------------------------------------------------------------------
+
+    def _compute(
+        self, conn: psycopg.Connection[Any], attrs: Sequence[CompiledAttribute], ids: list[str]
+    ) -> _Results:
+        results = _Results()
+        together = [a for a in attrs if a.attribute_id not in self._alone]
+        alone = [a for a in attrs if a.attribute_id in self._alone]
+        if together:
+            rows = self._fetch(conn, together, ids)
+            if isinstance(rows, sandbox.SqlFailure):
+                log.info("fast path failed (%s); isolating attributes", rows.message)
+                alone = together + alone
+            else:
+                self._collect(results, rows)
+        for attr in alone:
+            self._compute_alone(conn, attr, ids, results)
+        return results
+
+    def _compute_alone(
+        self,
+        conn: psycopg.Connection[Any],
+        attr: CompiledAttribute,
+        ids: list[str],
+        results: _Results,
+    ) -> None:
+        rows = self._fetch(conn, [attr], ids)
+        if not isinstance(rows, sandbox.SqlFailure):
+            self._collect(results, rows)
+            return
+        self._alone.add(attr.attribute_id)
+        aid = attr.attribute_id
+        if rows.definition_level or len(ids) == 1:
+            results.failures.append(Failure(aid, None if len(ids) > 1 else ids[0], rows.message))
+            results.failed[aid].update(ids)
+            return
+        timeouts = 0
+        for position, entity_id in enumerate(ids):
+            one = self._fetch(conn, [attr], [entity_id])
+            if not isinstance(one, sandbox.SqlFailure):
+                timeouts = 0
+                self._collect(results, one)
+                continue
+            results.failures.append(Failure(aid, entity_id, one.message))
+            results.failed[aid].add(entity_id)
+            timeouts = timeouts + 1 if one.timeout else 0
+            if timeouts >= MAX_TIMEOUTS_IN_A_ROW:
+                for rest in ids[position + 1 :]:
+                    results.failures.append(Failure(aid, rest, one.message + " (not retried)"))
+                    results.failed[aid].add(rest)
+                return
+
+    def _fetch(
+        self, conn: psycopg.Connection[Any], attrs: Sequence[CompiledAttribute], ids: list[str]
+    ) -> list[tuple[Any, ...]] | sandbox.SqlFailure:
+        query, params = statement(attrs)
+        params["ids"] = ids
+        return sandbox.fetch(conn, query, params)
+
+    @staticmethod
+    def _collect(results: _Results, rows: list[tuple[Any, ...]]) -> None:
+        for entity_id, values in rows:
+            results.values[entity_id].update(values)
+
+    # -- events table --------------------------------------------------------------------------
+
+    def _ensure_events_table(self, conn: psycopg.Connection[Any]) -> None:
+        """Created once per session, outside the read-only savepoint (DDL is refused there)."""
+        found = conn.execute("SELECT to_regclass(%s)", [f"pg_temp.{EVENTS_TABLE}"]).fetchone()
+        if found and found[0] is not None:
+            return
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {name} AS SELECT ''::text AS entity_id, id, source_id, type, "
+                "version, event_time, payload FROM {ce} WITH NO DATA"
+            ).format(
+                name=sql.Identifier(EVENTS_TABLE),
+                ce=sql.Identifier(self._schemas.ce, "customer_events"),
+            )
+        )
+        conn.execute(
+            sql.SQL("CREATE INDEX ON {} (entity_id)").format(sql.Identifier(EVENTS_TABLE))
+        )
+
+    def _load_events(self, conn: psycopg.Connection[Any], ids: list[str]) -> None:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {events} SELECT ca.customer_entity_id, e.id, e.source_id, e.type, "
+                "e.version, e.event_time, e.payload FROM {ca} AS ca JOIN {ce} AS e "
+                "ON e.identifiers && ca.identifiers WHERE ca.customer_entity_id = ANY(%s)"
+            ).format(
+                events=EVENTS,
+                ca=sql.Identifier(self._schemas.cdp, "customer_attributes"),
+                ce=sql.Identifier(self._schemas.ce, "customer_events"),
+            ),
+            [ids],
+        )
+        conn.execute(sql.SQL("ANALYZE {}").format(EVENTS))
+
+    # -- storing -------------------------------------------------------------------------------
+
+    def _store(
+        self,
+        conn: psycopg.Connection[Any],
+        entities: Sequence[tuple[str, datetime]],
+        counts: dict[str, int],
+        results: _Results,
+        invalid_ids: Sequence[str],
+    ) -> int:
+        """Write what was computed; failed and invalid attributes keep their previous value."""
+        failed_by_entity: dict[str, list[str]] = defaultdict(list)
+        for aid, entity_ids in results.failed.items():
+            for entity_id in entity_ids:
+                failed_by_entity[entity_id].append(aid)
+        ids, modified, attrs, event_counts, keep = [], [], [], [], []
+        for entity_id, read_modified in entities:
+            ids.append(entity_id)
+            modified.append(read_modified)
+            attrs.append(Jsonb(results.values.get(entity_id, {})))
+            event_counts.append(counts.get(entity_id, 0))
+            kept = [*invalid_ids, *failed_by_entity.get(entity_id, ())]
+            keep.append(chr(31).join(kept) if kept else None)
+        cur = conn.execute(
+            sql.SQL(
+                "WITH r AS (SELECT * FROM unnest(%(ids)s::text[], %(modified)s::timestamptz[], "
+                "%(attrs)s::jsonb[], %(counts)s::int[], %(keep)s::text[]) "
+                "AS r(id, modified, attrs, cnt, keep_csv)), "
+                "u AS (UPDATE {ca} AS ca SET attributes = r.attrs || coalesce(("
+                "SELECT jsonb_object_agg(k, ca.attributes -> k) "
+                "FROM unnest(string_to_array(r.keep_csv, chr(31))) AS k "
+                "WHERE ca.attributes ? k), '{{}}'::jsonb), "
+                "calculated = now(), customer_events_count = r.cnt, "
+                "version = nextval({seq}::regclass) FROM r "
+                "WHERE ca.customer_entity_id = r.id AND ca.modified = r.modified "
+                "RETURNING ca.customer_entity_id, ca.version) "
+                "INSERT INTO {outbox} (entity_id, op, version) "
+                "SELECT customer_entity_id, 'upsert', version FROM u"
+            ).format(
+                ca=sql.Identifier(self._schemas.cdp, "customer_attributes"),
+                seq=sql.Literal(
+                    sql.Identifier(self._schemas.ps, "entity_version_seq").as_string()
+                ),
+                outbox=sql.Identifier(self._schemas.attr, "outbox"),
+            ),
+            {
+                "ids": ids,
+                "modified": modified,
+                "attrs": attrs,
+                "counts": event_counts,
+                "keep": keep,
+            },
+        )
+        return cur.rowcount
+
+    def _record(self, conn: psycopg.Connection[Any], failures: Sequence[Failure]) -> None:
+        """Failures go to the log and to ``attribute_errors`` (users can query it)."""
+        if not failures:
+            return
+        for f in failures[:20]:
+            log.warning(
+                "attribute %s failed%s: %s",
+                f.attribute_id,
+                f" for entity {f.entity_id}" if f.entity_id else "",
+                f.message,
+            )
+        if len(failures) > 20:
+            log.warning("... and %d more attribute failures in this batch", len(failures) - 20)
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (attribute_id, customer_entity_id, message) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])"
+            ).format(sql.Identifier(self._schemas.attr, "attribute_errors")),
+            [
+                [f.attribute_id for f in failures],
+                [f.entity_id for f in failures],
+                [f.message for f in failures],
+            ],
+        )

@@ -1,0 +1,177 @@
+"""The calculation loop that ``stream-cps run`` starts in a thread.
+
+A pass: reload definitions if they changed, refresh due context values, calculate up to
+``max_batches`` batches of due entities (then of entities calculated before the last definition
+change), refresh the UI caches if due. Each batch is its own transaction, so stitching waits at
+most for one batch's row updates, never for a whole recalculation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import tenacity
+from psycopg import sql
+
+from stream_cps import telemetry
+from stream_cps.attributes import context
+from stream_cps.attributes.cache import CacheRefresher
+from stream_cps.attributes.calculate import BatchCalculator
+from stream_cps.attributes.plan import Plan, PlanLoader
+from stream_cps.config import Settings
+from stream_cps.db.connect import connect
+
+log = logging.getLogger(__name__)
+
+# Deadlock or serialization conflict with the stitcher: the batch is simply tried again.
+_RETRY_BATCH = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+
+class CalculationWorker:
+    """Calculates attributes of due entities; safe to call ``run_pass`` from tests."""
+
+    def __init__(self, settings: Settings, max_batches: int = 20) -> None:
+        self._settings = settings
+        self._schemas = settings.schemas
+        self._batch_size = int(settings["attributes.batch_size"])
+        self._timeout_ms = int(settings["attributes.statement_timeout_ms"])
+        self._max_batches = max_batches
+        self._plans = PlanLoader(self._schemas)
+        self._calculator = BatchCalculator(self._schemas, self._timeout_ms)
+        self._caches = CacheRefresher(self._schemas, float(settings["attributes.cache_interval"]))
+        counter = telemetry.meter().create_counter
+        self._calculated = counter(telemetry.METRIC_ENTITIES_CALCULATED)
+        self._errors = counter(telemetry.METRIC_ATTRIBUTE_ERRORS)
+
+    def run_pass(self, conn: psycopg.Connection[Any]) -> int:
+        """One pass over the work that is due now; returns the number of entities stored."""
+        plan = self._plans.load(conn)
+        context.refresh_due(
+            conn,
+            self._schemas,
+            float(self._settings["attributes.context_max_age_hours"]),
+            self._timeout_ms,
+        )
+        total = 0
+        for _ in range(self._max_batches):
+            picked, stored = self._one_batch(conn, plan)
+            total += stored
+            if picked < self._batch_size:
+                break
+        self._caches.refresh_if_due(conn)
+        return total
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Pass after pass until ``stop`` is set; reconnects with backoff when the DB goes away."""
+        telemetry.setup(self._settings.values)
+        while not stop.is_set():
+            try:
+                conn = self._connect(stop)
+            except _Stopped:
+                return
+            try:
+                self._serve(conn, stop)
+            except psycopg.OperationalError as exc:
+                if not (conn.broken or conn.closed):
+                    raise
+                log.warning("attribute worker lost its connection: %s; reconnecting", exc)
+                stop.wait(1.0)
+            except Exception:
+                log.exception("attribute worker stopped by an unexpected error")
+                raise
+            finally:
+                conn.close()
+
+    def _serve(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
+        poll = float(self._settings["attributes.poll_interval"])
+        while not stop.is_set():
+            started = time.monotonic()
+            done = self.run_pass(conn)
+            if done:
+                elapsed = time.monotonic() - started
+                log.info(
+                    "calculated %d entities in %.2f s (%.0f/s)",
+                    done, elapsed, done / elapsed if elapsed else 0.0,
+                )
+            else:
+                stop.wait(poll)
+
+    def _connect(self, stop: threading.Event) -> psycopg.Connection[Any]:
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
+            wait=tenacity.wait_exponential_jitter(initial=0.5, max=30.0),
+            stop=lambda _state: stop.is_set(),
+            sleep=lambda seconds: _wait(stop, seconds),
+            before_sleep=lambda state: log.warning(
+                "attribute worker cannot connect (attempt %d): %s",
+                state.attempt_number,
+                state.outcome.exception() if state.outcome else "?",
+            ),
+            reraise=True,
+        )
+        try:
+            conn = retrying(connect, self._settings.dsn, role="attributes", autocommit=True)
+        except psycopg.OperationalError:
+            if stop.is_set():
+                raise _Stopped() from None
+            raise
+        if stop.is_set():
+            conn.close()
+            raise _Stopped()
+        return conn
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def _one_batch(self, conn: psycopg.Connection[Any], plan: Plan) -> tuple[int, int]:
+        """(entities picked, entities stored); a conflict with the stitcher retries later."""
+        try:
+            span = telemetry.tracer().start_as_current_span(telemetry.SPAN_ATTR_BATCH)
+            with span, conn.transaction():
+                conn.execute(
+                    "SELECT set_config('TimeZone', 'UTC', true), "
+                    "set_config('DateStyle', 'ISO, YMD', true)"
+                )
+                entities = self._pick(conn, plan)
+                if not entities:
+                    return 0, 0
+                outcome = self._calculator.run(conn, plan, entities)
+        except _RETRY_BATCH as exc:
+            log.info("attribute batch conflicted with stitching (%s); will retry", exc)
+            return 0, 0
+        self._calculated.add(outcome.stored)
+        if outcome.failures:
+            self._errors.add(len(outcome.failures))
+        return outcome.picked, outcome.stored
+
+    def _pick(self, conn: psycopg.Connection[Any], plan: Plan) -> list[tuple[str, datetime]]:
+        """Due entities first (oldest change first), then those older than the definitions."""
+        ca = sql.Identifier(self._schemas.cdp, "customer_attributes")
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT customer_entity_id, modified FROM {} WHERE modified IS NOT NULL "
+                "AND (calculated IS NULL OR calculated < modified) ORDER BY modified LIMIT %s"
+            ).format(ca),
+            [self._batch_size],
+        ).fetchall()
+        if not rows and plan.changed is not None:
+            rows = conn.execute(
+                sql.SQL(
+                    "SELECT customer_entity_id, modified FROM {} WHERE modified IS NOT NULL "
+                    "AND calculated < %s ORDER BY calculated LIMIT %s"
+                ).format(ca),
+                [plan.changed, self._batch_size],
+            ).fetchall()
+        return [(str(r[0]), r[1]) for r in rows]
+
+
+def _wait(stop: threading.Event, seconds: float) -> None:
+    stop.wait(seconds)
+
+
+class _Stopped(Exception):
+    """Stop was requested while connecting."""
