@@ -5,6 +5,7 @@ A service that cannot start FAILS the run with its reason; nothing is skipped.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,20 @@ pytest_plugins = ["tests.kafka_fixtures", "tests.opensearch_fixtures"]
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[embedded.EmbeddedPostgres]:
+    """The server .ci/run started (STREAM_CPS_TEST_PG_DIR), else one of our own."""
+    shared = os.environ.get("STREAM_CPS_TEST_PG_DIR")
+    if shared:
+        port_file = Path(shared) / "port"
+        if not port_file.exists():
+            pytest.fail(f"STREAM_CPS_TEST_PG_DIR={shared} has no running server", pytrace=False)
+        port = int(port_file.read_text())
+        server = embedded.EmbeddedPostgres(Path(shared).resolve() / "data", port)
+        try:
+            psycopg.connect(server.dsn, connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            pytest.fail(f"PostgreSQL from STREAM_CPS_TEST_PG_DIR is not reachable: {exc}")
+        yield server
+        return
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-pg-"))
     try:
         server = embedded.start(workdir / "data")

@@ -59,8 +59,8 @@ def event(eid: str, minutes: int, kind: str = "pv", **payload: object) -> tuple[
 def insert(conn: psycopg.Connection[Any], rows: Iterable[tuple[Any, ...]]) -> None:
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO cdp_ce.customer_events (id, source_id, type, version, event_time, payload) "
-            "VALUES (%s, %s, %s, %s, %s, %s)",
+            "INSERT INTO cdp_ce.customer_events "
+            "(id, source_id, type, version, event_time, payload) VALUES (%s, %s, %s, %s, %s, %s)",
             list(rows),
         )
 

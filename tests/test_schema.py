@@ -1,4 +1,4 @@
-"""`stream-cps init`: contract tables, idempotence, refusal of newer schemas, the guide's scripts."""
+"""`stream-cps init`: contract tables, idempotence, newer schemas refused, the guide's scripts."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ class StitchStore:
             "first_event_id = excluded.first_event_id, version = excluded.version"
         )
         self.mark_events = q(
-            "UPDATE {ce} AS ev SET stitched = now(), "
+            "UPDATE {ce} AS ev SET stitched = clock_timestamp(), "
             "identifiers = coalesce(a.idents, ARRAY[]::text[]) "
             "FROM unnest(%(ids)s::text[]) AS k(id) "
             "LEFT JOIN (SELECT p.id, array_agg(p.ident ORDER BY p.ident) AS idents "

@@ -1,0 +1,159 @@
+"""Stitching throughput as a fraction of COPY, and insert->stitched latency at a steady rate.
+
+    python bench/stitch.py [--events 100000] [--rate 1000] [--seconds 20]
+
+Baseline and subject run in the same script on the same server (machines here are noisy):
+1. COPY the generated events into a plain table of customer_events' shape: the speed at which
+   PostgreSQL can take the rows in at all.
+2. COPY the same events into customer_events while `stream-cps run` is up, and time until the
+   last one is stitched (logical replication -> extract -> group -> write). Reported as
+   events/s and as a fraction of (1).
+3. Insert at a steady rate (default 1,000 events/s) in small transactions for N seconds and
+   report p50/p99 of ``stitched - created`` (commit of the insert -> the stitcher's write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from stream_cps.config import Schemas
+from stream_cps.db import embedded, schema
+from stream_cps.sample import generator
+
+SCHEMAS = Schemas()
+EVENTS = sql.Identifier(SCHEMAS.ce, "customer_events")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-"))
+    server = embedded.start(workdir / "pg")
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            schema.migrate(conn, SCHEMAS)
+            conn.execute(generator.config_sql(SCHEMAS))
+            persons = max(10, args.events // 8)
+            rows = list(generator.events(seed=1, persons=persons, per_person=8))[: args.events]
+            print(f"generated {len(rows)} events for {persons} people", flush=True)
+            copy_s = copy_baseline(conn, rows)
+            stitch_s = stitch_run(conn, server.dsn, rows, workdir)
+            latencies = steady_latency(conn, server.dsn, args.rate, args.seconds, workdir)
+        n = len(rows)
+        print()
+        print(f"COPY into a plain table: {n / copy_s:,.0f} events/s ({copy_s:.2f} s)")
+        print(f"COPY + stitch by stream-cps run: {n / stitch_s:,.0f} events/s ({stitch_s:.2f} s)")
+        print(f"stitching throughput / COPY: {copy_s / stitch_s:.3f}  (target >= 0.10)")
+        p50, p99 = latencies
+        print(
+            f"insert->stitched at {args.rate}/s: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+            "  (target p99 < 1000 ms)"
+        )
+    finally:
+        embedded.destroy(server)
+    return 0
+
+
+def copy_baseline(conn: psycopg.Connection[Any], rows: list[Any]) -> float:
+    conn.execute("CREATE TABLE plain_events (LIKE cdp_ce.customer_events INCLUDING DEFAULTS)")
+    started = time.perf_counter()
+    with conn.cursor() as cur:
+        generator.copy_events(cur, sql.Identifier("plain_events"), rows)
+    return time.perf_counter() - started
+
+
+def service(dsn: str, workdir: Path, name: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "STREAM_CPS_DSN": dsn,
+        "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.01",
+        "STREAM_CPS_STITCHING_BATCH_SIZE": "5000",
+    }
+    log = (workdir / f"{name}.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_cps", "run"], env=env, stdout=log, stderr=log
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE active IS NOT NULL "
+                "AND slot_name = 'stream_cps'"
+            ).fetchone():
+                break
+            time.sleep(0.1)
+    time.sleep(0.5)
+    return proc
+
+
+def unstitched(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE stitched IS NULL").format(EVENTS)
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def stitch_run(conn: psycopg.Connection[Any], dsn: str, rows: list[Any], workdir: Path) -> float:
+    proc = service(dsn, workdir, "throughput")
+    try:
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            generator.copy_events(cur, EVENTS, rows)
+        while unstitched(conn):
+            time.sleep(0.02)
+        return time.perf_counter() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def steady_latency(
+    conn: psycopg.Connection[Any], dsn: str, rate: int, seconds: float, workdir: Path
+) -> tuple[float, float]:
+    proc = service(dsn, workdir, "latency")
+    rows = list(generator.events(seed=2, persons=max(10, int(rate * seconds) // 8)))
+    # fresh ids, so the steady phase measures only its own events
+    rows = [(f"steady-{n}", *row[1:]) for n, row in enumerate(rows[: int(rate * seconds)])]
+    per_tick = max(1, rate // 100)
+    try:
+        started = time.perf_counter()
+        for tick, start in enumerate(range(0, len(rows), per_tick)):
+            with conn.cursor() as cur:
+                generator.copy_events(cur, EVENTS, rows[start : start + per_tick])
+            delay = started + (tick + 1) / 100 - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        while unstitched(conn):
+            time.sleep(0.02)
+        row = conn.execute(
+            sql.SQL(
+                "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY s), "
+                "percentile_cont(0.99) WITHIN GROUP (ORDER BY s) FROM ("
+                "SELECT extract(epoch FROM stitched - created) AS s FROM {} "
+                "WHERE id LIKE 'steady-%%') x"
+            ).format(EVENTS)
+        ).fetchone()
+        assert row is not None
+        return float(row[0]), float(row[1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
