@@ -6,13 +6,10 @@ really goes away on stop(), since every other Kafka test relies on both.
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,23 +17,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-KAFKA_DIR = Path(__file__).resolve().parents[1] / "infra" / "kafka"
-sys.path.insert(0, str(KAFKA_DIR))  # infra/kafka is a script dir, not a package
-
-import kafka_service as ks  # noqa: E402
-
-
-def _lib_dir() -> Path:
-    """One jar cache for all temp work dirs, so Maven runs at most once."""
-    env = os.environ.get(ks.LIB_ENV)
-    return Path(env) if env else KAFKA_DIR / ".lib"
-
-
-def _start_or_fail(workdir: Path) -> ks.KafkaBroker:
-    try:
-        return ks.start(workdir, lib_dir=_lib_dir(), timeout=120)
-    except Exception as exc:  # any failure to start must fail loudly, never skip
-        pytest.fail(f"local Kafka broker could not start: {exc}", pytrace=False)
+from tests.kafka_fixtures import ks, start_or_fail
 
 
 def _accepts_connections(bootstrap: str) -> bool:
@@ -52,16 +33,6 @@ def _record(msg: Message) -> tuple[int, bytes, bytes]:
     partition, key, value = msg.partition(), msg.key(), msg.value()
     assert partition is not None and isinstance(key, bytes) and isinstance(value, bytes)
     return partition, key, value
-
-
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ks.KafkaBroker]:
-    """A running broker shared by the session; fails (never skips) if it cannot start."""
-    broker = _start_or_fail(tmp_path_factory.mktemp("kafka"))
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def test_keyed_messages_round_trip_in_partition_order(kafka_broker: ks.KafkaBroker) -> None:
@@ -131,7 +102,7 @@ def test_keyed_messages_round_trip_in_partition_order(kafka_broker: ks.KafkaBrok
 
 def test_stop_really_stops_the_broker(tmp_path: Path) -> None:
     workdir = tmp_path / "kafka-stop"
-    broker = _start_or_fail(workdir)
+    broker = start_or_fail(workdir)
     bootstrap, pid = broker.bootstrap, broker.pid
     assert _accepts_connections(bootstrap)
     assert (workdir / "bootstrap").read_text().strip() == bootstrap
