@@ -131,8 +131,12 @@ class Compiler:
             "SELECT entity_id, id, event_time, {value} AS value{weight} FROM {events} WHERE {where}"
         ).format(value=frag(d.value), weight=weight, events=EVENTS, where=conditions)
         outer_value = frag(d.outer_value) if d.outer_value else sql.SQL("t.value")
-        numeric = d.type in NUMERIC_RESULT
-        v = self.number(outer_value) if numeric else self.typed(outer_value, d.data_type)
+        if d.type in NUMERIC_RESULT:
+            v = self.number(outer_value)
+        elif d.type in COUNT_RESULT:  # data_type describes the count, not the values
+            v = self.text(outer_value)
+        else:
+            v = self.typed(outer_value, d.data_type)
         w = self._weight(d)
         outer_where = frag(d.outer_filter) if d.outer_filter else sql.SQL("true")
         values = sql.SQL(
