@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-import pytest
 from psycopg.types.json import Jsonb
 
 from stream_cps import config
@@ -67,9 +66,9 @@ class World:
             )
             return
         self.db.execute(
-            "INSERT INTO public.attributes (id, name, data_type, definition) VALUES (%s, %s, %s, %s) "
-            "ON CONFLICT (id) DO UPDATE SET data_type = excluded.data_type, "
-            "definition = excluded.definition",
+            "INSERT INTO public.attributes (id, name, data_type, definition) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+            "data_type = excluded.data_type, definition = excluded.definition",
             [id, id, data_type, raw],
         )
 
@@ -138,14 +137,11 @@ class World:
             ).fetchall()
         ]
 
-    def calc(self, definition: Any, events: Iterable[Mapping[str, Any]], data_type: str = "string") -> Any:
+    def calc(
+        self, definition: Any, events: Iterable[Mapping[str, Any]], data_type: str = "string"
+    ) -> Any:
         """The value of one attribute for one new entity (None when absent)."""
         self.attribute("x", definition, data_type)
         entity_id = self.entity(events)
         self.run()
         return self.attrs(entity_id).get("x")
-
-
-@pytest.fixture
-def world(db: psycopg.Connection[Any], settings: config.Settings) -> World:
-    return World(db, settings)

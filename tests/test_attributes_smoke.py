@@ -1,6 +1,17 @@
 from __future__ import annotations
 
-from tests.test_attributes_helpers import World, ev, world  # noqa: F401
+from typing import Any
+
+import psycopg
+import pytest
+
+from stream_cps import config
+from tests.test_attributes_helpers import World, ev
+
+
+@pytest.fixture
+def world(db: psycopg.Connection[Any], settings: config.Settings) -> World:
+    return World(db, settings)
 
 
 def test_smoke(world: World) -> None:

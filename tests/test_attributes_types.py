@@ -16,9 +16,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 
-from tests.test_attributes_helpers import World, ev, world  # noqa: F401
+from stream_cps import config
+from tests.test_attributes_helpers import World, ev
+
+
+@pytest.fixture
+def world(db: psycopg.Connection[Any], settings: config.Settings) -> World:
+    return World(db, settings)
 
 EVENTS = [
     ev({"n": 5, "c": "red", "tags": ["a", "b"], "w": 1}, 1, id="e1"),
@@ -62,7 +69,8 @@ CASES: list[tuple[str, dict[str, Any], str, Any]] = [
     ("list", {"type": "list", "value": C}, "string", ["blue", "green", "red"]),
     ("num_of_unique_c", {"type": "num_of_unique", "value": C}, "int", 3),
     # weights: red 1+1=2, blue 3, green 2
-    ("most_frequent_weighted", {"type": "most_frequent", "value": C, "weight": W}, "string", "blue"),
+    ("most_frequent_weighted", {"type": "most_frequent", "value": C, "weight": W}, "string",
+     "blue"),
     (
         "least_frequent_weighted_tie",
         {"type": "least_frequent", "value": C, "weight": W},
@@ -176,7 +184,9 @@ DATA = [
          "2024-03-05"),
     ],
 )
-def test_data_types(world: World, definition: dict[str, Any], data_type: str, expected: Any) -> None:
+def test_data_types(
+    world: World, definition: dict[str, Any], data_type: str, expected: Any
+) -> None:
     assert world.calc(definition, DATA, data_type) == pytest.approx(expected)
 
 
