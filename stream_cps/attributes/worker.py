@@ -104,7 +104,7 @@ class CalculationWorker:
     def _connect(self, stop: threading.Event) -> psycopg.Connection[Any]:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
-            wait=tenacity.wait_exponential_jitter(initial=0.5, max=30.0),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=30.0) + tenacity.wait_random(0, 0.5),
             stop=lambda _state: stop.is_set(),
             sleep=lambda seconds: _wait(stop, seconds),
             before_sleep=lambda state: log.warning(
