@@ -80,6 +80,10 @@ FIELDS: dict[str, Field] = {
     ),
     "stitching.slot_name": Field(str, "stream_cps", "logical replication slot (pgoutput)"),
     "stitching.publication": Field(str, "stream_cps_events", "publication on customer_events"),
+    "stitching.replication": Field(
+        str, "stream", "how the slot is read: a replication stream, or SQL peek + advance",
+        choices=("stream", "peek"),
+    ),
     "stitching.standby_poll": Field(float, 2.0, "seconds a standby waits between takeover tries"),
     "attributes.batch_size": Field(int, 500, "entities calculated per transaction"),
     "attributes.statement_timeout_ms": Field(
@@ -104,10 +108,30 @@ FIELDS: dict[str, Field] = {
     ),
     "kafka.batch_size": Field(int, 500, "messages applied per database transaction"),
     "kafka.poll_timeout": Field(float, 0.2, "seconds a poll waits for the first message"),
+    "kafka.session_timeout": Field(
+        float, 10.0, "seconds without heartbeat before a dead member's partitions move"
+    ),
     "webhook.host": Field(str, "0.0.0.0", "address `stream-cps webhook` listens on"),
     "webhook.port": Field(int, 8443, "HTTPS port of `stream-cps webhook`"),
     "webhook.cert_file": Field(str, None, "PEM certificate (chain) of the webhook server"),
     "webhook.key_file": Field(str, None, "PEM private key of the webhook server"),
+    "opensearch.url": Field(
+        str, None, "OpenSearch URL (credentials may go in it); unset = no index, relay off"
+    ),
+    "opensearch.index": Field(str, "customer_entities", "index holding one document per entity"),
+    "opensearch.batch_size": Field(int, 500, "outbox commands per bulk request"),
+    "opensearch.poll_interval": Field(float, 0.2, "seconds between outbox polls when idle"),
+    "opensearch.timeout": Field(float, 10.0, "seconds one bulk request may take"),
+    "opensearch.max_backoff": Field(
+        float, 30.0, "longest wait between retries while OpenSearch is unavailable"
+    ),
+    "opensearch.gc_deletes": Field(
+        str, "1d", "how long delete tombstones reject older writes (index.gc_deletes)"
+    ),
+    "opensearch.replicas": Field(int, 1, "number_of_replicas of the index"),
+    "opensearch.kafka_topic": Field(
+        str, None, "also produce delivered commands to this Kafka topic (Avro)"
+    ),
     "telemetry.exporter": Field(
         str, "none", "where spans and metrics go", choices=("none", "console", "otlp")
     ),
@@ -190,6 +214,8 @@ def load(
     for key in ("stitching.batch_size", "attributes.batch_size", "kafka.batch_size"):
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    if values["opensearch.batch_size"] < 1:
+        raise ConfigError("opensearch.batch_size: must be at least 1")
     return Settings(values)
 
 
