@@ -36,6 +36,8 @@ METRIC_SLOT_LAG = "stream_cps.slot.lag_bytes"
 METRIC_ENTITIES_CALCULATED = "stream_cps.entities.calculated"
 METRIC_ATTRIBUTE_ERRORS = "stream_cps.attributes.errors"
 METRIC_OUTBOX_DELIVERED = "stream_cps.outbox.delivered"
+METRIC_OUTBOX_RETRIED = "stream_cps.outbox.retried"
+METRIC_OUTBOX_PARKED = "stream_cps.outbox.parked"
 
 TRACER_NAME = "stream_cps"
 

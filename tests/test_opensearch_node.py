@@ -6,44 +6,14 @@ fail rather than skip, so a broken dev setup is never mistaken for a passing sui
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConflictError, NotFoundError
 
-SERVICE_PATH = Path(__file__).resolve().parents[1] / "infra/opensearch/opensearch_service.py"
-
-
-def _load_service() -> ModuleType:
-    """infra/opensearch is not a package: load the service module from its path."""
-    spec = importlib.util.spec_from_file_location("opensearch_service", SERVICE_PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-service = _load_service()
-
-
-@pytest.fixture(scope="session")
-def opensearch_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One dev node for the session; stopped at the end. Fails (never skips) if it can't start."""
-    workdir = tmp_path_factory.mktemp("opensearch")
-    try:
-        node = service.start(workdir)
-    except service.OpenSearchServiceError as exc:
-        pytest.fail(f"the OpenSearch dev node could not start: {exc}", pytrace=False)
-    yield node
-    service.stop(workdir)
+from tests.opensearch_fixtures import restart_opensearch, service
 
 
 def _client(node: Any) -> OpenSearch:
@@ -101,16 +71,12 @@ def test_data_survives_stop_and_restart_on_same_dir_and_port(opensearch_node: An
     index = _new_index(client)
     client.index(index=index, id="kept", body={"n": 7}, version=7, version_type="external_gte")
     workdir, url = opensearch_node.workdir, opensearch_node.url
-    port = int(url.rsplit(":", 1)[1])
 
     service.stop(workdir)
     service.stop(workdir)  # idempotent
     assert service.running(workdir) is None
     assert service.health(url) is None
-    try:
-        restarted = service.start(workdir, port=port)
-    except service.OpenSearchServiceError as exc:
-        pytest.fail(f"the OpenSearch dev node did not restart: {exc}", pytrace=False)
+    restarted = restart_opensearch(opensearch_node)
     assert restarted.url == url
 
     doc = client.get(index=index, id="kept")

@@ -1,0 +1,95 @@
+"""Optional copy of delivered OpenSearch commands to a Kafka topic, Avro-encoded.
+
+Commands are produced before the outbox batch commits and flushed synchronously, so the topic
+gets every command at least once (a retried batch may repeat some; versions make repeats
+harmless). Keyed by entity id, so one entity's commands stay in order on one partition.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from confluent_kafka import KafkaException, Producer
+
+from stream_cps.config import Settings
+from stream_cps.errors import ConfigError, Recoverable
+from stream_cps.sinks.opensearch import Action
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "opensearch_command.avsc"
+
+
+@cache
+def schema() -> Any:
+    return fastavro.parse_schema(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+
+
+def record(action: Action, index: str) -> dict[str, Any]:
+    """The Avro record of one action (field names as in the schema file)."""
+    doc = action.document
+    return {
+        "entity_id": action.entity_id,
+        "op": "delete" if doc is None else "upsert",
+        "version": action.version,
+        "index": index,
+        "identifiers": None if doc is None else list(doc["identifiers"]),
+        "attributes_json": None if doc is None else json.dumps(doc["attributes"], sort_keys=True),
+        "calculated": None if doc is None else doc.get("calculated"),
+    }
+
+
+def encode(action: Action, index: str) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema(), record(action, index))
+    return buf.getvalue()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    result = fastavro.schemaless_reader(io.BytesIO(data), schema(), None)
+    assert isinstance(result, dict)
+    return result
+
+
+class KafkaCommandPublisher:
+    """Produces each action to ``opensearch.kafka_topic``; raises ``Recoverable`` when the
+    broker did not acknowledge all of them, so the batch stays pending."""
+
+    def __init__(self, settings: Settings, flush_timeout: float = 10.0) -> None:
+        servers = settings.values.get("kafka.bootstrap_servers")
+        if not servers:
+            raise ConfigError("kafka.bootstrap_servers: required with opensearch.kafka_topic")
+        self.topic = str(settings["opensearch.kafka_topic"])
+        self.index = str(settings["opensearch.index"])
+        self.flush_timeout = flush_timeout
+        self.producer = Producer(
+            {"bootstrap.servers": servers, "enable.idempotence": True, "acks": "all"}
+        )
+
+    def publish(self, actions: Sequence[Action]) -> None:
+        errors: list[str] = []
+
+        def on_delivery(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        try:
+            for action in actions:
+                self.producer.produce(
+                    self.topic,
+                    key=action.entity_id.encode(),
+                    value=encode(action, self.index),
+                    on_delivery=on_delivery,
+                )
+        except (KafkaException, BufferError) as exc:
+            raise Recoverable(f"kafka produce failed: {exc}") from exc
+        left = self.producer.flush(self.flush_timeout)
+        if left or errors:
+            raise Recoverable(
+                f"kafka: {left} commands unacknowledged, {len(errors)} failed"
+                + (f" ({errors[0]})" if errors else "")
+            )

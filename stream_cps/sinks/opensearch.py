@@ -1,0 +1,242 @@
+"""OpenSearch adapter: the entity index definition and versioned bulk delivery.
+
+Every write carries the external version of the change that caused it (``external_gte``), so
+the index converges to the newest state whatever order requests land in, and a replayed
+request is harmless. Deletes are versioned too: their tombstones reject older writes for
+``index.gc_deletes``. The bulk response is read item by item, because a 200 can hold failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from opensearchpy import OpenSearch
+from opensearchpy.exceptions import ConnectionError as TransportConnectionError
+from opensearchpy.exceptions import TransportError
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from stream_cps.config import Settings
+from stream_cps.errors import ConfigError, Recoverable, StreamCpsError
+
+log = logging.getLogger(__name__)
+
+VERSION_TYPE = "external_gte"
+
+
+class OpenSearchUnavailable(Recoverable):
+    """The cluster is down, overloaded (429) or failing (5xx): commands stay in the outbox."""
+
+    def __init__(self, message: str, delivered: int = 0) -> None:
+        super().__init__(message)
+        self.delivered = delivered
+
+
+class OpenSearchRejected(StreamCpsError):
+    """The cluster refused a whole request (e.g. 401, 403, 413): a setup problem, not data."""
+
+
+class Outcome(Enum):
+    DELIVERED = "delivered"
+    STALE = "stale"  # a newer version is already in the index: as good as delivered
+    RETRY = "retry"
+    PARK = "park"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One versioned write: index ``document`` under ``entity_id``, or delete it (None)."""
+
+    entity_id: str
+    version: int
+    document: Mapping[str, Any] | None
+
+    @property
+    def op(self) -> str:
+        return "delete" if self.document is None else "index"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    reason: str | None = None
+
+
+def make_client(settings: Settings) -> OpenSearch:
+    """A client that fails fast: retries are ours (tenacity), so the transport's are off."""
+    url = settings["opensearch.url"]
+    if not url:
+        raise ConfigError("opensearch.url: required for the OpenSearch index and relay")
+    return OpenSearch(
+        hosts=[url],
+        timeout=settings["opensearch.timeout"],
+        max_retries=0,
+        retry_on_timeout=False,
+    )
+
+
+def index_body(settings: Settings) -> dict[str, Any]:
+    """Settings and mapping of the entity index.
+
+    The top level is strict (a typo in our own document is a bug, not a new field); attribute
+    values map dynamically, strings as keywords because CDP attributes are filtered and
+    aggregated, not searched as prose.
+    """
+    return {
+        "settings": {
+            "index": {
+                "gc_deletes": settings["opensearch.gc_deletes"],
+                "number_of_replicas": settings["opensearch.replicas"],
+            }
+        },
+        "mappings": {
+            "dynamic": "strict",
+            "dynamic_templates": [
+                {
+                    "attribute_strings": {
+                        "path_match": "attributes.*",
+                        "match_mapping_type": "string",
+                        "mapping": {"type": "keyword", "ignore_above": 2048},
+                    }
+                }
+            ],
+            "properties": {
+                "customer_entity_id": {"type": "keyword"},
+                "identifiers": {"type": "keyword"},
+                "attributes": {"type": "object", "dynamic": True},
+                "calculated": {"type": "date"},
+            },
+        },
+    }
+
+
+def template_name(index: str) -> str:
+    return f"stream-cps-{index}"
+
+
+def ensure_index(settings: Settings, client: OpenSearch | None = None) -> None:
+    """Create (or refresh) the index template and the index; safe to run again.
+
+    The template matches exactly the index name, so an index that someone deletes is
+    recreated by the next write with our mapping and ``gc_deletes``, never a guessed one.
+    """
+    client = client or make_client(settings)
+    index = settings["opensearch.index"]
+    body = index_body(settings)
+    client.indices.put_index_template(
+        name=template_name(index),
+        body={"index_patterns": [index], "priority": 100, "template": body},
+    )
+    if client.indices.exists(index=index):
+        # gc_deletes and replicas are dynamic: keep an existing index in step with settings.
+        client.indices.put_settings(index=index, body=body["settings"])
+        client.indices.put_mapping(index=index, body=body["mappings"])
+    else:
+        client.indices.create(index=index, body=body)
+
+
+class BulkWriter:
+    """Sends actions in one bulk request and classifies every item's result."""
+
+    def __init__(self, client: OpenSearch, index: str, attempts: int = 3) -> None:
+        self.client = client
+        self.index = index
+        self._retrying = Retrying(
+            retry=retry_if_exception(_retryable),
+            wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+            stop=stop_after_attempt(attempts),
+            reraise=True,
+        )
+
+    def write(self, actions: Sequence[Action]) -> list[Result]:
+        """One result per action, in order. Raises ``OpenSearchUnavailable`` when the whole
+        request failed for a transient reason after a few quick tries."""
+        if not actions:
+            return []
+        body = _bulk_body(self.index, actions)
+        try:
+            response = self._retrying(self.client.bulk, body=body)
+        except Exception as exc:
+            if _retryable(exc):
+                raise OpenSearchUnavailable(f"bulk request failed: {_describe(exc)}") from exc
+            if isinstance(exc, TransportError):
+                raise OpenSearchRejected(f"bulk request refused: {_describe(exc)}") from exc
+            raise
+        items = response.get("items", [])
+        if len(items) != len(actions):
+            raise OpenSearchUnavailable(
+                f"bulk response has {len(items)} items for {len(actions)} actions"
+            )
+        return [classify(action, item) for action, item in zip(actions, items, strict=True)]
+
+
+def _bulk_body(index: str, actions: Sequence[Action]) -> list[Mapping[str, Any]]:
+    lines: list[Mapping[str, Any]] = []
+    for action in actions:
+        meta = {
+            "_index": index,
+            "_id": action.entity_id,
+            "version": action.version,
+            "version_type": VERSION_TYPE,
+        }
+        lines.append({action.op: meta})
+        if action.document is not None:
+            lines.append(action.document)
+    return lines
+
+
+def classify(action: Action, item: Mapping[str, Any]) -> Result:
+    """What one bulk item means for its outbox commands."""
+    (detail,) = item.values()
+    status = int(detail.get("status", 0))
+    error = detail.get("error")
+    if 200 <= status < 300:
+        return Result(Outcome.DELIVERED)
+    if status == 404 and action.document is None and not error:
+        return Result(Outcome.DELIVERED)  # deleting a missing document: the tombstone is set
+    reason = _error_text(status, error)
+    if status == 409 and _error_type(error) == "version_conflict_engine_exception":
+        return Result(Outcome.STALE, reason)
+    if status == 429 or status >= 500 or status == 0:
+        return Result(Outcome.RETRY, reason)
+    if _error_type(error) == "cluster_block_exception":
+        return Result(Outcome.RETRY, reason)  # write blocks (disk watermark, operator) lift
+    return Result(Outcome.PARK, reason)
+
+
+def _error_type(error: Any) -> str:
+    return str(error.get("type", "")) if isinstance(error, Mapping) else ""
+
+
+def _error_text(status: int, error: Any) -> str:
+    if isinstance(error, Mapping):
+        text = f"{status} {error.get('type', 'error')}: {error.get('reason', '')}"
+        cause = error.get("caused_by")
+        if isinstance(cause, Mapping):
+            text += f" (caused by {cause.get('type', '')}: {cause.get('reason', '')})"
+        return text
+    return f"{status} {error or 'no error detail'}"
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, TransportConnectionError):  # includes timeouts; status is "N/A"
+        return True
+    if isinstance(exc, TransportError):
+        status = exc.status_code
+        return isinstance(status, int) and (status == 429 or status >= 500)
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TransportError):
+        return f"{exc.status_code} {exc.error}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,99 @@
+"""All SQL of the outbox relay: claim pending commands, read entities, record outcomes.
+
+Writers (stitching, purge, attribute calculation) insert commands in the transaction of the
+change that causes them; only the relay reads and marks them.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from stream_cps.config import Schemas
+
+
+@dataclass(frozen=True)
+class Command:
+    seq: int
+    entity_id: str
+    op: str  # 'upsert' | 'delete'
+    version: int
+
+
+@dataclass(frozen=True)
+class Entity:
+    """The current row of a live entity, as the index document is built from it."""
+
+    entity_id: str
+    identifiers: list[str]
+    attributes: dict[str, Any]
+    calculated: datetime | None
+    version: int
+
+
+class OutboxStore:
+    """SQL for one configured set of schemas."""
+
+    def __init__(self, schemas: Schemas) -> None:
+        ids = {
+            "outbox": sql.Identifier(schemas.attr, "outbox"),
+            "ca": sql.Identifier(schemas.cdp, "customer_attributes"),
+        }
+
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(**ids)
+
+        # One relay delivers at a time, so commands for an entity never overtake each other.
+        self.lock_key = zlib.crc32(f"stream-cps outbox relay {schemas.attr}".encode())
+        self._lock = sql.SQL("SELECT pg_try_advisory_xact_lock(%(key)s::bigint)")
+        self._claim = q(
+            "SELECT seq, entity_id, op, version FROM {outbox} "
+            "WHERE delivered IS NULL AND NOT parked ORDER BY seq LIMIT %(limit)s FOR UPDATE"
+        )
+        self._entities = q(
+            "SELECT customer_entity_id, identifiers, attributes, calculated, version "
+            "FROM {ca} WHERE customer_entity_id = ANY(%(ids)s)"
+        )
+        self._mark = q(
+            "UPDATE {outbox} AS o SET attempts = o.attempts + 1, "
+            "delivered = CASE WHEN r.outcome = 'delivered' THEN now() END, "
+            "parked = (r.outcome = 'parked'), last_error = r.error "
+            "FROM unnest(%(seqs)s::bigint[], %(outcomes)s::text[], %(errors)s::text[]) "
+            "AS r(seq, outcome, error) WHERE o.seq = r.seq"
+        )
+        self._pending = q("SELECT count(*) FROM {outbox} WHERE delivered IS NULL AND NOT parked")
+
+    def claim(self, conn: psycopg.Connection[Any], limit: int) -> list[Command] | None:
+        """Lock the oldest pending commands; None when another relay is delivering."""
+        row = conn.execute(self._lock, {"key": self.lock_key}).fetchone()
+        if not row or not row[0]:
+            return None
+        rows = conn.execute(self._claim, {"limit": limit}).fetchall()
+        return [Command(int(s), e, op, int(v)) for s, e, op, v in rows]
+
+    def entities(self, conn: psycopg.Connection[Any], ids: Iterable[str]) -> dict[str, Entity]:
+        rows = conn.execute(self._entities, {"ids": sorted(set(ids))}).fetchall()
+        return {r[0]: Entity(r[0], list(r[1]), dict(r[2] or {}), r[3], int(r[4])) for r in rows}
+
+    def mark(
+        self,
+        conn: psycopg.Connection[Any],
+        seqs: Sequence[int],
+        outcomes: Sequence[str],
+        errors: Sequence[str | None],
+    ) -> None:
+        """Record one outcome per command: 'delivered', 'parked' or 'pending' (retry later)."""
+        if seqs:
+            conn.execute(
+                self._mark, {"seqs": list(seqs), "outcomes": list(outcomes), "errors": list(errors)}
+            )
+
+    def pending(self, conn: psycopg.Connection[Any]) -> int:
+        row = conn.execute(self._pending).fetchone()
+        return int(row[0]) if row else 0

@@ -1,0 +1,280 @@
+"""The outbox relay: delivers OpenSearch commands written by stitching and calculation.
+
+One batch is one database transaction: claim the oldest pending commands (locked, one relay
+at a time), collapse them per entity, build upsert documents from the entity's CURRENT row,
+send one bulk request, record every command's outcome, commit. A crash anywhere before the
+commit leaves the commands pending; resending is harmless because writes carry external
+versions. The relay only reads and marks outbox rows, so it never blocks stitching.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from opensearchpy import OpenSearch
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_when_event_set,
+    wait_exponential,
+    wait_random,
+)
+
+from stream_cps import telemetry
+from stream_cps.config import Settings
+from stream_cps.db.connect import connect
+from stream_cps.errors import Recoverable
+from stream_cps.sinks.opensearch import (
+    Action,
+    BulkWriter,
+    OpenSearchUnavailable,
+    Outcome,
+    Result,
+    ensure_index,
+    make_client,
+)
+from stream_cps.sinks.outbox import Command, Entity, OutboxStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """The commands of one entity in a batch, reduced to the one that matters: the newest."""
+
+    entity_id: str
+    op: str
+    version: int
+    seqs: tuple[int, ...]
+
+
+class Publisher(Protocol):
+    """Somewhere else the delivered actions go too (the optional Kafka topic)."""
+
+    def publish(self, actions: Sequence[Action]) -> None: ...
+
+
+def collapse(commands: Sequence[Command]) -> list[Planned]:
+    """Group commands (in seq order) by entity; the newest op wins, with the highest version.
+
+    Taking the highest version also for a delete guards against commands whose transactions
+    committed in a different order than they drew versions.
+    """
+    groups: dict[str, list[Command]] = {}
+    for cmd in commands:
+        groups.setdefault(cmd.entity_id, []).append(cmd)
+    return [
+        Planned(
+            entity_id,
+            cmds[-1].op,
+            max(c.version for c in cmds),
+            tuple(c.seq for c in cmds),
+        )
+        for entity_id, cmds in groups.items()
+    ]
+
+
+def document(entity: Entity) -> dict[str, Any]:
+    """The index document of an entity (the index mapping lists the same fields)."""
+    return {
+        "customer_entity_id": entity.entity_id,
+        "identifiers": entity.identifiers,
+        "attributes": entity.attributes,
+        "calculated": entity.calculated.isoformat() if entity.calculated else None,
+    }
+
+
+def plan_actions(
+    planned: Sequence[Planned], entities: dict[str, Entity]
+) -> list[tuple[Planned, Action | None]]:
+    """The write for each planned entity; None for an upsert whose entity no longer exists
+    (its delete is in the outbox too, so doing nothing is right)."""
+    out: list[tuple[Planned, Action | None]] = []
+    for p in planned:
+        if p.op == "delete":
+            out.append((p, Action(p.entity_id, p.version, None)))
+            continue
+        entity = entities.get(p.entity_id)
+        if entity is None:
+            out.append((p, None))
+        else:
+            # The row is at least as new as every command read: take the larger version.
+            out.append((p, Action(p.entity_id, max(p.version, entity.version), document(entity))))
+    return out
+
+
+_STATUS = {
+    Outcome.DELIVERED: "delivered",
+    Outcome.STALE: "delivered",
+    Outcome.RETRY: "pending",
+    Outcome.PARK: "parked",
+}
+
+
+class Relay:
+    """Delivers outbox commands to OpenSearch (and optionally Kafka)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: OpenSearch | None = None,
+        publisher: Publisher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client or make_client(settings)
+        self.index = str(settings["opensearch.index"])
+        self.batch_size = int(settings["opensearch.batch_size"])
+        self.store = OutboxStore(settings.schemas)
+        self.writer = BulkWriter(self.client, self.index)
+        self.publisher = publisher
+        if publisher is None and settings["opensearch.kafka_topic"]:
+            from stream_cps.sinks.kafka_commands import KafkaCommandPublisher
+
+            self.publisher = KafkaCommandPublisher(settings)
+        self._index_ready = False
+        meter = telemetry.meter()
+        self._delivered = meter.create_counter(telemetry.METRIC_OUTBOX_DELIVERED)
+        self._parked = meter.create_counter(telemetry.METRIC_OUTBOX_PARKED)
+        self._retried = meter.create_counter(telemetry.METRIC_OUTBOX_RETRIED)
+
+    def ensure_index(self) -> None:
+        """Create the template and index once per relay, before the first write, so the index
+        is never auto-created without our mapping and gc_deletes."""
+        if self._index_ready:
+            return
+        try:
+            ensure_index(self.settings, self.client)
+        except Exception as exc:
+            raise OpenSearchUnavailable(f"cannot prepare index {self.index}: {exc}") from exc
+        self._index_ready = True
+
+    def run_once(self, conn: psycopg.Connection[Any]) -> int:
+        """Deliver one batch; return how many commands were finished (delivered or parked).
+
+        Raises ``OpenSearchUnavailable`` (recoverable, after the batch's bookkeeping is
+        committed) when some or all commands must wait for a retry, so the caller backs off.
+        """
+        self.ensure_index()
+        failure: OpenSearchUnavailable | None = None
+        with telemetry.tracer().start_as_current_span(telemetry.SPAN_OUTBOX_RELAY) as span:
+            with conn.transaction():
+                commands = self.store.claim(conn, self.batch_size)
+                if not commands:
+                    return 0
+                planned = collapse(commands)
+                upserts = [p.entity_id for p in planned if p.op == "upsert"]
+                pairs = plan_actions(planned, self.store.entities(conn, upserts))
+                actions = [a for _, a in pairs if a is not None]
+                try:
+                    results = iter(self.writer.write(actions))
+                    if self.publisher is not None:
+                        self.publisher.publish(actions)
+                except OpenSearchUnavailable as exc:
+                    failure = exc
+                    results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
+                except Recoverable as exc:  # the Kafka side failed: OpenSearch will be re-sent
+                    failure = OpenSearchUnavailable(str(exc))
+                    results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
+                finished, retried = self._record(conn, pairs, results)
+            span.set_attribute("outbox.commands", len(commands))
+            span.set_attribute("outbox.finished", finished)
+        if failure is None and retried:
+            failure = OpenSearchUnavailable(f"{retried} commands wait for a retry", finished)
+        if failure is not None:
+            failure.delivered = finished
+            raise failure
+        return finished
+
+    def _record(
+        self,
+        conn: psycopg.Connection[Any],
+        pairs: list[tuple[Planned, Action | None]],
+        results: Any,
+    ) -> tuple[int, int]:
+        seqs: list[int] = []
+        statuses: list[str] = []
+        errors: list[str | None] = []
+        counts = {"delivered": 0, "parked": 0, "pending": 0}
+        for planned, action in pairs:
+            result = Result(Outcome.DELIVERED) if action is None else next(results)
+            status = _STATUS[result.outcome]
+            error = None if result.outcome in (Outcome.DELIVERED, Outcome.STALE) else result.reason
+            if status == "parked":
+                log.warning(
+                    "outbox: parked %s %s v%d: %s",
+                    planned.op,
+                    planned.entity_id,
+                    planned.version,
+                    result.reason,
+                )
+            for seq in planned.seqs:
+                seqs.append(seq)
+                statuses.append(status)
+                errors.append(error)
+                counts[status] += 1
+        self.store.mark(conn, seqs, statuses, errors)
+        self._delivered.add(counts["delivered"])
+        self._parked.add(counts["parked"])
+        self._retried.add(counts["pending"])
+        return counts["delivered"] + counts["parked"], counts["pending"]
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Deliver until ``stop`` is set, on a connection of its own.
+
+        When OpenSearch or PostgreSQL is unavailable the relay backs off (exponential with
+        jitter, up to ``opensearch.max_backoff``) and tries again; commands wait in the outbox.
+        An ``OpenSearchRejected`` (a setup problem) propagates and stops the relay loudly.
+        """
+        poll = float(self.settings["opensearch.poll_interval"])
+        conn: psycopg.Connection[Any] | None = None
+
+        def step() -> int:
+            nonlocal conn
+            if conn is None or conn.closed:
+                conn = connect(self.settings.dsn, role="relay", autocommit=True)
+            try:
+                return self.run_once(conn)
+            except psycopg.OperationalError:
+                conn.close()
+                conn = None
+                raise
+
+        def pause(seconds: float) -> None:
+            stop.wait(seconds)  # returns at once when the relay is told to stop
+
+        retrying = Retrying(
+            retry=retry_if_exception_type((Recoverable, psycopg.OperationalError)),
+            wait=wait_exponential(
+                multiplier=0.2, max=float(self.settings["opensearch.max_backoff"])
+            )
+            + wait_random(0, 0.2),
+            stop=stop_when_event_set(stop),
+            sleep=pause,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    finished = retrying(step)
+                except (Recoverable, psycopg.OperationalError):
+                    if stop.is_set():
+                        break
+                    raise
+                if finished < self.batch_size:
+                    stop.wait(poll)
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("outbox relay: %s; retrying in %.1fs (try %d)", exc, wait, state.attempt_number)
