@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--modes", default="stream,peek", help="slot readers to compare")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-"))
@@ -52,21 +53,42 @@ def main() -> int:
             rows = list(generator.events(seed=1, persons=persons, per_person=8))[: args.events]
             print(f"generated {len(rows)} events for {persons} people", flush=True)
             copy_s = copy_baseline(conn, rows)
-            stitch_s = stitch_run(conn, server.dsn, rows, workdir)
-            latencies = steady_latency(conn, server.dsn, args.rate, args.seconds, workdir)
-        n = len(rows)
-        print()
-        print(f"COPY into a plain table: {n / copy_s:,.0f} events/s ({copy_s:.2f} s)")
-        print(f"COPY + stitch by stream-cps run: {n / stitch_s:,.0f} events/s ({stitch_s:.2f} s)")
-        print(f"stitching throughput / COPY: {copy_s / stitch_s:.3f}  (target >= 0.10)")
-        p50, p99 = latencies
-        print(
-            f"insert->stitched at {args.rate}/s: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
-            "  (target p99 < 1000 ms)"
-        )
+            n = len(rows)
+            print(f"COPY into a plain table: {n / copy_s:,.0f} events/s ({copy_s:.2f} s)")
+            for mode in args.modes.split(","):
+                reset(conn)
+                stitch_s, copy_ce_s = stitch_run(conn, server.dsn, rows, workdir, mode)
+                p50, p99 = steady_latency(conn, server.dsn, args.rate, args.seconds, workdir, mode)
+                print(
+                    f"[{mode}] COPY into customer_events (service running): "
+                    f"{n / copy_ce_s:,.0f} events/s"
+                )
+                print(
+                    f"[{mode}] COPY + stitch: {n / stitch_s:,.0f} events/s ({stitch_s:.2f} s); "
+                    f"/ plain COPY {copy_s / stitch_s:.3f} (target >= 0.10), "
+                    f"/ customer_events COPY {copy_ce_s / stitch_s:.3f}"
+                )
+                print(
+                    f"[{mode}] insert->stitched at {args.rate}/s after the burst: "
+                    f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 < 1000 ms)",
+                    flush=True,
+                )
     finally:
         embedded.destroy(server)
     return 0
+
+
+def reset(conn: psycopg.Connection[Any]) -> None:
+    """Empty the stitching state and drop the slot, so each mode starts alike."""
+    conn.execute(sql.SQL("TRUNCATE {}").format(EVENTS))
+    conn.execute(
+        "TRUNCATE customer_attributes, cdp_ps.identifier_entities, cdp_ps.entity_aliases, "
+        "cdp_attr.outbox"
+    )
+    conn.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+        "WHERE slot_name = 'stream_cps'"
+    )
 
 
 def copy_baseline(conn: psycopg.Connection[Any], rows: list[Any]) -> float:
@@ -77,12 +99,13 @@ def copy_baseline(conn: psycopg.Connection[Any], rows: list[Any]) -> float:
     return time.perf_counter() - started
 
 
-def service(dsn: str, workdir: Path, name: str) -> subprocess.Popen[bytes]:
+def service(dsn: str, workdir: Path, name: str, mode: str) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "STREAM_CPS_DSN": dsn,
         "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.01",
         "STREAM_CPS_STITCHING_BATCH_SIZE": "5000",
+        "STREAM_CPS_STITCHING_REPLICATION": mode,
     }
     log = (workdir / f"{name}.log").open("wb")
     proc = subprocess.Popen(
@@ -108,24 +131,28 @@ def unstitched(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def stitch_run(conn: psycopg.Connection[Any], dsn: str, rows: list[Any], workdir: Path) -> float:
-    proc = service(dsn, workdir, "throughput")
+def stitch_run(
+    conn: psycopg.Connection[Any], dsn: str, rows: list[Any], workdir: Path, mode: str
+) -> tuple[float, float]:
+    """(seconds until all stitched, seconds the COPY itself took)."""
+    proc = service(dsn, workdir, f"throughput-{mode}", mode)
     try:
         started = time.perf_counter()
         with conn.cursor() as cur:
             generator.copy_events(cur, EVENTS, rows)
+        copied = time.perf_counter() - started
         while unstitched(conn):
             time.sleep(0.02)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, copied
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
 
 
 def steady_latency(
-    conn: psycopg.Connection[Any], dsn: str, rate: int, seconds: float, workdir: Path
+    conn: psycopg.Connection[Any], dsn: str, rate: int, seconds: float, workdir: Path, mode: str
 ) -> tuple[float, float]:
-    proc = service(dsn, workdir, "latency")
+    proc = service(dsn, workdir, f"latency-{mode}", mode)
     rows = list(generator.events(seed=2, persons=max(10, int(rate * seconds) // 8)))
     # fresh ids, so the steady phase measures only its own events
     rows = [(f"steady-{n}", *row[1:]) for n, row in enumerate(rows[: int(rate * seconds)])]

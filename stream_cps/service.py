@@ -22,7 +22,7 @@ from stream_cps import telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
-from stream_cps.sources.replication import SlotLease, SlotSource
+from stream_cps.sources.replication import SlotLease, reader
 from stream_cps.stitching.worker import BatchResult, Stitcher
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class StitchingService:
         self.stop = stop
         self.progress = Progress()
         self.stitcher = Stitcher(settings)
-        self.source = SlotSource(settings)
+        self.source = reader(settings)
         self.lease = SlotLease(settings)
         self.on_batch: Callable[[BatchResult], None] | None = None
 
@@ -93,6 +93,7 @@ class StitchingService:
                 self._register_lag_gauge()
                 self._loop(conn)
         finally:
+            self.source.close()
             self.lease.release()
             self.progress.maybe_log(force=True)
         return self.progress
@@ -122,7 +123,7 @@ class StitchingService:
                     return
                 last_lease_check = time.monotonic()
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
-                batch = self.source.poll(conn, batch_size)
+                batch = self.source.poll(conn, batch_size, poll)
             for start in range(0, len(batch.event_ids), batch_size):
                 self._record(
                     self.stitcher.stitch(conn, batch.event_ids[start : start + batch_size])
@@ -139,8 +140,6 @@ class StitchingService:
                 last_sweep = time.monotonic()
                 self.progress.lag_bytes = self.source.lag_bytes(conn)
             self.progress.maybe_log()
-            if not batch.event_ids:
-                self.stop.wait(poll)
 
     def _sweep(self, conn: psycopg.Connection[Any]) -> None:
         """Stitch everything still unstitched, batch by batch (and run pending purges)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -107,7 +107,7 @@ def config_sql(schemas: Schemas) -> sql.Composed:
     return render(text, schemas)
 
 
-def copy_events(cursor: object, table: sql.Composable, rows: list[tuple[object, ...]]) -> None:
+def copy_events(cursor: object, table: sql.Composable, rows: Sequence[tuple[object, ...]]) -> None:
     """COPY rows into a customer_events-shaped table (the fastest way in)."""
     from psycopg import Cursor
 
