@@ -86,28 +86,26 @@ class StitchStore:
             "SELECT * FROM unnest(%(idents)s::text[], %(owners)s::text[]) "
             "ON CONFLICT (identifier) DO UPDATE SET entity_id = excluded.entity_id"
         )
+        # Identifier sets travel as array literals (one text per entity or event): ragged
+        # arrays cannot be passed as one parameter, and this avoids a GROUP BY per batch.
+        # An entity's added identifiers are disjoint from its own (an identifier has one owner),
+        # so concatenation is a union; re-sorting keeps the arrays independent of arrival order.
         self.upsert_entities = q(
             "INSERT INTO {ca} AS ca (customer_entity_id, identifiers, modified, "
             "first_event_time, first_event_id, version) "
-            "SELECT k.id, coalesce(a.idents, ARRAY[]::text[]), now(), k.t, k.e, nextval({seq}) "
-            "FROM unnest(%(ids)s::text[], %(times)s::timestamptz[], %(firsts)s::text[]) "
-            "AS k(id, t, e) "
-            "LEFT JOIN (SELECT p.id, array_agg(DISTINCT p.ident) AS idents "
-            "  FROM unnest(%(pid)s::text[], %(pident)s::text[]) AS p(id, ident) GROUP BY p.id) a "
-            "ON a.id = k.id "
+            "SELECT k.id, k.idents::text[], now(), k.t, k.e, nextval({seq}) "
+            "FROM unnest(%(ids)s::text[], %(idents)s::text[], %(times)s::timestamptz[], "
+            "%(firsts)s::text[]) AS k(id, idents, t, e) "
             "ON CONFLICT (customer_entity_id) DO UPDATE SET "
-            "identifiers = ARRAY(SELECT DISTINCT x FROM unnest(ca.identifiers || "
-            "excluded.identifiers) AS u(x) ORDER BY x), "
+            "identifiers = CASE WHEN cardinality(excluded.identifiers) = 0 THEN ca.identifiers "
+            "ELSE ARRAY(SELECT x FROM unnest(ca.identifiers || excluded.identifiers) AS u(x) "
+            "ORDER BY x) END, "
             "modified = now(), first_event_time = excluded.first_event_time, "
             "first_event_id = excluded.first_event_id, version = excluded.version"
         )
         self.mark_events = q(
-            "UPDATE {ce} AS ev SET stitched = clock_timestamp(), "
-            "identifiers = coalesce(a.idents, ARRAY[]::text[]) "
-            "FROM unnest(%(ids)s::text[]) AS k(id) "
-            "LEFT JOIN (SELECT p.id, array_agg(p.ident ORDER BY p.ident) AS idents "
-            "  FROM unnest(%(pid)s::text[], %(pident)s::text[]) AS p(id, ident) GROUP BY p.id) a "
-            "ON a.id = k.id WHERE ev.id = k.id"
+            "UPDATE {ce} AS ev SET stitched = clock_timestamp(), identifiers = k.idents::text[] "
+            "FROM unnest(%(ids)s::text[], %(idents)s::text[]) AS k(id, idents) WHERE ev.id = k.id"
         )
         self.record_errors = q(
             "INSERT INTO {err} (attribute_id, event_id, message) "
@@ -172,38 +170,35 @@ class StitchStore:
             conn.execute(self.outbox_deletes, {"ids": old})
 
         claim_idents, claim_owners = [], []
-        ids, times, firsts, pid, pident = [], [], [], [], []
+        ids, added, times, firsts = [], [], [], []
         for comp in plan.components:
             for ident in sorted(comp.new_identifiers):
                 claim_idents.append(ident)
                 claim_owners.append(comp.entity_id)
+            new_to_entity = set(comp.new_identifiers)
+            for absorbed in comp.absorbed:
+                new_to_entity.update(absorbed_identifiers.get(absorbed, ()))
+            if comp.entity_id not in comp.existing:
+                new_to_entity.update(comp.event_identifiers)
             ids.append(comp.entity_id)
+            added.append(array_literal(sorted(new_to_entity)))
             times.append(comp.first_key[0])
             firsts.append(comp.first_key[1])
-            idents = set(comp.event_identifiers)
-            for absorbed in comp.absorbed:
-                idents.update(absorbed_identifiers.get(absorbed, ()))
-            for ident in sorted(idents):
-                pid.append(comp.entity_id)
-                pident.append(ident)
         if claim_idents:
             conn.execute(self.claim, {"idents": claim_idents, "owners": claim_owners})
         if ids:
             conn.execute(self.alias_live, {"ids": ids})
             conn.execute(
                 self.upsert_entities,
-                {"ids": ids, "times": times, "firsts": firsts, "pid": pid, "pident": pident},
+                {"ids": ids, "idents": added, "times": times, "firsts": firsts},
             )
-
-        eid, eident = [], []
-        for ev in events:
-            for ident in ev.identifiers:
-                eid.append(ev.id)
-                eident.append(ident)
         if events:
             conn.execute(
                 self.mark_events,
-                {"ids": [ev.id for ev in events], "pid": eid, "pident": eident},
+                {
+                    "ids": [ev.id for ev in events],
+                    "idents": [array_literal(ev.identifiers) for ev in events],
+                },
             )
         if failures:
             conn.execute(
@@ -215,6 +210,12 @@ class StitchStore:
                 },
             )
         return Written(len(events), plan.created, plan.merges, len(old))
+
+
+def array_literal(values: Iterable[str]) -> str:
+    """PostgreSQL array text for a parameter (every element quoted, so any text is safe)."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
 
 
 def _quote(name: str) -> str:
