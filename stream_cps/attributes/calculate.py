@@ -67,6 +67,7 @@ class BatchCalculator:
         self._schemas = schemas
         self._timeout_ms = timeout_ms
         self._alone: set[str] = set()
+        self._reported: set[tuple[str, str]] = set()
         self._plan_key: str | None = None
 
     def run(
@@ -75,6 +76,7 @@ class BatchCalculator:
         """Calculate ``entities`` (id, modified read) inside the caller's transaction."""
         if plan.fingerprint != self._plan_key:  # new definitions: give every one a fresh try
             self._alone = set()
+            self._reported = set()
             self._plan_key = plan.fingerprint
         ids = [entity_id for entity_id, _ in entities]
         self._ensure_events_table(conn)
@@ -125,8 +127,13 @@ class BatchCalculator:
         self._alone.add(attr.attribute_id)
         aid = attr.attribute_id
         if rows.definition_level or len(ids) == 1:
-            results.failures.append(Failure(aid, None if len(ids) > 1 else ids[0], rows.message))
+            # wrong whatever the data: reported once per definition, not per batch or entity
             results.failed[aid].update(ids)
+            if not rows.definition_level:
+                results.failures.append(Failure(aid, ids[0], rows.message))
+            elif (aid, rows.message) not in self._reported:
+                self._reported.add((aid, rows.message))
+                results.failures.append(Failure(aid, None, rows.message))
             return
         timeouts = 0
         for position, entity_id in enumerate(ids):
