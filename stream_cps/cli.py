@@ -1,4 +1,4 @@
-"""Command line: ``stream-cps init | run | demo``.
+"""Command line: ``stream-cps init | run | demo | replay | webhook``.
 
 Errors that are the user's to fix (configuration, schema) print one line and exit 2; anything else
 is a bug and shows its traceback.
@@ -50,9 +50,30 @@ def _parser() -> argparse.ArgumentParser:
     init.set_defaults(handler=_cmd_init)
 
     run = sub.add_parser("run", parents=[common], help="stitch and calculate until stopped")
-    run.add_argument("--source", choices=["postgres"], default="postgres")
+    run.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.set_defaults(handler=_cmd_run)
+
+    replay = sub.add_parser(
+        "replay", parents=[common], help="move the Kafka group's offsets back and reprocess"
+    )
+    start = replay.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-beginning", action="store_true", help="every retained message")
+    start.add_argument(
+        "--from-offset", action="append", metavar="P:O", help="partition P from offset O"
+    )
+    start.add_argument("--from-time", metavar="ISO8601", help="messages from this time on")
+    replay.add_argument("--topic", help="one of kafka.topics (default: all of them)")
+    replay.add_argument("--yes", action="store_true", help="also move a live group's offsets")
+    replay.set_defaults(handler=_cmd_replay)
+
+    webhook = sub.add_parser(
+        "webhook", parents=[common], help="HTTPS endpoint for a changefeed webhook sink"
+    )
+    webhook.add_argument("--port", type=int, dest="webhook_port")
+    webhook.add_argument("--cert", dest="webhook_cert", help="PEM certificate file")
+    webhook.add_argument("--key", dest="webhook_key", help="PEM private key file")
+    webhook.set_defaults(handler=_cmd_webhook)
 
     demo = sub.add_parser(
         "demo", parents=[common], help="run on an embedded PostgreSQL with sample data"
@@ -68,6 +89,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "dsn": getattr(args, "dsn", None),
         "log_level": getattr(args, "log_level", None),
         "stitching.batch_size": getattr(args, "batch_size", None),
+        "webhook.port": getattr(args, "webhook_port", None),
+        "webhook.cert_file": getattr(args, "webhook_cert", None),
+        "webhook.key_file": getattr(args, "webhook_key", None),
     }
 
 
@@ -108,12 +132,37 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
-def _cmd_run(settings: config.Settings, _args: argparse.Namespace) -> int:
+def _cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
     from stream_cps.service import StitchingService
 
     stop = stop_on_signals()
+    if args.source == "kafka":
+        from stream_cps.sources.kafka_consumer import KafkaStitchingService
+
+        KafkaStitchingService(settings, stop).run()
+        return 0
     StitchingService(settings, stop).run()
     return 0
+
+
+def _cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
+    from stream_cps.sources.kafka_replay import run_replay
+
+    return run_replay(
+        settings,
+        topic=args.topic,
+        beginning=args.from_beginning,
+        offsets=args.from_offset,
+        since=args.from_time,
+        yes=args.yes,
+        out=sys.stdout,
+    )
+
+
+def _cmd_webhook(settings: config.Settings, _args: argparse.Namespace) -> int:
+    from stream_cps.sources.kafka_webhook import run_webhook
+
+    return run_webhook(settings, stop_on_signals())
 
 
 def _cmd_demo(settings: config.Settings, args: argparse.Namespace) -> int:

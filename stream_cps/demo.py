@@ -62,18 +62,29 @@ def _feed(conn: psycopg.Connection[Any], settings: Settings, rows: list[Any]) ->
 def _wait_until_done(
     conn: psycopg.Connection[Any], settings: Settings, total: int, timeout: float = 120
 ) -> None:
-    query = sql.SQL("SELECT count(*) FILTER (WHERE stitched IS NULL) FROM {}").format(
-        sql.Identifier(settings.schemas.ce, "customer_events")
+    """Until every event is stitched and every entity's attributes are calculated."""
+    query = sql.SQL(
+        "SELECT (SELECT count(*) FROM {ce} WHERE stitched IS NULL), "
+        "(SELECT count(*) FROM {ca} WHERE calculated IS NULL OR calculated < modified), "
+        "(SELECT count(*) FROM {ca})"
+    ).format(
+        ce=sql.Identifier(settings.schemas.ce, "customer_events"),
+        ca=sql.Identifier(settings.schemas.cdp, "customer_attributes"),
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = conn.execute(query).fetchone()
-        left = int(row[0]) if row else total
-        print(f"stitched {total - left}/{total} events", flush=True)
-        if left == 0:
+        assert row is not None
+        left, due, entities = (int(v) for v in row)
+        print(
+            f"stitched {total - left}/{total} events; "
+            f"attributes calculated for {entities - due}/{entities} entities",
+            flush=True,
+        )
+        if left == 0 and due == 0:
             return
         time.sleep(0.5)
-    raise TimeoutError("the demo did not finish stitching in time")
+    raise TimeoutError("the demo did not finish in time")
 
 
 def _summary(conn: psycopg.Connection[Any], settings: Settings, service: StitchingService) -> None:

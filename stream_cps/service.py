@@ -1,4 +1,4 @@
-"""The always-on process: lease -> slot -> stitch -> acknowledge, plus the calculation thread.
+"""The always-on process: lease -> slot -> stitch -> acknowledge, plus the background threads.
 
 Commit order (docs/delivery.md): a batch's stitching transaction commits first; only then is the
 slot advanced past the transactions that carried it. A crash between the two replays those
@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from stream_cps import telemetry
+from stream_cps import background, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
@@ -72,8 +72,11 @@ class Progress:
 class StitchingService:
     """Runs until ``stop`` is set; one instance per process."""
 
-    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+    def __init__(
+        self, settings: Settings, stop: threading.Event, with_background: bool = True
+    ) -> None:
         self.settings = settings
+        self.with_background = with_background
         self.stop = stop
         self.progress = Progress()
         self.stitcher = Stitcher(settings)
@@ -87,6 +90,8 @@ class StitchingService:
             schema.check(conn, self.settings.schemas)
         if not self._acquire_lease():
             return self.progress
+        # Only the active process calculates and relays: a standby would only duplicate work.
+        threads = background.start(self.settings, self.stop) if self.with_background else []
         try:
             with connect(self.settings.dsn, role="stitching", autocommit=True) as conn:
                 self.source.ensure(conn)
@@ -95,6 +100,8 @@ class StitchingService:
         finally:
             self.source.close()
             self.lease.release()
+            self.stop.set()
+            background.join(threads)
             self.progress.maybe_log(force=True)
         return self.progress
 

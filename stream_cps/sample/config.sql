@@ -18,7 +18,7 @@ INSERT INTO {cdp}.attributes (id, name, data_type, definition) VALUES
     ('stitching_user_id', 'Web user id', 'string', NULL),
     ('stitching_crm_id', 'CRM id', 'string', NULL),
     ('emails', 'Emails', 'string',
-     '{{"type": "list", "value": "payload->>''email''"}}'),
+     '{{"type": "list", "value": "lower(trim(payload->>''email''))", "outer_filter": "value LIKE ''%@%''"}}'),
     ('total_spent', 'Total spent', 'float',
      '{{"type": "sum", "sources": ["shop"], "types": ["purchase"], "value": "(payload->>''total'')::numeric"}}'),
     ('favourite_product', 'Favourite product', 'string',
