@@ -1,0 +1,245 @@
+"""Apply a batch of decoded messages in ONE database transaction: insert, dead-letter, stitch.
+
+Customer events are inserted with ``ON CONFLICT (id) DO NOTHING`` (a redelivered id is not
+duplicated; the first stored version wins) and stitched in the same transaction, so an event is
+never visible unstitched because of us, and a crash before the commit leaves no trace. Changefeed
+rows are already in the table and are only stitched by id; the stitcher skips rows that are
+stitched already, which makes duplicates and replays harmless.
+
+The SQL here stays in the subset CockroachDB speaks: multi-row ``INSERT ... ON CONFLICT DO
+NOTHING RETURNING``, savepoints, ``= ANY(array)``; no advisory locks, no PostgreSQL-only
+functions. Isolation is REPEATABLE READ on PostgreSQL (the stitcher's purge/snapshot argument)
+and SERIALIZABLE on CockroachDB; both retry on 40001/40P01 with backoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from stream_cps.config import Schemas
+from stream_cps.sources.kafka_decode import (
+    ChangefeedRow,
+    CustomerEvent,
+    Decoded,
+    Ignored,
+    Resolved,
+)
+from stream_cps.stitching.worker import RETRYABLE, BatchResult, Stitcher
+
+log = logging.getLogger(__name__)
+
+EVENT_COLUMNS = ("id", "source_id", "type", "version", "event_time", "payload")
+DEAD_COLUMNS = (
+    "id",
+    "source",
+    "topic",
+    "kafka_partition",
+    "kafka_offset",
+    "message_key",
+    "message_value",
+    "message_time",
+    "reason",
+)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One input message with its origin; ``decoded`` or the ``reason`` it is a dead letter."""
+
+    origin: str  # the dead-letter id: kafka:<topic>:<partition>:<offset> or webhook:<digest>:<n>
+    source: str  # "kafka" or "webhook"
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    key: bytes | None
+    value: bytes | None
+    timestamp: datetime | None
+    decoded: Decoded | None = None
+    reason: str | None = None
+
+    def where(self) -> str:
+        if self.source == "kafka":
+            return f"{self.topic}[{self.partition}]@{self.offset}"
+        return self.origin
+
+
+@dataclass
+class ApplyStats:
+    """What one committed batch did; the caller adds it to its progress."""
+
+    messages: int = 0
+    events_new: int = 0
+    events_seen: int = 0  # redelivered ids already in the table
+    changefeed_rows: int = 0
+    echoes: int = 0  # changefeed rows that carry stitched already (our own writes)
+    deletes: int = 0
+    resolved: int = 0
+    tombstones: int = 0
+    unknown: int = 0
+    dead_letters: list[Envelope] = field(default_factory=list)
+    stitch: BatchResult = field(default_factory=BatchResult)
+    last_resolved: str | None = None
+
+
+def isolation_for(conn: psycopg.Connection[Any]) -> psycopg.IsolationLevel:
+    """REPEATABLE READ on PostgreSQL; CockroachDB runs SERIALIZABLE (its default) instead."""
+    if conn.info.parameter_status("crdb_version") is not None:
+        return psycopg.IsolationLevel.SERIALIZABLE
+    return psycopg.IsolationLevel.REPEATABLE_READ
+
+
+class Applier:
+    """Turns envelopes into one committed transaction; shared by the consumer and the webhook."""
+
+    def __init__(self, schemas: Schemas, stitcher: Stitcher) -> None:
+        self.schemas = schemas
+        self.stitcher = stitcher
+        self._events = sql.Identifier(schemas.ce, "customer_events")
+        self._dead = sql.Identifier(schemas.ps, "kafka_dead_letters")
+
+    def apply(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
+        """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
+        for attempt in Retrying(
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=wait_exponential_jitter(initial=0.02, max=2.0, jitter=0.05),
+            stop=stop_after_attempt(10),
+            reraise=True,
+        ):
+            with attempt:
+                stats = self._once(conn, envelopes)
+        self.stitcher.count_metrics(stats.stitch)
+        _log_outcomes(stats, envelopes)
+        return stats
+
+    def _once(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
+        stats = _classify(envelopes)
+        events: dict[str, tuple[CustomerEvent, Envelope]] = {}
+        stitch_ids: dict[str, None] = {}
+        for envelope in envelopes:
+            decoded = envelope.decoded
+            if isinstance(decoded, CustomerEvent):
+                events.setdefault(decoded.id, (decoded, envelope))
+            elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
+                stitch_ids[decoded.event_id] = None
+        conn.isolation_level = isolation_for(conn)
+        with conn.transaction():
+            inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
+            stats.events_new = inserted
+            stats.events_seen = len(events) - inserted - len(failed)
+            for event_id, reason in failed.items():
+                stats.dead_letters.append(dataclasses.replace(events[event_id][1], reason=reason))
+            self._record_dead(conn, stats.dead_letters)
+            ids = [eid for eid in events if eid not in failed]
+            ids += [eid for eid in stitch_ids if eid not in events]
+            stats.stitch = self.stitcher.stitch_in_transaction(conn, ids)
+        return stats
+
+    def _insert(
+        self, conn: psycopg.Connection[Any], events: list[CustomerEvent]
+    ) -> tuple[int, dict[str, str]]:
+        """Insert new events; rows the database refuses are isolated with savepoints."""
+        if not events:
+            return 0, {}
+        try:
+            with conn.transaction():
+                return self._insert_rows(conn, events), {}
+        except (psycopg.DataError, psycopg.IntegrityError):
+            pass
+        inserted, failed = 0, {}
+        for event in events:
+            try:
+                with conn.transaction():
+                    inserted += self._insert_rows(conn, [event])
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                failed[event.id] = f"database refused the event: {exc.diag.message_primary}"
+        return inserted, failed
+
+    def _insert_rows(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> int:
+        statement = sql.SQL(
+            "INSERT INTO {} ({}) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id"
+        ).format(
+            self._events,
+            sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)),
+            _values(len(events), ["%s"] * 5 + ["CAST(%s AS jsonb)"]),
+        )
+        params: list[Any] = []
+        for ev in events:
+            params += [ev.id, ev.source_id, ev.type, ev.version, ev.event_time, ev.payload]
+        return len(conn.execute(statement, params).fetchall())
+
+    def _record_dead(self, conn: psycopg.Connection[Any], dead: list[Envelope]) -> None:
+        if not dead:
+            return
+        statement = sql.SQL("INSERT INTO {} ({}) VALUES {} ON CONFLICT (id) DO NOTHING").format(
+            self._dead,
+            sql.SQL(", ").join(map(sql.Identifier, DEAD_COLUMNS)),
+            _values(len(dead), ["%s"] * len(DEAD_COLUMNS)),
+        )
+        params: list[Any] = []
+        for e in dead:
+            params += [
+                e.origin,
+                e.source,
+                e.topic,
+                e.partition,
+                e.offset,
+                e.key,
+                e.value,
+                e.timestamp,
+                e.reason or "unknown",
+            ]
+        conn.execute(statement, params)
+
+
+def _values(rows: int, placeholders: list[str]) -> sql.Composed:
+    one = sql.SQL("(" + ", ".join(placeholders) + ")")
+    return sql.SQL(", ").join([one] * rows)
+
+
+def _classify(envelopes: Sequence[Envelope]) -> ApplyStats:
+    stats = ApplyStats(messages=len(envelopes))
+    for envelope in envelopes:
+        decoded = envelope.decoded
+        if envelope.reason is not None:
+            stats.dead_letters.append(envelope)
+        elif isinstance(decoded, ChangefeedRow):
+            if decoded.deleted:
+                stats.deletes += 1
+            else:
+                stats.changefeed_rows += 1
+                stats.echoes += not decoded.needs_stitch
+        elif isinstance(decoded, Resolved):
+            stats.resolved += 1
+            stats.last_resolved = decoded.timestamp
+        elif isinstance(decoded, Ignored):
+            if decoded.kind == "tombstone":
+                stats.tombstones += 1
+            else:
+                stats.unknown += 1
+    return stats
+
+
+def _log_outcomes(stats: ApplyStats, envelopes: Sequence[Envelope]) -> None:
+    """One line per message that is not applied, so an operator can find it."""
+    for envelope in envelopes:
+        decoded = envelope.decoded
+        if isinstance(decoded, Ignored):
+            log.info("ignored %s at %s: %s", decoded.kind, envelope.where(), decoded.detail)
+        elif isinstance(decoded, ChangefeedRow) and decoded.deleted:
+            log.info(
+                "ignored changefeed delete of event %s at %s (events are immutable; restitch "
+                "the entity if the delete was meant to remove it)",
+                decoded.event_id,
+                envelope.where(),
+            )
+    for envelope in stats.dead_letters:
+        log.warning("dead letter %s: %s", envelope.where(), envelope.reason)

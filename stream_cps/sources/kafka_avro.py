@@ -1,0 +1,118 @@
+"""Avro customer events in the Confluent wire format: magic byte 0, 4-byte schema id, body.
+
+The writer schema of an id comes from the schema registry when one is configured, else from the
+schemas shipped in ``schemas/`` (``ids.json`` maps id -> file), so a collector that writes with an
+older or newer compatible schema is read through Avro schema resolution into the shipped reader
+schema. Registry look-ups are cached per process; a registry that cannot be reached is a
+recoverable error (the batch is retried), never a reason to dead-letter a message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from stream_cps.errors import InvalidInput, Recoverable
+
+SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+READER_FILE = "customer_event.avsc"
+MAGIC = 0
+HEADER = struct.Struct(">bI")
+
+
+def load_schema(path: Path) -> Any:
+    """A parsed Avro schema from an ``.avsc`` file."""
+    return fastavro.parse_schema(json.loads(path.read_text(encoding="utf-8")))
+
+
+def shipped_ids(schemas_dir: Path = SCHEMAS_DIR) -> dict[int, Path]:
+    """Schema id -> ``.avsc`` file, as ``schemas/ids.json`` lists them."""
+    index = json.loads((schemas_dir / "ids.json").read_text(encoding="utf-8"))
+    return {int(k): schemas_dir / v for k, v in index.items()}
+
+
+class SchemaResolver:
+    """Finds the writer schema of a framed message; one instance per process (it caches)."""
+
+    def __init__(self, registry_url: str | None, schemas_dir: Path = SCHEMAS_DIR) -> None:
+        self.registry_url = registry_url.rstrip("/") if registry_url else None
+        self.schemas_dir = schemas_dir
+        self.reader = load_schema(schemas_dir / READER_FILE)
+        self._cache: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def writer(self, schema_id: int) -> Any:
+        with self._lock:
+            found = self._cache.get(schema_id)
+        if found is None:
+            found = self._fetch(schema_id) if self.registry_url else self._shipped(schema_id)
+            with self._lock:
+                self._cache[schema_id] = found
+        return found
+
+    def _shipped(self, schema_id: int) -> Any:
+        path = shipped_ids(self.schemas_dir).get(schema_id)
+        if path is None:
+            raise InvalidInput(f"unknown Avro schema id {schema_id} (not in schemas/ids.json)")
+        return load_schema(path)
+
+    def _fetch(self, schema_id: int) -> Any:
+        url = f"{self.registry_url}/schemas/ids/{schema_id}"
+        for attempt in Retrying(
+            retry=retry_if_exception_type(Recoverable),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            stop=stop_after_attempt(5),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        body = json.loads(response.read())
+                except urllib.error.HTTPError as exc:
+                    if exc.code == 404:
+                        raise InvalidInput(
+                            f"unknown Avro schema id {schema_id} (registry answered 404)"
+                        ) from exc
+                    raise Recoverable(f"schema registry {url}: HTTP {exc.code}") from exc
+                except (OSError, ValueError) as exc:
+                    raise Recoverable(f"schema registry {url}: {exc}") from exc
+        try:
+            return fastavro.parse_schema(json.loads(body["schema"]))
+        except Exception as exc:
+            raise InvalidInput(f"schema id {schema_id}: registry schema unusable: {exc}") from exc
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        """The record in a framed message, resolved into the shipped reader schema."""
+        if len(data) < HEADER.size or data[0] != MAGIC:
+            raise InvalidInput("not Confluent-framed Avro (magic byte 0 + 4-byte schema id)")
+        _, schema_id = HEADER.unpack_from(data)
+        writer = self.writer(schema_id)
+        body = io.BytesIO(data[HEADER.size :])
+        try:
+            record = fastavro.schemaless_reader(body, writer, self.reader)
+        except Exception as exc:  # fastavro raises many types for corrupt input
+            raise InvalidInput(
+                f"Avro body does not decode with schema id {schema_id}: {exc}"
+            ) from exc
+        if body.tell() != len(data) - HEADER.size:
+            raise InvalidInput(f"Avro body longer than schema id {schema_id} describes")
+        if not isinstance(record, dict):
+            raise InvalidInput("Avro record is not a record")
+        return record
+
+
+def encode(record: dict[str, Any], schema: Any, schema_id: int = 1) -> bytes:
+    """Frame ``record`` as collectors do (used by tests, the benchmark and examples)."""
+    out = io.BytesIO()
+    out.write(HEADER.pack(MAGIC, schema_id))
+    fastavro.schemaless_writer(out, schema, record)
+    return out.getvalue()

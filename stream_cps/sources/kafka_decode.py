@@ -1,0 +1,205 @@
+"""What a Kafka message (or a webhook entry) means: pure decoding, no I/O besides schema look-up.
+
+Four outcomes, decided by shape and never by topic name, so one topic may carry several kinds:
+
+- ``CustomerEvent``: a collector's event, Avro (Confluent framing) or a JSON object with
+  ``id``, ``source_id``, ``type``, ``version``, ``event_time`` (ISO 8601 with offset), ``payload``.
+- ``ChangefeedRow``: a CockroachDB changefeed ``wrapped`` message (top-level ``after``); the row
+  lives in the database already, so only its id matters. ``after: null`` is a delete.
+- ``Resolved``: a changefeed ``resolved`` timestamp (sent on every partition).
+- ``Ignored``: a tombstone (null value) or a well-formed message of a kind we do not know.
+
+Anything that cannot be decoded, or is a customer event that violates the schema, raises
+``InvalidInput`` with the reason; the caller dead-letters it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from stream_cps.errors import InvalidInput
+from stream_cps.sources.kafka_avro import MAGIC, SchemaResolver
+
+MAX_TEXT = 255  # source_id, type, version are varchar(255) in the guide's DDL
+FORMATS = ("auto", "avro", "json")
+
+
+@dataclass(frozen=True)
+class CustomerEvent:
+    id: str
+    source_id: str
+    type: str
+    version: str
+    event_time: datetime
+    payload: str  # JSON object text, validated to be storable as jsonb
+
+
+@dataclass(frozen=True)
+class ChangefeedRow:
+    event_id: str
+    deleted: bool
+    # False when the row already carries ``stitched``: our own write echoed back by the feed.
+    needs_stitch: bool
+    updated: str | None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    timestamp: str
+
+
+@dataclass(frozen=True)
+class Ignored:
+    kind: str  # "tombstone" or "unknown"
+    detail: str
+
+
+Decoded = CustomerEvent | ChangefeedRow | Resolved | Ignored
+
+
+def decode(
+    key: bytes | None, value: bytes | None, message_format: str, avro: SchemaResolver
+) -> Decoded:
+    """Decode one Kafka message; raises ``InvalidInput`` for a dead letter."""
+    if value is None or value == b"":
+        return Ignored("tombstone", "null value")
+    if value[0] == MAGIC:
+        if message_format == "json":
+            raise InvalidInput("Avro-framed message but kafka.message_format is json")
+        return customer_event(avro.decode(value), from_avro=True)
+    if message_format == "avro":
+        raise InvalidInput("not Confluent-framed Avro (first byte is not 0)")
+    obj = parse_json(value)
+    if not isinstance(obj, dict):
+        return Ignored("unknown", f"JSON {type(obj).__name__}, not an object")
+    return decode_object(obj, key)
+
+
+def decode_object(obj: dict[str, Any], key: bytes | list[Any] | None) -> Decoded:
+    """A JSON object: changefeed message, customer event, or unknown."""
+    if "after" in obj:
+        return _changefeed_row(obj, key)
+    if "resolved" in obj:
+        resolved = obj["resolved"]
+        if not isinstance(resolved, str):
+            raise InvalidInput("changefeed resolved timestamp is not a string")
+        return Resolved(resolved)
+    if "id" in obj and "event_time" in obj:
+        return customer_event(obj, from_avro=False)
+    return Ignored("unknown", "JSON object with neither after, resolved nor id/event_time")
+
+
+def parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise InvalidInput(f"not valid JSON: {exc}") from exc
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def customer_event(record: dict[str, Any], *, from_avro: bool) -> CustomerEvent:
+    """Validate a decoded record against the customer event schema."""
+    event_id = _text(record, "id", limit=None)
+    fields = [_text(record, name, limit=MAX_TEXT) for name in ("source_id", "type", "version")]
+    when = record.get("event_time")
+    if from_avro:
+        if not isinstance(when, datetime):
+            raise InvalidInput("event_time: not a timestamp")
+        event_time = when if when.tzinfo else when.replace(tzinfo=UTC)
+    else:
+        event_time = _iso_time(when)
+    payload = record.get("payload")
+    if from_avro:
+        if not isinstance(payload, str):
+            raise InvalidInput("payload: not a string")
+        payload = parse_json(payload.encode("utf-8"))
+    if not isinstance(payload, dict):
+        raise InvalidInput("payload: must be a JSON object")
+    try:
+        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise InvalidInput(f"payload: not storable as jsonb: {exc}") from exc
+    if "\\u0000" in text:
+        raise InvalidInput("payload: contains \\u0000, which jsonb cannot store")
+    return CustomerEvent(event_id, fields[0], fields[1], fields[2], event_time, text)
+
+
+def _text(record: dict[str, Any], name: str, limit: int | None) -> str:
+    value = record.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(f"{name}: required non-empty string")
+    if limit is not None and len(value) > limit:
+        raise InvalidInput(f"{name}: longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidInput(f"{name}: contains a NUL character")
+    return value
+
+
+def _iso_time(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise InvalidInput("event_time: required ISO 8601 string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInput(f"event_time: not ISO 8601: {value!r}") from exc
+    if parsed.tzinfo is None:
+        raise InvalidInput(f"event_time: no UTC offset in {value!r}")
+    return parsed
+
+
+def _changefeed_row(obj: dict[str, Any], key: bytes | list[Any] | None) -> ChangefeedRow:
+    after = obj["after"]
+    updated = obj.get("updated")
+    updated_text = updated if isinstance(updated, str) else None
+    key_id = _key_id(obj.get("key", key))
+    if after is None:
+        if key_id is None:
+            raise InvalidInput("changefeed delete without a usable key")
+        return ChangefeedRow(key_id, deleted=True, needs_stitch=False, updated=updated_text)
+    if not isinstance(after, dict):
+        raise InvalidInput("changefeed after is neither an object nor null")
+    row_id = after.get("id", key_id)
+    if not isinstance(row_id, str) or not row_id:
+        raise InvalidInput("changefeed row without a string id (after.id or key[0])")
+    return ChangefeedRow(
+        row_id, deleted=False, needs_stitch=after.get("stitched") is None, updated=updated_text
+    )
+
+
+def _key_id(key: bytes | list[Any] | None) -> str | None:
+    """The event id from a changefeed key: a JSON array of the primary key, ``["<id>"]``."""
+    if isinstance(key, bytes):
+        try:
+            key = json.loads(key.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+    if isinstance(key, list) and len(key) == 1 and isinstance(key[0], str) and key[0]:
+        return key[0]
+    return None
+
+
+def webhook_entries(body: bytes) -> list[Any] | Resolved:
+    """The messages in a changefeed webhook request: ``{"payload": [...], "length": N}``.
+
+    A webhook sink posts ``resolved`` messages as a bare ``{"resolved": "..."}`` body.
+    """
+    obj = parse_json(body)
+    if not isinstance(obj, dict):
+        raise InvalidInput("webhook body is not a JSON object")
+    if "resolved" in obj and "payload" not in obj:
+        resolved = decode_object(obj, None)
+        assert isinstance(resolved, Resolved)
+        return resolved
+    payload, length = obj.get("payload"), obj.get("length")
+    if not isinstance(payload, list) or not isinstance(length, int) or isinstance(length, bool):
+        raise InvalidInput('webhook body is not {"payload": [...], "length": N}')
+    if length != len(payload):
+        raise InvalidInput(f"webhook body says length {length} but carries {len(payload)}")
+    return payload
