@@ -1,0 +1,196 @@
+"""Outbox relay throughput, next to the raw bulk API in the same run.
+
+    python bench/outbox.py [--entities 50000] [--batch-size 500] [--deletes 0.1]
+
+Baseline and subject run against the same PostgreSQL and OpenSearch (machines here are noisy):
+1. Raw bulk: the same documents and deletes sent with ``external_gte`` versions in bulk
+   requests of the same size, built in memory: what OpenSearch takes at all from one client.
+   Run once to warm the JVM, then before and after the relay (the mean is the baseline).
+2. Relay: the same number of outbox commands (an upsert for every entity, then deletes for
+   ids merged away, as merges make) delivered by ``Relay.run_once`` until the outbox is
+   empty: claim, read entities, bulk, mark, commit per batch.
+Reported as commands/s and as a fraction of (1). Both services are started here unless
+``--dsn`` / ``--opensearch-url`` point at running ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from opensearchpy import OpenSearch
+
+from stream_cps import config
+from stream_cps.db import embedded, schema
+from stream_cps.sinks.opensearch import ensure_index
+from stream_cps.sinks.relay import Relay
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _opensearch_service() -> Any:
+    path = ROOT / "infra/opensearch/opensearch_service.py"
+    spec = importlib.util.spec_from_file_location("opensearch_service", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def seed(conn: psycopg.Connection[Any], entities: int, delete_share: float) -> int:
+    """Live entities with attributes and an upsert each; deletes for merged-away ids."""
+    conn.execute(
+        "INSERT INTO customer_attributes (customer_entity_id, identifiers, attributes, "
+        "modified, calculated, first_event_time, first_event_id, version) "
+        "SELECT 'e' || g, ARRAY['email:u' || g || '@x', 'cookie:c' || g], "
+        "jsonb_build_object('orders', g %% 17, "
+        " 'tier', (ARRAY['gold','silver','bronze'])[g %% 3 + 1],"
+        " 'revenue', (g %% 1000) * 1.5, 'last_seen', '2026-01-01T00:00:00Z', "
+        " 'tags', jsonb_build_array('a' || g %% 5, 'b' || g %% 7)), "
+        "now(), now(), now(), 'ev' || g, nextval('cdp_ps.entity_version_seq') "
+        "FROM generate_series(1, %(n)s) AS g",
+        {"n": entities},
+    )
+    conn.execute(
+        "INSERT INTO cdp_attr.outbox (entity_id, op, version) "
+        "SELECT customer_entity_id, 'upsert', version FROM customer_attributes "
+        "ORDER BY customer_entity_id"
+    )
+    deletes = int(entities * delete_share)
+    conn.execute(  # ids merged away earlier: their documents must go
+        "INSERT INTO cdp_attr.outbox (entity_id, op, version) "
+        "SELECT 'm' || g, 'delete', nextval('cdp_ps.entity_version_seq') "
+        "FROM generate_series(1, %(n)s) AS g",
+        {"n": deletes},
+    )
+    return entities + deletes
+
+
+def raw_bulk(
+    client: OpenSearch, index: str, docs: list[dict[str, Any]], deletes: list[str], batch: int
+) -> float:
+    """Seconds to send the relay's op mix (index every doc, then the deletes) with versioned
+    bulk requests of the same size, straight from memory."""
+    ops: list[tuple[str, dict[str, Any] | None]] = [(d["customer_entity_id"], d) for d in docs]
+    ops += [(entity_id, None) for entity_id in deletes]
+    started = time.perf_counter()
+    for i in range(0, len(ops), batch):
+        body: list[dict[str, Any]] = []
+        for n, (entity_id, doc) in enumerate(ops[i : i + batch], start=i + 1):
+            meta = {"_index": index, "_id": entity_id, "version": n, "version_type": "external_gte"}
+            body.append({"index" if doc is not None else "delete": meta})
+            if doc is not None:
+                body.append(doc)
+        response = client.bulk(body=body)
+        if any(
+            item[next(iter(item))].get("status", 500) >= 300
+            and item[next(iter(item))].get("status") != 404
+            for item in response["items"]
+        ):
+            raise SystemExit("raw bulk baseline had item errors")
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--entities", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--deletes", type=float, default=0.1, help="share of entities deleted")
+    parser.add_argument("--dsn", help="a PostgreSQL server to use (a database is created)")
+    parser.add_argument("--opensearch-url", help="a running OpenSearch")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-outbox-"))
+    server = None if args.dsn else embedded.start(workdir / "pg")
+    admin_dsn = args.dsn or (server.dsn if server else "")
+    service = None if args.opensearch_url else _opensearch_service()
+    node = service.start(workdir / "os") if service else None
+    url = args.opensearch_url or (node.url if node else "")
+    dbname = "bench_" + uuid.uuid4().hex[:8]
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{dbname}"')
+        dsn = psycopg.conninfo.make_conninfo(admin_dsn, dbname=dbname)
+        suffix = uuid.uuid4().hex[:8]
+        settings = config.load(
+            flags={
+                "dsn": dsn,
+                "opensearch.url": url,
+                "opensearch.index": f"bench-relay-{suffix}",
+                "opensearch.batch_size": args.batch_size,
+                "opensearch.replicas": 0,
+            },
+            environ={},
+        )
+        baseline_settings = settings.replace(**{"opensearch.index": f"bench-raw-{suffix}"})
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schema.migrate(conn, settings.schemas)
+            commands = seed(conn, args.entities, args.deletes)
+            rows = conn.execute(
+                "SELECT customer_entity_id, identifiers, attributes, calculated "
+                "FROM customer_attributes"
+            ).fetchall()
+            docs = [
+                {
+                    "customer_entity_id": r[0],
+                    "identifiers": r[1],
+                    "attributes": json.loads(json.dumps(r[2])),
+                    "calculated": r[3].isoformat(),
+                }
+                for r in rows
+            ]
+            deletes = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT entity_id FROM cdp_attr.outbox WHERE op = 'delete' ORDER BY seq"
+                ).fetchall()
+            ]
+            client = OpenSearch(hosts=[url], timeout=60)
+            index = baseline_settings["opensearch.index"]
+            ensure_index(baseline_settings.replace(**{"opensearch.index": index + "-warm"}), client)
+            raw_bulk(client, index + "-warm", docs, deletes, args.batch_size)  # JIT warm-up
+            ensure_index(baseline_settings, client)
+            raw_s = [raw_bulk(client, index, docs, deletes, args.batch_size)]
+
+            relay = Relay(settings)
+            relay.ensure_index()
+            started = time.perf_counter()
+            delivered = 0
+            while n := relay.run_once(conn):
+                delivered += n
+            relay_s = time.perf_counter() - started
+            pending = conn.execute(
+                "SELECT count(*) FROM cdp_attr.outbox WHERE delivered IS NULL"
+            ).fetchone()
+            client.indices.delete(index=index)
+            ensure_index(baseline_settings, client)
+            raw_s.append(raw_bulk(client, index, docs, deletes, args.batch_size))
+        raw_rate = commands / (sum(raw_s) / len(raw_s))
+        relay_rate = delivered / relay_s
+        print(f"batch size {args.batch_size}, {commands} commands ({len(deletes)} deletes)")
+        print(
+            f"raw bulk API (external_gte, before and after the relay): {raw_rate:,.0f} ops/s "
+            f"({raw_s[0]:.2f} s, {raw_s[1]:.2f} s)"
+        )
+        print(f"outbox relay: {relay_rate:,.0f} commands/s ({relay_s:.2f} s)")
+        print(f"relay / raw bulk: {relay_rate / raw_rate:.2f}")
+        print(f"left in outbox: {pending[0] if pending else '?'}")
+    finally:
+        if service is not None:
+            service.stop(workdir / "os")
+        if server is not None:
+            embedded.destroy(server)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
