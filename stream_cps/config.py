@@ -129,6 +129,9 @@ FIELDS: dict[str, Field] = {
         str, "1d", "how long delete tombstones reject older writes (index.gc_deletes)"
     ),
     "opensearch.replicas": Field(int, 1, "number_of_replicas of the index"),
+    "opensearch.keep_delivered_hours": Field(
+        float, 24.0, "delivered outbox rows older than this are deleted by the relay"
+    ),
     "opensearch.kafka_topic": Field(
         str, None, "also produce delivered commands to this Kafka topic (Avro)"
     ),

@@ -7,6 +7,7 @@ transaction (``calculate`` below).
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -476,3 +477,69 @@ def test_opensearch_down_20s_while_events_flow_converges_and_drains(
     assert retried is not None and retried[0] > 0, "nothing was retried: was OpenSearch down?"
     live = live_entities(db)
     assert index_docs(os_settings) == live
+
+
+def test_old_delivered_rows_are_pruned_pending_and_parked_kept(
+    db: psycopg.Connection[Any], os_settings: config.Settings
+) -> None:
+    db.execute(
+        "INSERT INTO cdp_attr.outbox (entity_id, op, version, delivered, parked) VALUES "
+        "('old', 'delete', 1, now() - interval '2 days', false), "
+        "('new', 'delete', 2, now() - interval '1 hour', false), "
+        "('stuck', 'delete', 3, NULL, true), ('todo', 'delete', 4, NULL, false)"
+    )
+    store = Relay(os_settings).store
+    assert store.prune(db, seconds=24 * 3600) == 1
+    rows = db.execute("SELECT entity_id FROM cdp_attr.outbox ORDER BY seq").fetchall()
+    assert rows == [("new",), ("stuck",), ("todo",)]
+
+
+def test_commands_are_also_produced_to_kafka_avro_keyed_by_entity(
+    db: psycopg.Connection[Any],
+    settings: config.Settings,
+    os_settings: config.Settings,
+    kafka_broker: Any,
+    kafka_topic: str,
+) -> None:
+    from confluent_kafka import Consumer
+
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 10, email="x@a"), event("b", 5, cookie="c1")])
+    stitch_all(stitcher, db)
+    calculate(db)
+    insert(db, [event("c", 20, email="x@a", cookie="c1")])  # merges a into b
+    stitch_all(stitcher, db)
+    calculate(db)
+    kafka_settings = os_settings.replace(
+        **{"opensearch.kafka_topic": kafka_topic, "kafka.bootstrap_servers": kafka_broker.bootstrap}
+    )
+    relay = Relay(kafka_settings)
+    assert drain(relay, db) == 4
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_broker.bootstrap,
+            "group.id": f"g-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([kafka_topic])
+    got: list[tuple[str, dict[str, Any]]] = []
+    deadline, quiet = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and quiet < 4:  # after the first, 2 s without more
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error():
+            quiet += 1 if got else 0
+            continue
+        got.append((msg.key().decode(), kafka_commands.decode(msg.value())))
+    consumer.close()
+    # One batch: a's upsert and delete collapse to the delete; b gets its newest upsert.
+    by_entity = {key: value for key, value in got}
+    survivor, gone = entity_id_for("b"), entity_id_for("a")
+    assert len(got) == 2, got
+    assert by_entity[gone]["op"] == "delete"
+    assert by_entity[survivor]["op"] == "upsert"
+    assert by_entity[survivor]["identifiers"] == ["cookie:c1", "email:x@a"]
+    assert json.loads(by_entity[survivor]["attributes_json"]) == {"events": 3, "ids": 2}
+    assert by_entity[survivor]["version"] == index_docs(os_settings)[survivor][0]

@@ -67,6 +67,12 @@ class OutboxStore:
             "FROM unnest(%(seqs)s::bigint[], %(outcomes)s::text[], %(errors)s::text[]) "
             "AS r(seq, outcome, error) WHERE o.seq = r.seq"
         )
+        self._prune = q(
+            # Looks only at the oldest delivered rows (primary key order): bounded work.
+            "DELETE FROM {outbox} WHERE seq IN (SELECT seq FROM {outbox} "
+            "WHERE delivered IS NOT NULL ORDER BY seq LIMIT %(limit)s) "
+            "AND delivered < now() - make_interval(secs => %(seconds)s)"
+        )
         self._pending = q("SELECT count(*) FROM {outbox} WHERE delivered IS NULL AND NOT parked")
 
     def claim(self, conn: psycopg.Connection[Any], limit: int) -> list[Command] | None:
@@ -93,6 +99,10 @@ class OutboxStore:
             conn.execute(
                 self._mark, {"seqs": list(seqs), "outcomes": list(outcomes), "errors": list(errors)}
             )
+
+    def prune(self, conn: psycopg.Connection[Any], seconds: float, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` rows delivered more than ``seconds`` ago; return how many."""
+        return conn.execute(self._prune, {"seconds": seconds, "limit": limit}).rowcount
 
     def pending(self, conn: psycopg.Connection[Any]) -> int:
         row = conn.execute(self._pending).fetchone()

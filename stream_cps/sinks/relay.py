@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,6 +43,8 @@ from stream_cps.sinks.opensearch import (
 from stream_cps.sinks.outbox import Command, Entity, OutboxStore
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY = 60.0  # seconds between deletes of old delivered outbox rows
 
 
 @dataclass(frozen=True)
@@ -232,13 +235,18 @@ class Relay:
         An ``OpenSearchRejected`` (a setup problem) propagates and stops the relay loudly.
         """
         poll = float(self.settings["opensearch.poll_interval"])
+        keep = float(self.settings["opensearch.keep_delivered_hours"]) * 3600
         conn: psycopg.Connection[Any] | None = None
+        next_prune = 0.0
 
         def step() -> int:
-            nonlocal conn
+            nonlocal conn, next_prune
             if conn is None or conn.closed:
                 conn = connect(self.settings.dsn, role="relay", autocommit=True)
             try:
+                if time.monotonic() >= next_prune:
+                    self.store.prune(conn, keep)
+                    next_prune = time.monotonic() + PRUNE_EVERY
                 return self.run_once(conn)
             except psycopg.OperationalError:
                 conn.close()
