@@ -110,7 +110,7 @@ class Applier:
         """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
         for attempt in Retrying(
             retry=retry_if_exception_type(RETRYABLE),
-            wait=wait_exponential_jitter(initial=0.02, max=2.0, jitter=0.05),
+            wait=wait_exponential_jitter(multiplier=0.02, max=2.0, jitter=0.05),
             stop=stop_after_attempt(10),
             reraise=True,
         ):

@@ -1,0 +1,153 @@
+"""Decoding of Kafka messages and webhook bodies (no broker): every kind, every rejection."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+
+from stream_cps.errors import InvalidInput
+from stream_cps.sources import kafka_avro
+from stream_cps.sources.kafka_decode import (
+    ChangefeedRow,
+    CustomerEvent,
+    Ignored,
+    Resolved,
+    decode,
+    webhook_entries,
+)
+from stream_cps.sources.kafka_webhook import envelopes_of
+
+AVRO = kafka_avro.SchemaResolver(None)
+SCHEMA = kafka_avro.load_schema(kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE)
+WHEN = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+RECORD = {
+    "id": "e1",
+    "source_id": "web",
+    "type": "page_view",
+    "version": "1-0-0",
+    "event_time": WHEN,
+    "payload": '{"cookie_id": "c1"}',
+}
+JSON_EVENT = {**RECORD, "event_time": WHEN.isoformat(), "payload": {"cookie_id": "c1"}}
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+def test_avro_and_json_customer_events_decode_to_the_same_event() -> None:
+    from_avro = decode(b"e1", kafka_avro.encode(RECORD, SCHEMA), "auto", AVRO)
+    from_json = decode(b"e1", _json(JSON_EVENT), "auto", AVRO)
+    assert from_avro == from_json
+    assert isinstance(from_avro, CustomerEvent)
+    assert (from_avro.id, from_avro.event_time, json.loads(from_avro.payload)) == (
+        "e1",
+        WHEN,
+        {"cookie_id": "c1"},
+    )
+
+
+def test_changefeed_wrapped_resolved_delete_and_echo() -> None:
+    row = {"id": "e1", "payload": {"a": 1}, "stitched": None}
+    assert decode(b'["e1"]', _json({"after": row, "updated": "17.0"}), "auto", AVRO) == (
+        ChangefeedRow("e1", deleted=False, needs_stitch=True, updated="17.0")
+    )
+    echo = {**row, "stitched": "2026-01-01T00:00:00Z"}
+    assert decode(b'["e1"]', _json({"after": echo}), "auto", AVRO) == ChangefeedRow(
+        "e1", deleted=False, needs_stitch=False, updated=None
+    )
+    assert decode(b'["e9"]', _json({"after": None}), "auto", AVRO) == ChangefeedRow(
+        "e9", deleted=True, needs_stitch=False, updated=None
+    )
+    assert decode(None, _json({"resolved": "1700.0000000000"}), "auto", AVRO) == Resolved(
+        "1700.0000000000"
+    )
+
+
+def test_tombstones_and_unknown_kinds_are_ignored_not_rejected() -> None:
+    assert decode(b"k", None, "auto", AVRO) == Ignored("tombstone", "null value")
+    assert isinstance(decode(None, b'{"hello": 1}', "auto", AVRO), Ignored)
+    assert isinstance(decode(None, b"[1, 2]", "auto", AVRO), Ignored)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"\x00\x00\x00\x00\x63abc", "unknown Avro schema id 99"),
+        (b"\x00\x00\x00\x00\x01\xff\xff", "does not decode"),
+        (_json({**JSON_EVENT, "event_time": "yesterday"}), "event_time"),
+        (_json({**JSON_EVENT, "event_time": "2026-01-01T00:00:00"}), "no UTC offset"),
+        (_json({**JSON_EVENT, "payload": [1]}), "payload: must be a JSON object"),
+        (_json({**JSON_EVENT, "payload": {"x": "a\u0000b"}}), "\\u0000"),
+        (_json({**JSON_EVENT, "source_id": "s" * 300}), "longer than 255"),
+        (_json({**JSON_EVENT, "id": ""}), "id: required"),
+        (b'{"id": "x", "event_time": NaN}', "not valid JSON"),
+        (_json({"after": "text"}), "neither an object nor null"),
+        (_json({"after": None}), "delete without a usable key"),
+    ],
+)
+def test_malformed_messages_raise_with_a_reason(value: bytes, reason: str) -> None:
+    with pytest.raises(InvalidInput, match=None) as info:
+        decode(None, value, "auto", AVRO)
+    assert reason in str(info.value)
+
+
+def test_declared_format_is_enforced() -> None:
+    with pytest.raises(InvalidInput, match="message_format is json"):
+        decode(None, kafka_avro.encode(RECORD, SCHEMA), "json", AVRO)
+    with pytest.raises(InvalidInput, match="not Confluent-framed"):
+        decode(None, _json(JSON_EVENT), "avro", AVRO)
+
+
+def test_webhook_bodies() -> None:
+    body = {"payload": [{"after": {"id": "e1"}, "key": ["e1"], "topic": "customer_events"}]}
+    assert webhook_entries(_json({**body, "length": 1})) == body["payload"]
+    assert webhook_entries(_json({"resolved": "5.0"})) == Resolved("5.0")
+    with pytest.raises(InvalidInput, match="says length 2"):
+        webhook_entries(_json({**body, "length": 2}))
+    mixed = _json({"payload": [{"after": {"id": "e1"}}, 7, {"after": 3}], "length": 3})
+    envelopes = envelopes_of(mixed)
+    assert [e.reason is None for e in envelopes] == [True, False, False]
+    assert len({e.origin for e in envelopes}) == 3
+
+
+@pytest.fixture
+def registry() -> Iterator[str]:
+    """A stand-in schema registry serving one id over real HTTP (only GET /schemas/ids/N)."""
+    schema_text = (kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE).read_text()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/schemas/ids/42":
+                data, status = json.dumps({"schema": schema_text}).encode(), 200
+            else:
+                data, status = b'{"error_code": 40403}', 404
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_schema_ids_resolve_through_a_registry_when_configured(registry: str) -> None:
+    resolver = kafka_avro.SchemaResolver(registry)
+    event = decode(None, kafka_avro.encode(RECORD, SCHEMA, schema_id=42), "avro", resolver)
+    assert isinstance(event, CustomerEvent) and event.id == "e1"
+    with pytest.raises(InvalidInput, match="registry answered 404"):
+        decode(None, kafka_avro.encode(RECORD, SCHEMA, schema_id=1), "avro", resolver)

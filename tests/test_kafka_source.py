@@ -1,0 +1,547 @@
+"""The Kafka source end to end: real broker (tests.kafka_fixtures), real PostgreSQL.
+
+Each test produces real messages, runs the consumer (in a thread, or as a process that is
+killed with SIGKILL) and compares the database with the offline oracle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from stream_cps import config
+from stream_cps.db import schema
+from stream_cps.sample import generator
+from stream_cps.sources import kafka_avro
+from stream_cps.sources.kafka_consumer import KafkaStitchingService
+from stream_cps.sources.kafka_replay import run_replay
+from stream_cps.sources.kafka_webhook import WebhookServer
+from tests.kafka_fixtures import create_topics, ks
+from tests.support import expected, observed, snapshot, wait_until
+
+SCHEMA = kafka_avro.load_schema(kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE)
+Row = tuple[str, str, str, str, datetime, str]
+
+
+def avro_value(row: Row) -> bytes:
+    eid, source, etype, version, when, payload = row
+    record = {
+        "id": eid,
+        "source_id": source,
+        "type": etype,
+        "version": version,
+        "event_time": when,
+        "payload": payload,
+    }
+    return kafka_avro.encode(record, SCHEMA)
+
+
+def json_value(row: Row) -> bytes:
+    eid, source, etype, version, when, payload = row
+    return json.dumps(
+        {
+            "id": eid,
+            "source_id": source,
+            "type": etype,
+            "version": version,
+            "event_time": when.isoformat(),
+            "payload": json.loads(payload),
+        }
+    ).encode()
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    messages: list[tuple[bytes | None, bytes | None]],
+    timestamp_ms: int | None = None,
+) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for key, value in messages:
+        if timestamp_ms is None:
+            producer.produce(topic, key=key, value=value)
+        else:
+            producer.produce(topic, key=key, value=value, timestamp=timestamp_ms)
+    assert producer.flush(30) == 0
+
+
+def events_of(rows: list[Row]) -> list[tuple[bytes | None, bytes | None]]:
+    """Alternate Avro and JSON, keyed by event id."""
+    return [
+        (row[0].encode(), avro_value(row) if n % 2 else json_value(row))
+        for n, row in enumerate(rows)
+    ]
+
+
+@pytest.fixture
+def kafka_env(
+    kafka_broker: ks.KafkaBroker, settings: config.Settings, db: psycopg.Connection[Any]
+) -> tuple[config.Settings, str]:
+    """Settings pointing at a fresh topic + dead-letter topic + group, and the sample rules."""
+    topic = f"events-{uuid.uuid4().hex[:10]}"
+    create_topics(kafka_broker.bootstrap, topic, topic + "-dlq")
+    db.execute(generator.config_sql(settings.schemas))
+    return (
+        settings.replace(
+            **{
+                "kafka.bootstrap_servers": kafka_broker.bootstrap,
+                "kafka.topics": [topic],
+                "kafka.group_id": f"g-{topic}",
+                "kafka.dead_letter_topic": topic + "-dlq",
+                "kafka.poll_timeout": 0.1,
+                "kafka.session_timeout": 6.0,
+                "kafka.batch_size": 100,
+            }
+        ),
+        topic,
+    )
+
+
+@contextmanager
+def member(settings: config.Settings) -> Iterator[KafkaStitchingService]:
+    """A consumer group member running in a thread until the block ends."""
+    stop = threading.Event()
+    service = KafkaStitchingService(settings, stop)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield service
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive(), "member did not stop"
+    assert not failure, failure
+
+
+def count(conn: psycopg.Connection[Any], query: str, *params: Any) -> int:
+    row = conn.execute(query, list(params)).fetchone()
+    return int(row[0]) if row else -1
+
+
+def all_stitched(conn: psycopg.Connection[Any], n: int) -> bool:
+    return (
+        count(conn, "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL") == n
+    )
+
+
+def sample(n: int, seed: int) -> list[Row]:
+    rows = list(generator.events(seed=seed, persons=max(5, n // 2), per_person=4))
+    assert len(rows) >= n
+    return rows[:n]
+
+
+def test_avro_and_json_events_stitched_and_redelivery_is_harmless(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    settings, topic = kafka_env
+    rows = sample(300, seed=3)
+    produce(settings["kafka.bootstrap_servers"], topic, events_of(rows))
+    with member(settings) as service:
+        wait_until(lambda: all_stitched(db, len(rows)), 30, "all events stitched")
+        assert observed(db) == expected(db)
+        before = snapshot(db)
+        # The same messages again (a producer retry, a replayed topic): nothing changes.
+        produce(settings["kafka.bootstrap_servers"], topic, events_of(rows[:150]))
+        wait_until(lambda: service.progress.messages >= 450, 30, f"redelivery {service.progress}")
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == len(rows)
+    assert service.progress.events_new == 300 and service.progress.events_seen == 150
+    assert snapshot(db) == before
+    assert observed(db) == expected(db)
+
+
+def test_two_members_with_a_rebalance_end_equal_to_one_member_and_the_oracle(
+    kafka_env: tuple[config.Settings, str],
+    db: psycopg.Connection[Any],
+    pg_server: Any,
+) -> None:
+    settings, topic = kafka_env
+    rows = sample(900, seed=5)
+    bootstrap = settings["kafka.bootstrap_servers"]
+    produce(bootstrap, topic, events_of(rows[:300]))
+    narrow = settings.replace(**{"kafka.batch_size": 40})
+    batches = threading.Semaphore(0)
+    with member(narrow) as first:
+        first.on_batch = lambda _stats: batches.release()
+        for _ in range(3):  # the second member joins while the first is mid-stream
+            assert batches.acquire(timeout=30)
+        with member(narrow) as second:
+            wait_until(lambda: second.progress.batches > 0 or owns(second), 30, "second joined")
+            produce(bootstrap, topic, events_of(rows[300:]))
+            wait_until(lambda: all_stitched(db, len(rows)), 60, "all events stitched")
+    assert first.progress.batches > 3 and second.progress.batches > 0, "both did work"
+    assert observed(db) == expected(db)
+
+    # The same topic into another database by one member of another group.
+    name = "one_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={name}"
+    single = narrow.replace(**{"dsn": dsn, "kafka.group_id": f"single-{topic}"})
+    with psycopg.connect(dsn, autocommit=True) as other:
+        schema.migrate(other, single.schemas)
+        other.execute(generator.config_sql(single.schemas))
+        with member(single.replace(**{"kafka.batch_size": 500})):
+            wait_until(lambda: all_stitched(other, len(rows)), 60, "single member done")
+        assert snapshot(other) == snapshot(db)
+
+
+def owns(service: KafkaStitchingService) -> bool:
+    consumer = service._consumer
+    return consumer is not None and bool(consumer.assignment())
+
+
+def _start_process(settings: config.Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **{config.env_var(k): _env(v) for k, v in settings.values.items()}}
+    handle = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream_cps", "run", "--source", "kafka"],
+        env=env,
+        stdout=handle,
+        stderr=handle,
+    )
+
+
+def _env(value: Any) -> str:
+    if value is None:
+        return ""
+    return ",".join(value) if isinstance(value, list) else str(value)
+
+
+def test_kill_9_and_restart_loses_nothing_and_doubles_nothing(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    settings, topic = kafka_env
+    settings = settings.replace(**{"kafka.batch_size": 50})
+    rows = sample(1500, seed=9)
+    bootstrap = settings["kafka.bootstrap_servers"]
+    rng = random.Random(4)
+    log = tmp_path / "service.log"
+    sent = 0
+    for trial in range(2):
+        process = _start_process(settings, log)
+        try:
+            chunk = rows[sent : sent + 750]
+            produce(bootstrap, topic, events_of(chunk))
+            sent += len(chunk)
+            target = count(db, "SELECT count(*) FROM cdp_ce.customer_events") + rng.randint(50, 500)
+            wait_until(
+                lambda t=target: count(db, "SELECT count(*) FROM cdp_ce.customer_events") >= t,
+                60,
+                f"progress before kill {trial}",
+            )
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+    process = _start_process(settings, log)
+    try:
+        wait_until(lambda: all_stitched(db, len(rows)), 60, "all events stitched after restart")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0, log.read_text()[-3000:]
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == len(rows)
+    assert count(db, "SELECT count(*) FROM cdp_ps.kafka_dead_letters") == 0
+    assert observed(db) == expected(db)
+
+
+def test_replay_from_time_and_from_beginning_restitches_to_the_same_entities(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    settings, topic = kafka_env
+    rows = sample(400, seed=13)
+    early, late = rows[:200], rows[200:]
+    now = int(time.time() * 1000)
+    bootstrap = settings["kafka.bootstrap_servers"]
+    produce(bootstrap, topic, events_of(early), timestamp_ms=now - 60_000)
+    produce(bootstrap, topic, events_of(late), timestamp_ms=now - 30_000)
+    middle = datetime.fromtimestamp((now - 45_000) / 1000, UTC).isoformat()
+    with member(settings):
+        wait_until(lambda: all_stitched(db, len(rows)), 30, "all events stitched")
+        before = snapshot(db)
+        # The guide's restitch-everything script; the Kafka path has no sweep, so only a
+        # replay brings the events back.
+        db.execute("UPDATE customer_attributes SET modified = NULL")
+        db.execute("UPDATE customer_events SET stitched = NULL, identifiers = NULL")
+        wait_until(lambda: count(db, "SELECT count(*) FROM customer_attributes") == 0, 10, "purge")
+
+        out = io.StringIO()
+        code = run_replay(
+            settings, topic=None, beginning=False, offsets=None, since=middle, yes=False, out=out
+        )
+        assert code == 1 and "live" in out.getvalue() and "--yes" in out.getvalue()
+        out = io.StringIO()
+        assert (
+            run_replay(
+                settings, topic=None, beginning=False, offsets=None, since=middle, yes=True, out=out
+            )
+            == 0
+        ), out.getvalue()
+        assert "total: 200 message(s)" in out.getvalue(), out.getvalue()
+        late_ids = [r[0] for r in late]
+        wait_until(
+            lambda: (
+                count(
+                    db,
+                    "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL "
+                    "AND id = ANY(%s)",
+                    late_ids,
+                )
+                == len(late)
+            ),
+            30,
+            "replayed late events stitched",
+        )
+        time.sleep(0.5)
+        assert count(
+            db, "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
+        ) == len(late), "only messages after the time were replayed"
+
+        out = io.StringIO()
+        assert (
+            run_replay(
+                settings, topic=None, beginning=True, offsets=None, since=None, yes=True, out=out
+            )
+            == 0
+        )
+        assert "total: 400 message(s)" in out.getvalue(), out.getvalue()
+        wait_until(lambda: all_stitched(db, len(rows)), 30, "all events restitched")
+    assert snapshot(db) == before
+    assert observed(db) == expected(db)
+
+    # With no live member the offsets are moved directly.
+    out = io.StringIO()
+    assert (
+        run_replay(
+            settings, topic=None, beginning=False, offsets=["1:0"], since=None, yes=False, out=out
+        )
+        == 0
+    )
+    assert "offsets moved" in out.getvalue()
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": settings["kafka.group_id"]})
+    try:
+        [committed] = reader.committed([TopicPartition(topic, 1)], timeout=10)
+    finally:
+        reader.close()
+    assert committed.offset == 0
+
+
+def _changefeed_messages(rows: list[Row]) -> list[tuple[bytes | None, bytes | None]]:
+    """What `CREATE CHANGEFEED FOR customer_events INTO 'kafka://...'` emits (wrapped, JSON)."""
+    messages: list[tuple[bytes | None, bytes | None]] = []
+    for n, (eid, source, etype, version, when, payload) in enumerate(rows):
+        after = {
+            "id": eid,
+            "source_id": source,
+            "type": etype,
+            "version": version,
+            "event_time": when.isoformat(),
+            "payload": json.loads(payload),
+            "created": when.isoformat(),
+            "stitched": None,
+            "identifiers": None,
+        }
+        value = json.dumps({"after": after, "updated": f"{1700000000000000000 + n}.0000000000"})
+        messages.append((json.dumps([eid]).encode(), value.encode()))
+    return messages
+
+
+def test_changefeed_messages_with_duplicates_resolved_and_deletes(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    settings, topic = kafka_env
+    rows = sample(200, seed=21)
+    generator.copy_events(db.cursor(), generator_table(settings), rows)  # rows live in the DB
+    messages = _changefeed_messages(rows)
+    messages += messages[:60]  # re-emissions after a changefeed restart
+    echo = json.loads(messages[0][1] or b"")
+    echo["after"]["stitched"] = "2026-01-01T00:00:00+00:00"  # our own write, echoed back
+    messages.append((messages[0][0], json.dumps(echo).encode()))
+    deleted = rows[1][0]
+    messages.append((json.dumps([deleted]).encode(), b'{"after": null, "updated": "9.0"}'))
+    messages.append((b'["gone"]', None))  # tombstone
+    messages.append((None, b'{"something": "else"}'))  # unknown kind
+    produce(settings["kafka.bootstrap_servers"], topic, messages)
+    producer = Producer({"bootstrap.servers": settings["kafka.bootstrap_servers"]})
+    for partition in range(3):  # resolved timestamps go to every partition
+        producer.produce(
+            topic, value=b'{"resolved": "1800000000000000000.0000000000"}', partition=partition
+        )
+    assert producer.flush(10) == 0
+    total = len(messages) + 3
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == total, 30, "all messages consumed")
+    p = service.progress
+    assert (p.changefeed_rows, p.deletes, p.resolved, p.ignored, p.dead_letters) == (
+        261,
+        1,
+        3,
+        2,
+        0,
+    )
+    assert p.last_resolved == "1800000000000000000.0000000000"
+    assert all_stitched(db, len(rows))
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events WHERE id = %s", deleted) == 1
+    assert observed(db) == expected(db)
+
+
+def generator_table(settings: config.Settings) -> Any:
+    from psycopg import sql
+
+    return sql.Identifier(settings.schemas.ce, "customer_events")
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_and_table(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    settings, topic = kafka_env
+    good = sample(20, seed=31)
+    bad_event = json.loads(json_value(good[0]))
+    bad_event["id"], bad_event["event_time"] = "bad-time", "not a time"
+    bad = [
+        b"{definitely not json",
+        b"\x00\x00\x00\x03\xe7\x02",  # Avro framing with an unknown schema id (999)
+        json.dumps(bad_event).encode(),
+        json.dumps({**json.loads(json_value(good[1])), "id": "x", "payload": "flat"}).encode(),
+    ]
+    messages = events_of(good[:10]) + [(b"bad", v) for v in bad] + events_of(good[10:])
+    produce(settings["kafka.bootstrap_servers"], topic, messages)
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(messages), 30, "all consumed")
+    assert all_stitched(db, len(good))
+    dead = db.execute(
+        "SELECT topic, kafka_partition, kafka_offset, message_key, message_value, reason "
+        "FROM cdp_ps.kafka_dead_letters ORDER BY kafka_offset"
+    ).fetchall()
+    assert [bytes(r[4]) for r in dead] == bad  # all four share key b"bad": one partition
+    assert {r[0] for r in dead} == {topic} and len({r[1] for r in dead}) == 1
+    reasons = [r[5] for r in dead]
+    assert "not valid JSON" in reasons[0] and "schema id 999" in reasons[1]
+    assert "event_time" in reasons[2] and "payload" in reasons[3]
+
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings["kafka.bootstrap_servers"],
+            "group.id": "dlq-reader",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    reader.subscribe([settings["kafka.dead_letter_topic"]])
+    copies = []
+    deadline = time.monotonic() + 20
+    while len(copies) < len(bad) and time.monotonic() < deadline:
+        msg = reader.poll(0.5)
+        if msg is not None and msg.error() is None:
+            copies.append(msg)
+    reader.close()
+    assert sorted(m.value() for m in copies) == sorted(bad)
+    for msg in copies:
+        headers = dict(msg.headers() or [])
+        origin = headers["stream_cps.origin"].decode()
+        row = next(r for r in dead if f"kafka:{topic}:{r[1]}:{r[2]}" == origin)
+        assert headers["stream_cps.reason"].decode() == row[5]
+        assert int(headers["stream_cps.offset"]) == row[2]
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_webhook_accepts_changefeed_payloads_over_tls(
+    settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(60, seed=41)
+    generator.copy_events(db.cursor(), generator_table(settings), rows)
+    cert, key = _self_signed(tmp_path)
+    server = WebhookServer(
+        settings.replace(
+            **{
+                "webhook.host": "127.0.0.1",
+                "webhook.port": 0,
+                "webhook.cert_file": str(cert),
+                "webhook.key_file": str(key),
+            }
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def post(body: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{server.port}/changefeed", data=body, method="POST"
+        )
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            assert response.status == 200
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+
+    try:
+        entries = [
+            {**json.loads(v or b""), "key": json.loads(k or b""), "topic": "customer_events"}
+            for k, v in _changefeed_messages(rows)
+        ]
+        first = post(json.dumps({"payload": entries[:40], "length": 40}).encode())
+        assert first == {"messages": 40, "stitched": 40, "dead_letters": 0}
+        again = post(json.dumps({"payload": entries[:50], "length": 50}).encode())
+        assert again["stitched"] == 10  # the 40 re-sent rows are stitched already
+        post(json.dumps({"payload": entries[50:], "length": 10}).encode())
+        post(b'{"resolved": "1700000000000000000.0000000000"}')
+        bad = post(b'{"payload": [1], "length": 5}')
+        assert bad["dead_letters"] == 1
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert all_stitched(db, len(rows))
+    assert observed(db) == expected(db)
+    assert count(db, "SELECT count(*) FROM cdp_ps.kafka_dead_letters WHERE source = 'webhook'") == 1
