@@ -231,8 +231,9 @@ def test_kafka_commands_round_trip_through_the_avro_schema() -> None:
 def test_ensure_index_sets_mapping_and_gc_deletes_and_is_idempotent(
     os_settings: config.Settings,
 ) -> None:
-    ensure_index(os_settings)
-    ensure_index(os_settings)
+    types = {"born": "date", "code": "string", "n": "int", "avg": "float", "ok": "bool"}
+    ensure_index(os_settings, attribute_types=types)
+    ensure_index(os_settings, attribute_types={**types, "code": "int"})  # a changed data_type
     client = client_for(os_settings)
     index = os_settings["opensearch.index"]
     got = client.indices.get(index=index)[index]
@@ -241,6 +242,18 @@ def test_ensure_index_sets_mapping_and_gc_deletes_and_is_idempotent(
     assert props["customer_entity_id"]["type"] == "keyword"
     assert props["identifiers"]["type"] == "keyword"
     assert got["mappings"]["dynamic"] == "strict"
+    attrs = props["attributes"]["properties"]
+    assert {k: v["type"] for k, v in attrs.items()} == {
+        "born": "date",
+        "code": "keyword",  # kept: changing a field's type needs a reindex
+        "n": "long",
+        "avg": "double",
+        "ok": "boolean",
+    }
+    # No date detection: a string attribute that first looks like a date stays a string.
+    for n, value in enumerate(["2026-01-01", "soon"]):
+        doc = {"customer_entity_id": f"d{n}", "attributes": {"maybe": value}}
+        client.index(index=index, id=f"d{n}", body=doc)
     # A deleted index comes back with our mapping on the next write (the template).
     client.indices.delete(index=index)
     client.index(index=index, id="x", body={"customer_entity_id": "x", "attributes": {"s": "v"}})

@@ -84,12 +84,25 @@ def make_client(settings: Settings) -> OpenSearch:
     )
 
 
+# attributes.data_type -> field mapping. Strings are keywords: CDP attributes are filtered and
+# aggregated, not searched as prose.
+FIELD_TYPES: dict[str, dict[str, Any]] = {
+    "string": {"type": "keyword", "ignore_above": 2048},
+    "int": {"type": "long"},
+    "float": {"type": "double"},
+    "bool": {"type": "boolean"},
+    "date": {"type": "date"},
+    "datetime": {"type": "date"},
+}
+
+
 def index_body(settings: Settings) -> dict[str, Any]:
     """Settings and mapping of the entity index.
 
-    The top level is strict (a typo in our own document is a bug, not a new field); attribute
-    values map dynamically, strings as keywords because CDP attributes are filtered and
-    aggregated, not searched as prose.
+    The top level is strict (a typo in our own document is a bug, not a new field). Attributes
+    get explicit types from ``attributes.data_type`` (``ensure_index``); any other attribute
+    maps dynamically without date detection, so a string attribute whose first value happens
+    to look like a date cannot turn into a date field that rejects the next value.
     """
     return {
         "settings": {
@@ -100,12 +113,13 @@ def index_body(settings: Settings) -> dict[str, Any]:
         },
         "mappings": {
             "dynamic": "strict",
+            "date_detection": False,
             "dynamic_templates": [
                 {
                     "attribute_strings": {
                         "path_match": "attributes.*",
                         "match_mapping_type": "string",
-                        "mapping": {"type": "keyword", "ignore_above": 2048},
+                        "mapping": FIELD_TYPES["string"],
                     }
                 }
             ],
@@ -123,25 +137,45 @@ def template_name(index: str) -> str:
     return f"stream-cps-{index}"
 
 
-def ensure_index(settings: Settings, client: OpenSearch | None = None) -> None:
-    """Create (or refresh) the index template and the index; safe to run again.
+def ensure_index(
+    settings: Settings,
+    client: OpenSearch | None = None,
+    attribute_types: Mapping[str, str] | None = None,
+) -> None:
+    """Create (or bring up to date) the index template and the index; safe to run again.
 
     The template matches exactly the index name, so an index that someone deletes is
     recreated by the next write with our mapping and ``gc_deletes``, never a guessed one.
+    ``attribute_types`` (attribute id -> data_type) adds explicit attribute field types.
     """
     client = client or make_client(settings)
     index = settings["opensearch.index"]
     body = index_body(settings)
+    props = attribute_properties(attribute_types or {})
+    if props:
+        body["mappings"]["properties"]["attributes"]["properties"] = props
     client.indices.put_index_template(
         name=template_name(index),
         body={"index_patterns": [index], "priority": 100, "template": body},
     )
-    if client.indices.exists(index=index):
-        # gc_deletes and replicas are dynamic: keep an existing index in step with settings.
-        client.indices.put_settings(index=index, body=body["settings"])
-        client.indices.put_mapping(index=index, body=body["mappings"])
-    else:
+    if not client.indices.exists(index=index):
         client.indices.create(index=index, body=body)
+        return
+    # gc_deletes and replicas are dynamic: keep an existing index in step with settings.
+    client.indices.put_settings(index=index, body=body["settings"])
+    base = {k: v for k, v in body["mappings"].items() if k != "properties"}
+    client.indices.put_mapping(index=index, body=base)
+    for name, field in props.items():
+        mapping = {"properties": {"attributes": {"properties": {name: field}}}}
+        try:
+            client.indices.put_mapping(index=index, body=mapping)
+        except TransportError as exc:  # e.g. data_type changed: needs a reindex, not a crash
+            log.warning("opensearch: attribute %s keeps its old mapping: %s", name, exc.error)
+
+
+def attribute_properties(types: Mapping[str, str]) -> dict[str, Any]:
+    """Field mappings of attributes whose data_type we know."""
+    return {name: FIELD_TYPES[kind] for name, kind in sorted(types.items()) if kind in FIELD_TYPES}
 
 
 class BulkWriter:
@@ -151,7 +185,7 @@ class BulkWriter:
         self.client = client
         self.index = index
         self._retrying = Retrying(
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception(retryable),
             wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
             stop=stop_after_attempt(attempts),
             reraise=True,
@@ -166,7 +200,7 @@ class BulkWriter:
         try:
             response = self._retrying(self.client.bulk, body=body)
         except Exception as exc:
-            if _retryable(exc):
+            if retryable(exc):
                 raise OpenSearchUnavailable(f"bulk request failed: {_describe(exc)}") from exc
             if isinstance(exc, TransportError):
                 raise OpenSearchRejected(f"bulk request refused: {_describe(exc)}") from exc
@@ -227,7 +261,8 @@ def _error_text(status: int, error: Any) -> str:
     return f"{status} {error or 'no error detail'}"
 
 
-def _retryable(exc: BaseException) -> bool:
+def retryable(exc: BaseException) -> bool:
+    """True for failures that pass: connection errors, timeouts, 429 and 5xx."""
     if isinstance(exc, TransportConnectionError):  # includes timeouts; status is "N/A"
         return True
     if isinstance(exc, TransportError):

@@ -44,6 +44,7 @@ class OutboxStore:
         ids = {
             "outbox": sql.Identifier(schemas.attr, "outbox"),
             "ca": sql.Identifier(schemas.cdp, "customer_attributes"),
+            "attrs": sql.Identifier(schemas.cdp, "attributes"),
         }
 
         def q(text: str) -> sql.Composed:
@@ -72,6 +73,10 @@ class OutboxStore:
             "DELETE FROM {outbox} WHERE seq IN (SELECT seq FROM {outbox} "
             "WHERE delivered IS NOT NULL ORDER BY seq LIMIT %(limit)s) "
             "AND delivered < now() - make_interval(secs => %(seconds)s)"
+        )
+        self._attribute_types = q(
+            "SELECT id, CASE WHEN data_type = 'int' AND definition->>'type' = 'avg' "
+            "THEN 'float' ELSE data_type END FROM {attrs} WHERE definition IS NOT NULL"
         )
         self._pending = q("SELECT count(*) FROM {outbox} WHERE delivered IS NULL AND NOT parked")
 
@@ -103,6 +108,10 @@ class OutboxStore:
     def prune(self, conn: psycopg.Connection[Any], seconds: float, limit: int = 10_000) -> int:
         """Delete up to ``limit`` rows delivered more than ``seconds`` ago; return how many."""
         return conn.execute(self._prune, {"seconds": seconds, "limit": limit}).rowcount
+
+    def attribute_types(self, conn: psycopg.Connection[Any]) -> dict[str, str]:
+        """Calculated attribute id -> the JSON type its values have (an int average is not)."""
+        return {r[0]: r[1] for r in conn.execute(self._attribute_types).fetchall()}
 
     def pending(self, conn: psycopg.Connection[Any]) -> int:
         row = conn.execute(self._pending).fetchone()

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import psycopg
 from opensearchpy import OpenSearch
+from opensearchpy.exceptions import TransportError
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -34,11 +35,13 @@ from stream_cps.errors import Recoverable
 from stream_cps.sinks.opensearch import (
     Action,
     BulkWriter,
+    OpenSearchRejected,
     OpenSearchUnavailable,
     Outcome,
     Result,
     ensure_index,
     make_client,
+    retryable,
 )
 from stream_cps.sinks.outbox import Command, Entity, OutboxStore
 
@@ -146,15 +149,21 @@ class Relay:
         self._parked = meter.create_counter(telemetry.METRIC_OUTBOX_PARKED)
         self._retried = meter.create_counter(telemetry.METRIC_OUTBOX_RETRIED)
 
-    def ensure_index(self) -> None:
+    def ensure_index(self, conn: psycopg.Connection[Any] | None = None) -> None:
         """Create the template and index once per relay, before the first write, so the index
-        is never auto-created without our mapping and gc_deletes."""
+        is never auto-created without our mapping and gc_deletes. With a connection, the
+        attribute field types come from ``attributes.data_type``."""
         if self._index_ready:
             return
+        types = self.store.attribute_types(conn) if conn is not None else None
         try:
-            ensure_index(self.settings, self.client)
+            ensure_index(self.settings, self.client, types)
         except Exception as exc:
-            raise OpenSearchUnavailable(f"cannot prepare index {self.index}: {exc}") from exc
+            if retryable(exc):
+                raise OpenSearchUnavailable(f"cannot prepare index {self.index}: {exc}") from exc
+            if isinstance(exc, TransportError):
+                raise OpenSearchRejected(f"cannot prepare index {self.index}: {exc}") from exc
+            raise
         self._index_ready = True
 
     def run_once(self, conn: psycopg.Connection[Any]) -> int:
@@ -163,7 +172,7 @@ class Relay:
         Raises ``OpenSearchUnavailable`` (recoverable, after the batch's bookkeeping is
         committed) when some or all commands must wait for a retry, so the caller backs off.
         """
-        self.ensure_index()
+        self.ensure_index(conn)
         failure: OpenSearchUnavailable | None = None
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_OUTBOX_RELAY) as span:
             with conn.transaction():
