@@ -13,6 +13,7 @@ One READ COMMITTED transaction per batch:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,7 +23,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
 from stream_cps.attributes import sandbox
 from stream_cps.attributes.compiler import EVENTS, EVENTS_TABLE, CompiledAttribute, statement
@@ -55,9 +55,19 @@ class BatchOutcome:
 
 @dataclass
 class _Results:
-    values: dict[str, dict[str, Any]] = field(default_factory=lambda: defaultdict(dict))
+    # JSON object texts per entity: usually one (the fast path), merged only when isolating
+    values: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     failed: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     failures: list[Failure] = field(default_factory=list)
+
+
+def _merge(texts: list[str]) -> str:
+    if len(texts) == 1:
+        return texts[0]
+    merged: dict[str, Any] = {}
+    for text in texts:
+        merged.update(json.loads(text))
+    return json.dumps(merged)
 
 
 class BatchCalculator:
@@ -161,19 +171,24 @@ class BatchCalculator:
     @staticmethod
     def _collect(results: _Results, rows: list[tuple[Any, ...]]) -> None:
         for entity_id, values in rows:
-            results.values[entity_id].update(values)
+            results.values[entity_id].append(values)
 
     # -- events table --------------------------------------------------------------------------
 
     def _ensure_events_table(self, conn: psycopg.Connection[Any]) -> None:
-        """Created once per session, outside the read-only savepoint (DDL is refused there)."""
+        """Created once per session, outside the read-only savepoint (DDL is refused there).
+
+        ON COMMIT DELETE ROWS truncates it in place at every commit: the rows each batch
+        inserts (and rolls back with the savepoint) never pile up as dead tuples, which no
+        autovacuum would clean in a temporary table.
+        """
         found = conn.execute("SELECT to_regclass(%s)", [f"pg_temp.{EVENTS_TABLE}"]).fetchone()
         if found and found[0] is not None:
             return
         conn.execute(
             sql.SQL(
-                "CREATE TEMP TABLE {name} AS SELECT ''::text AS entity_id, id, source_id, type, "
-                "version, event_time, payload FROM {ce} WITH NO DATA"
+                "CREATE TEMP TABLE {name} ON COMMIT DELETE ROWS AS SELECT ''::text AS entity_id, "
+                "id, source_id, type, version, event_time, payload FROM {ce} WITH NO DATA"
             ).format(
                 name=sql.Identifier(EVENTS_TABLE),
                 ce=sql.Identifier(self._schemas.ce, "customer_events"),
@@ -196,7 +211,6 @@ class BatchCalculator:
             ),
             [ids],
         )
-        conn.execute(sql.SQL("ANALYZE {}").format(EVENTS))
 
     # -- storing -------------------------------------------------------------------------------
 
@@ -217,19 +231,20 @@ class BatchCalculator:
         for entity_id, read_modified in entities:
             ids.append(entity_id)
             modified.append(read_modified)
-            attrs.append(Jsonb(results.values.get(entity_id, {})))
+            attrs.append(_merge(results.values.get(entity_id, [])))
             event_counts.append(counts.get(entity_id, 0))
             kept = [*invalid_ids, *failed_by_entity.get(entity_id, ())]
             keep.append(chr(31).join(kept) if kept else None)
         cur = conn.execute(
             sql.SQL(
                 "WITH r AS (SELECT * FROM unnest(%(ids)s::text[], %(modified)s::timestamptz[], "
-                "%(attrs)s::jsonb[], %(counts)s::int[], %(keep)s::text[]) "
+                "%(attrs)s::text[], %(counts)s::int[], %(keep)s::text[]) "
                 "AS r(id, modified, attrs, cnt, keep_csv)), "
-                "u AS (UPDATE {ca} AS ca SET attributes = r.attrs || coalesce(("
+                "u AS (UPDATE {ca} AS ca SET attributes = CASE WHEN r.keep_csv IS NULL "
+                "THEN r.attrs::jsonb ELSE r.attrs::jsonb || coalesce(("
                 "SELECT jsonb_object_agg(k, ca.attributes -> k) "
                 "FROM unnest(string_to_array(r.keep_csv, chr(31))) AS k "
-                "WHERE ca.attributes ? k), '{{}}'::jsonb), "
+                "WHERE ca.attributes ? k), '{{}}'::jsonb) END, "
                 "calculated = now(), customer_events_count = r.cnt, "
                 "version = nextval({seq}::regclass) FROM r "
                 "WHERE ca.customer_entity_id = r.id AND ca.modified = r.modified "

@@ -34,11 +34,21 @@ IDS = sql.Placeholder("ids")
 
 @dataclass(frozen=True)
 class CompiledAttribute:
-    """One attribute as a CTE body yielding (entity_id, j); ``params`` are its own."""
+    """One attribute, in one of two forms; ``params`` are its own.
+
+    ``body``: a CTE yielding (entity_id, j), for custom queries and set-returning values.
+    Otherwise the row form: ``laterals`` add columns v<n>, w<n> to a shared scan of the events,
+    and ``aggregate`` (or, for most/least_frequent, ``frequency``) folds them per entity, so
+    that all such attributes of a batch cost one scan and one GROUP BY.
+    """
 
     definition: Definition
-    body: sql.Composed
+    index: int
     params: Mapping[str, Any] = field(default_factory=dict)
+    body: sql.Composed | None = None
+    laterals: sql.Composed | None = None
+    aggregate: sql.Composable | None = None
+    frequency: str | None = None
 
     @property
     def attribute_id(self) -> str:
@@ -57,17 +67,96 @@ class Compiler:
         self._text_fn = sql.Identifier(attr_schema, "attr_text")
 
     def compile(
-        self, index: int, definition: Definition, metas: Mapping[str, MetaAttribute]
+        self,
+        index: int,
+        definition: Definition,
+        metas: Mapping[str, MetaAttribute],
+        row_form: bool = False,
     ) -> CompiledAttribute:
-        """Raises DefinitionError for problems found only now (unknown or cyclic meta)."""
+        """``row_form``: the value expressions are known not to return sets (see ``plan``).
+
+        Raises DefinitionError for problems found only now (unknown or cyclic meta).
+        """
         prefix = f"a{index}_"
         params: dict[str, Any] = {}
         where = self._event_filter(definition, prefix, params)
         if definition.type is CalcType.CUSTOM:
             body = self._custom(definition, where, metas)
-        else:
+            return CompiledAttribute(definition, index, params, body=body)
+        if not row_form:
             body = self._predefined(definition, where)
-        return CompiledAttribute(definition, body, params)
+            return CompiledAttribute(definition, index, params, body=body)
+        return self._row_form(index, definition, where, params)
+
+    def probes(self, d: Definition, ce: sql.Composable) -> list[sql.Composed]:
+        """Statements that fail (at parse time) when a value expression returns a set."""
+        assert d.value is not None
+        weight = frag(d.weight) if d.weight else sql.SQL("1")
+        probes = [
+            sql.SQL("SELECT CASE WHEN true THEN {} END, CASE WHEN true THEN {} END "
+                    "FROM {} WHERE false").format(frag(d.value), weight, ce)
+        ]
+        outer = [frag(x) for x in (d.outer_value, d.outer_weight, d.outer_filter) if x]
+        for expr in outer:
+            probes.append(
+                sql.SQL("SELECT CASE WHEN true THEN {} END FROM (SELECT {} AS value "
+                        "FROM {} WHERE false) AS t").format(expr, frag(d.value), ce)
+            )
+        return probes
+
+    def _row_form(
+        self, index: int, d: Definition, where: list[sql.Composable], params: dict[str, Any]
+    ) -> CompiledAttribute:
+        assert d.value is not None
+        inner = sql.Identifier(f"i{index}")
+        outer = sql.Identifier(f"o{index}")
+        ef = sql.SQL(" AND ").join(where) if where else sql.SQL("true")
+        weight = (
+            sql.SQL(", CASE WHEN {} THEN {} END AS weight").format(ef, frag(d.weight))
+            if d.weight
+            else sql.SQL(", NULL::int AS weight")
+        )
+        outer_value = frag(d.outer_value) if d.outer_value else sql.SQL("t.value")
+        keep: sql.Composable = sql.SQL("t.ef")
+        if d.outer_filter:
+            keep = sql.SQL("t.ef AND {}").format(frag(d.outer_filter))
+        laterals = sql.SQL(
+            "CROSS JOIN LATERAL (SELECT CASE WHEN {ef} THEN {value} END AS value{weight}, "
+            "{ef} AS ef) AS {inner} "
+            "CROSS JOIN LATERAL (SELECT CASE WHEN {keep} THEN {v} END AS v, "
+            "CASE WHEN {keep} THEN {w} END AS w "
+            "FROM (SELECT {inner}.value, {inner}.weight, {inner}.ef) AS t) AS {outer}"
+        ).format(
+            ef=ef,
+            value=frag(d.value),
+            weight=weight,
+            inner=inner,
+            keep=keep,
+            v=self._value_column(d, outer_value),
+            w=self._weight(d),
+            outer=outer,
+        )
+        v, w = sql.Identifier(f"v{index}"), sql.Identifier(f"w{index}")
+        if d.type in (CalcType.MOST_FREQUENT, CalcType.LEAST_FREQUENT):
+            direction = "DESC" if d.type is CalcType.MOST_FREQUENT else "ASC"
+            return CompiledAttribute(
+                d, index, params, laterals=laterals, frequency=direction
+            )
+        f = sql.SQL("FILTER (WHERE {} IS NOT NULL AND {} IS NOT NULL)").format(v, w)
+        if d.type is CalcType.LIST:
+            agg: sql.Composable = sql.SQL("to_jsonb(array_agg(DISTINCT {} ORDER BY {}) {})").format(
+                v, v, f
+            )
+        else:
+            agg = self.to_json(sql.SQL(_row_aggregate(d)).format(v=v, w=w, f=f), d)
+        return CompiledAttribute(d, index, params, laterals=laterals, aggregate=agg)
+
+    def _value_column(self, d: Definition, outer_value: sql.Composable) -> sql.Composed:
+        if d.type in NUMERIC_RESULT:
+            return self.number(outer_value)
+        if d.type in COUNT_RESULT:  # data_type describes the count, not the values
+            return self.text(outer_value)
+        return self.typed(outer_value, d.data_type)
 
     # -- shared pieces -------------------------------------------------------------------------
 
@@ -131,12 +220,7 @@ class Compiler:
             "SELECT entity_id, id, event_time, {value} AS value{weight} FROM {events} WHERE {where}"
         ).format(value=frag(d.value), weight=weight, events=EVENTS, where=conditions)
         outer_value = frag(d.outer_value) if d.outer_value else sql.SQL("t.value")
-        if d.type in NUMERIC_RESULT:
-            v = self.number(outer_value)
-        elif d.type in COUNT_RESULT:  # data_type describes the count, not the values
-            v = self.text(outer_value)
-        else:
-            v = self.typed(outer_value, d.data_type)
+        v = self._value_column(d, outer_value)
         w = self._weight(d)
         outer_where = frag(d.outer_filter) if d.outer_filter else sql.SQL("true")
         values = sql.SQL(
@@ -158,10 +242,10 @@ class Compiler:
                 clean=clean,
             )
         if d.type is CalcType.LIST:
-            item = self.to_json(sql.SQL("v"), d)
-            agg: sql.Composable = sql.SQL("jsonb_agg(DISTINCT {} ORDER BY {})").format(item, item)
+            agg: sql.Composable = sql.SQL("to_jsonb(array_agg(DISTINCT v ORDER BY v))")
         else:
-            agg = self.to_json(self._aggregate(d), d)
+            template = sql.SQL(_row_aggregate(d))
+            agg = self.to_json(template.format(v=sql.SQL("v"), w=sql.SQL("w"), f=sql.SQL("")), d)
         return sql.SQL(
             "SELECT entity_id, {agg} AS j FROM ({clean}) AS c GROUP BY entity_id"
         ).format(agg=agg, clean=clean)
@@ -173,22 +257,6 @@ class Compiler:
         if d.outer_weight:
             parts.append(sql.SQL("{}::numeric").format(frag(d.outer_weight)))
         return sql.SQL(" * ").join(parts) if parts else sql.SQL("1")
-
-    @staticmethod
-    def _aggregate(d: Definition) -> sql.Composable:
-        weighted = d.weighted
-        is_bool = d.data_type is DataType.BOOL
-        templates = {
-            CalcType.AVG: "sum(v * w) / nullif(sum(w), 0)" if weighted else "avg(v)",
-            CalcType.SUM: "sum(v * w)" if weighted else "sum(v)",
-            CalcType.MIN: "bool_and(v)" if is_bool else "min(v)",
-            CalcType.MAX: "bool_or(v)" if is_bool else "max(v)",
-            CalcType.FIRST: "(array_agg(v ORDER BY event_time, id, v))[1]",
-            CalcType.LAST: "(array_agg(v ORDER BY event_time DESC, id DESC, v DESC))[1]",
-            CalcType.VALUE: "(array_agg(v))[1]",
-            CalcType.NUM_OF_UNIQUE: "count(DISTINCT v)",
-        }
-        return sql.SQL(templates[d.type])
 
     # -- custom queries ------------------------------------------------------------------------
 
@@ -249,22 +317,93 @@ def referenced(query: str, names: Iterable[str], exclude: str = "") -> list[str]
     return sorted(name for name in names if name in words and name != exclude)
 
 
+def _row_aggregate(d: Definition) -> str:
+    """The aggregate over the row form's columns {v}, {w}; {f} filters out NULLs."""
+    weighted = d.weighted
+    is_bool = d.data_type is DataType.BOOL
+    templates = {
+        CalcType.AVG: "sum({v} * {w}) {f} / nullif(sum({w}) {f}, 0)" if weighted
+        else "avg({v}) {f}",
+        CalcType.SUM: "sum({v} * {w}) {f}" if weighted else "sum({v}) {f}",
+        CalcType.MIN: "bool_and({v}) {f}" if is_bool else "min({v}) {f}",
+        CalcType.MAX: "bool_or({v}) {f}" if is_bool else "max({v}) {f}",
+        CalcType.FIRST: "(array_agg({v} ORDER BY event_time, id, {v}) {f})[1]",
+        CalcType.LAST: "(array_agg({v} ORDER BY event_time DESC, id DESC, {v} DESC) {f})[1]",
+        CalcType.VALUE: "(array_agg({v}) {f})[1]",
+        CalcType.NUM_OF_UNIQUE: "count(DISTINCT {v}) {f}",
+    }
+    return templates[d.type]
+
+
 def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, dict[str, Any]]:
     """One statement computing ``attributes`` for the batch: rows (entity_id, attributes)."""
     params: dict[str, Any] = {}
     ctes: list[sql.Composable] = []
     parts: list[sql.Composable] = []
-    for i, compiled in enumerate(attributes):
-        name = sql.Identifier(f"attr_{i}")
-        key = f"k{i}"
+    row_form = [a for a in attributes if a.laterals is not None]
+    if row_form:
+        columns = sql.SQL(", ").join(
+            sql.SQL("{o}.v AS {v}, {o}.w AS {w}").format(
+                o=sql.Identifier(f"o{a.index}"),
+                v=sql.Identifier(f"v{a.index}"),
+                w=sql.Identifier(f"w{a.index}"),
+            )
+            for a in row_form
+        )
+        ctes.append(
+            sql.SQL(
+                "event_rows AS (SELECT e.entity_id, e.id, e.event_time, {columns} FROM {events} "
+                "AS e {laterals} WHERE e.entity_id = ANY({ids}::text[]))"
+            ).format(
+                columns=columns,
+                events=EVENTS,
+                laterals=sql.SQL(" ").join(a.laterals for a in row_form if a.laterals),
+                ids=IDS,
+            )
+        )
+    grouped = [a for a in row_form if a.aggregate is not None]
+    if grouped:
+        ctes.append(
+            sql.SQL("grouped AS (SELECT entity_id, {} FROM event_rows GROUP BY entity_id)").format(
+                sql.SQL(", ").join(
+                    sql.SQL("{} AS {}").format(a.aggregate, sql.Identifier(f"j{a.index}"))
+                    for a in grouped
+                )
+            )
+        )
+    for compiled in attributes:
+        key = f"k{compiled.index}"
         params.update(compiled.params)
         params[key] = compiled.attribute_id
-        ctes.append(sql.SQL("{} AS ({})").format(name, compiled.body))
+        name = sql.Identifier(f"attr_{compiled.index}")
+        if compiled.aggregate is not None:
+            parts.append(
+                sql.SQL("SELECT entity_id, {}::text AS k, {} AS j FROM grouped").format(
+                    sql.Placeholder(key), sql.Identifier(f"j{compiled.index}")
+                )
+            )
+            continue
+        if compiled.frequency is not None:
+            body: sql.Composable = _frequency(compiled)
+        else:
+            assert compiled.body is not None
+            body = compiled.body
+        ctes.append(sql.SQL("{} AS ({})").format(name, body))
         parts.append(
             sql.SQL("SELECT entity_id, {}::text AS k, j FROM {}").format(sql.Placeholder(key), name)
         )
     query = sql.SQL(
-        "WITH {ctes} SELECT entity_id, jsonb_object_agg(k, j) FROM ({parts}) AS x "
+        "WITH {ctes} SELECT entity_id, jsonb_object_agg(k, j)::text FROM ({parts}) AS x "
         "WHERE j IS NOT NULL GROUP BY entity_id"
     ).format(ctes=sql.SQL(", ").join(ctes), parts=sql.SQL(" UNION ALL ").join(parts))
     return query, params
+
+
+def _frequency(a: CompiledAttribute) -> sql.Composed:
+    v, w = sql.Identifier(f"v{a.index}"), sql.Identifier(f"w{a.index}")
+    pick = sql.SQL("(array_agg(v ORDER BY w {}, v))[1]").format(sql.SQL(a.frequency or "DESC"))
+    return sql.SQL(
+        "SELECT entity_id, {j} AS j FROM (SELECT entity_id, {v} AS v, sum({w}) AS w "
+        "FROM event_rows WHERE {v} IS NOT NULL AND {w} IS NOT NULL GROUP BY entity_id, {v}) "
+        "AS f GROUP BY entity_id"
+    ).format(j=Compiler.to_json(pick, a.definition), v=v, w=w)

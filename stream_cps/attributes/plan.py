@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from stream_cps.attributes import definitions
+from stream_cps.attributes import definitions, sandbox
 from stream_cps.attributes.compiler import CompiledAttribute, Compiler, referenced
 from stream_cps.config import Schemas
 from stream_cps.errors import DefinitionError
@@ -42,8 +42,9 @@ class Plan:
 class PlanLoader:
     """Keeps the compiled plan for as long as the definitions stay the same."""
 
-    def __init__(self, schemas: Schemas) -> None:
+    def __init__(self, schemas: Schemas, timeout_ms: int = 10000) -> None:
         self._schemas = schemas
+        self._timeout_ms = timeout_ms
         self._compiler = Compiler(schemas.attr)
         self._plan: Plan | None = None
 
@@ -56,7 +57,7 @@ class PlanLoader:
         ).hexdigest()
         if self._plan is not None and self._plan.fingerprint == fingerprint:
             return self._plan
-        compiled, invalid = self._compile(rows, meta_rows)
+        compiled, invalid = self._compile(conn, rows, meta_rows)
         changed = self._remember(conn, fingerprint, invalid)
         self._plan = Plan(fingerprint, tuple(compiled), tuple(invalid), changed)
         log.info(
@@ -83,7 +84,10 @@ class PlanLoader:
         return rows, meta_rows
 
     def _compile(
-        self, rows: list[tuple[Any, ...]], meta_rows: list[tuple[Any, ...]]
+        self,
+        conn: psycopg.Connection[Any],
+        rows: list[tuple[Any, ...]],
+        meta_rows: list[tuple[Any, ...]],
     ) -> tuple[list[CompiledAttribute], list[DefinitionError]]:
         invalid: list[DefinitionError] = []
         metas: dict[str, definitions.MetaAttribute] = {}
@@ -108,12 +112,26 @@ class PlanLoader:
                 )
                 continue
             try:
-                compiled.append(self._compiler.compile(index, definition, metas))
+                row_form = self._row_form_ok(conn, definition)
+                compiled.append(self._compiler.compile(index, definition, metas, row_form))
             except DefinitionError as exc:
                 invalid.append(exc)
         for error in invalid:
             log.error("invalid attribute definition %s", error)
         return compiled, invalid
+
+    def _row_form_ok(self, conn: psycopg.Connection[Any], d: definitions.Definition) -> bool:
+        """Whether PostgreSQL accepts the value expressions inside CASE: then none returns a
+        set and the attribute can share the batch's single scan. Any failure (including a
+        broken expression) keeps the general form, which reports errors at calculation time."""
+        if d.type is definitions.CalcType.CUSTOM:
+            return False
+        ce = sql.Identifier(self._schemas.ce, "customer_events")
+        with conn.transaction(), sandbox.read_only(conn, self._timeout_ms):
+            for probe in self._compiler.probes(d, ce):
+                if isinstance(sandbox.fetch(conn, probe, {}), sandbox.SqlFailure):
+                    return False
+        return True
 
     def _remember(
         self, conn: psycopg.Connection[Any], fingerprint: str, invalid: list[DefinitionError]

@@ -41,7 +41,9 @@ class CalculationWorker:
         self._batch_size = int(settings["attributes.batch_size"])
         self._timeout_ms = int(settings["attributes.statement_timeout_ms"])
         self._max_batches = max_batches
-        self._plans = PlanLoader(self._schemas)
+        # walk over entities calculated before the last definition change: (changed, last id)
+        self._sweep: tuple[datetime | None, str | None] = (None, "")
+        self._plans = PlanLoader(self._schemas, self._timeout_ms)
         self._calculator = BatchCalculator(self._schemas, self._timeout_ms)
         self._caches = CacheRefresher(self._schemas, float(settings["attributes.cache_interval"]))
         counter = telemetry.meter().create_counter
@@ -158,14 +160,22 @@ class CalculationWorker:
             ).format(ca),
             [self._batch_size],
         ).fetchall()
-        if not rows and plan.changed is not None:
-            rows = conn.execute(
-                sql.SQL(
-                    "SELECT customer_entity_id, modified FROM {} WHERE modified IS NOT NULL "
-                    "AND calculated < %s ORDER BY calculated LIMIT %s"
-                ).format(ca),
-                [plan.changed, self._batch_size],
-            ).fetchall()
+        if rows or plan.changed is None:
+            return [(str(r[0]), r[1]) for r in rows]
+        changed, after = self._sweep
+        if changed != plan.changed:
+            changed, after = plan.changed, ""
+        if after is None:  # this sweep is complete
+            return []
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT customer_entity_id, modified FROM {} WHERE customer_entity_id > %s "
+                "AND modified IS NOT NULL AND calculated < %s "
+                "ORDER BY customer_entity_id LIMIT %s"
+            ).format(ca),
+            [after, changed, self._batch_size],
+        ).fetchall()
+        self._sweep = (changed, str(rows[-1][0]) if rows else None)
         return [(str(r[0]), r[1]) for r in rows]
 
 

@@ -13,14 +13,13 @@ CREATE OR REPLACE FUNCTION {attr}.attr_text(anyelement) RETURNS text
     LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT $1::text $$;
 
 -- Which definitions the calculated attributes reflect. When the definitions change, entities
--- calculated before `changed` are recalculated (after the due ones).
+-- calculated before `changed` are recalculated (after the due ones, walking the primary key, so
+-- no index on `calculated` has to slow down every store).
 CREATE TABLE IF NOT EXISTS {attr}.attribute_definitions_state (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     fingerprint text NOT NULL,
     changed timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX IF NOT EXISTS customer_attributes_calculated_idx
-    ON {cdp}.customer_attributes (calculated) WHERE modified IS NOT NULL;
 
 -- Custom queries read context values as `public.context` (the guide's examples); when the CDP
 -- schema is not public, give them that name too.
