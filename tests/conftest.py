@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,11 +57,24 @@ def pg_dsn(pg_server: embedded.EmbeddedPostgres) -> Iterator[str]:
     dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={name}"
     yield dsn
     with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
-        admin.execute(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
-            "WHERE database = %s AND NOT active",
-            [name],
-        )
+        # A killed service's walsender may hold its slot for a moment: end it, then drop.
+        for _ in range(50):
+            admin.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE database = %s AND active",
+                [name],
+            )
+            admin.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE database = %s AND NOT active",
+                [name],
+            )
+            left = admin.execute(
+                "SELECT count(*) FROM pg_replication_slots WHERE database = %s", [name]
+            ).fetchone()
+            if left == (0,):
+                break
+            time.sleep(0.1)
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

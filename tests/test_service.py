@@ -200,3 +200,32 @@ def test_signals_stop_within_seconds_while_busy(
         if proc.poll() is None:
             proc.kill()
     assert os.path.exists(tmp_path / "run.log")
+
+
+def test_burst_while_attributes_are_calculated_keeps_service_up(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    """Calculation updates the rows stitching writes; stitching must wait, never fail."""
+    db.execute(generator.config_sql(Schemas()))
+    proc = start_service(pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="2000")
+    try:
+        wait_until(lambda: slot_active(db), what="the slot")
+        rows = list(generator.events(seed=21, persons=2500, per_person=8))
+        for start in range(0, len(rows), 2000):
+            insert(db, rows[start : start + 2000])
+        wait_until(lambda: unstitched(db) == 0, timeout=90, what="stitching the burst")
+
+        def calculated() -> bool:
+            row = db.execute(
+                "SELECT count(*) FROM customer_attributes "
+                "WHERE calculated IS NULL OR calculated < modified"
+            ).fetchone()
+            return row == (0,)
+
+        wait_until(calculated, timeout=90, what="calculation to catch up")
+        assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+        assert observed(db) == expected(db)
+        assert stop(proc) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -60,6 +60,11 @@ class StitchStore:
             "FROM {ie} ie JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
             "WHERE ie.identifier = ANY(%(idents)s)"
         )
+        self.lock = q(
+            "SELECT ca.customer_entity_id FROM {ie} ie "
+            "JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
+            "WHERE ie.identifier = ANY(%(idents)s) ORDER BY 1 FOR UPDATE OF ca"
+        )
         self.absorb = q(
             "DELETE FROM {ca} WHERE customer_entity_id = ANY(%(old)s) "
             "RETURNING customer_entity_id, identifiers"
@@ -123,6 +128,12 @@ class StitchStore:
             conn.execute(self.outbox_deletes, {"ids": ids})
         return ids
 
+    def lock_entities(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> None:
+        """Lock the entities a batch touches (in id order, so lockers cannot deadlock), before
+        purge signals are read: a purge committed later waits for this batch."""
+        if identifiers:
+            conn.execute(self.lock, {"idents": identifiers}).fetchall()
+
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute(self.has_purge).fetchone()
         return bool(row and row[0])
@@ -133,12 +144,12 @@ class StitchStore:
     # -- read --------------------------------------------------------------------------------
 
     def owners(
-        self, conn: psycopg.Connection[Any], identifiers: Iterable[str]
+        self, conn: psycopg.Connection[Any], identifiers: list[str]
     ) -> tuple[dict[str, str], dict[str, EventKey]]:
         """Current entity of each known identifier, and each such entity's first event key."""
         owner: dict[str, str] = {}
         keys: dict[str, EventKey] = {}
-        rows = conn.execute(self.lookup, {"idents": sorted(set(identifiers))}).fetchall()
+        rows = conn.execute(self.lookup, {"idents": identifiers}).fetchall()
         for ident, entity, first_time, first_id in rows:
             owner[ident] = entity
             keys[entity] = (first_time, first_id)

@@ -1,10 +1,15 @@
-"""One stitching batch = one transaction: purge, extract, group, write.
+"""One stitching batch = one transaction: extract, lock, purge, group, write.
 
-The transaction runs at REPEATABLE READ so the purge signals and the events it stitches come
-from one snapshot: the guide's restitch scripts (``modified = NULL`` first, then
-``stitched = NULL``) then give the right result with no wait between their statements, because
-any snapshot that sees the second statement also sees the first, and the purge runs first.
-Serialization conflicts (40001, 40P01) and lost connections are retried with backoff.
+The order inside the batch is what makes the guide's restitch scripts (``modified = NULL`` first,
+then ``stitched = NULL``) right with no wait between them: the events are read first, then the
+entities they touch are locked (``FOR UPDATE``), then purge signals are applied. Any purge signal
+committed before the events were reset is therefore seen by the purge, and one committed later
+waits for the batch's commit and is applied by the next batch.
+
+The replication service is the only stitcher of its database (the lease), so it runs at READ
+COMMITTED: concurrent attribute calculation then makes it wait on a row lock, never fail.
+Sources with several concurrent stitchers (Kafka members) run the same batch at REPEATABLE READ
+or SERIALIZABLE and retry serialization failures (``RETRYABLE``).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ class Stitcher:
         return self.stitch(conn, ids)
 
     def _stitch_once(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
-        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         with conn.transaction():
             result = self.stitch_in_transaction(conn, event_ids)
         self.count_metrics(result)
@@ -101,22 +106,24 @@ class Stitcher:
         result = BatchResult()
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
             span.set_attribute("events.requested", len(event_ids))
-            with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
-                result.purged = self.store.purge(conn)
             ruleset = self.rulebook.refresh(conn)
+            extracted = rules.Extracted({}, [])
             if event_ids:
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
                     extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
+            events = [
+                grouping.StitchEvent(
+                    event_id, event_time, tuple(identifiers_of(pairs, ruleset.blocklist))
+                )
+                for event_id, (event_time, pairs) in extracted.events.items()
+            ]
+            touched = sorted({i for ev in events for i in ev.identifiers})
+            with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
+                self.store.lock_entities(conn, touched)
+                result.purged = self.store.purge(conn)
+            if events:
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
-                    events = [
-                        grouping.StitchEvent(
-                            event_id, event_time, tuple(identifiers_of(pairs, ruleset.blocklist))
-                        )
-                        for event_id, (event_time, pairs) in extracted.events.items()
-                    ]
-                    owner, keys = self.store.owners(
-                        conn, (i for ev in events for i in ev.identifiers)
-                    )
+                    owner, keys = self.store.owners(conn, touched)
                     plan = grouping.plan(events, owner, keys)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
                     written = self.store.write(conn, plan, events, extracted.failures)
