@@ -164,17 +164,26 @@ class Applier:
         return inserted, failed
 
     def _insert_rows(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> int:
+        # One statement with one array per column: no per-row placeholders to parse, and
+        # multi-argument unnest exists in CockroachDB too. Payloads travel as text[] and are
+        # cast row by row (jsonb[] parameters are newer in CockroachDB).
         statement = sql.SQL(
-            "INSERT INTO {} ({}) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id"
-        ).format(
-            self._events,
-            sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)),
-            _values(len(events), ["%s"] * 5 + ["CAST(%s AS jsonb)"]),
-        )
-        params: list[Any] = []
+            "INSERT INTO {} ({}) "
+            "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb) "
+            "FROM unnest(CAST(%s AS text[]), CAST(%s AS text[]), CAST(%s AS text[]), "
+            "CAST(%s AS text[]), CAST(%s AS timestamptz[]), CAST(%s AS text[])) "
+            "AS u (id, source_id, type, version, event_time, payload) "
+            "ON CONFLICT (id) DO NOTHING RETURNING id"
+        ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)))
+        columns: list[list[Any]] = [[], [], [], [], [], []]
         for ev in events:
-            params += [ev.id, ev.source_id, ev.type, ev.version, ev.event_time, ev.payload]
-        return len(conn.execute(statement, params).fetchall())
+            for column, value in zip(
+                columns,
+                (ev.id, ev.source_id, ev.type, ev.version, ev.event_time, ev.payload),
+                strict=True,
+            ):
+                column.append(value)
+        return len(conn.execute(statement, columns).fetchall())
 
     def _record_dead(self, conn: psycopg.Connection[Any], dead: list[Envelope]) -> None:
         if not dead:

@@ -1,0 +1,171 @@
+"""Kafka -> stitched throughput next to the raw consume rate of the same topic, same run.
+
+    python bench/kafka.py [--events 50000] [--format avro|json] [--batch-sizes 500,2000]
+
+1. Produce the generated events to a fresh 3-partition topic (Avro with Confluent framing, or
+   JSON), keyed by event id.
+2. Raw consume: a plain consumer reads every message of the topic and does nothing else; the
+   fastest this client can take the topic in on this machine.
+3. End to end: `stream-cps run --source kafka` (a separate process, a fresh group) decodes,
+   inserts and stitches every message; measured from the first event's insert to the last
+   stitch (database clock, excludes process start and group join) and reported as events/s
+   and as a fraction of (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "infra" / "kafka"))
+
+import kafka_service  # noqa: E402
+
+from stream_cps.config import Schemas  # noqa: E402
+from stream_cps.db import embedded, schema  # noqa: E402
+from stream_cps.sample import generator  # noqa: E402
+from tests.test_kafka_source import avro_value, json_value  # noqa: E402
+
+SCHEMAS = Schemas()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--format", choices=["avro", "json"], default="avro")
+    parser.add_argument("--batch-sizes", default="500,2000", help="kafka.batch_size values")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-kafka-"))
+    server = embedded.start(workdir / "pg")
+    lib = Path(os.environ.get(kafka_service.LIB_ENV) or ROOT / "infra" / "kafka" / ".lib")
+    broker = kafka_service.start(workdir / "kafka", lib_dir=lib, timeout=120)
+    try:
+        rows = list(generator.events(seed=1, persons=args.events // 6, per_person=8))
+        rows = rows[: args.events]
+        topic = f"bench-{uuid.uuid4().hex[:8]}"
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        admin.create_topics([NewTopic(topic, 3, 1), NewTopic(topic + "-dlq", 3, 1)])[topic].result(
+            30
+        )
+        encode = avro_value if args.format == "avro" else json_value
+        started = time.monotonic()
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20})
+        for row in rows:
+            while True:
+                try:
+                    producer.produce(topic, key=row[0].encode(), value=encode(row))
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+        producer.flush(60)
+        n = len(rows)
+        print(f"produced {n} {args.format} events in {time.monotonic() - started:.1f} s")
+
+        raw_s = raw_consume(broker.bootstrap, topic, n)
+        print(f"raw consume: {n / raw_s:,.0f} messages/s ({raw_s:.2f} s)")
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            e2e_s, wall_s = end_to_end(server, broker.bootstrap, topic, n, batch_size, workdir)
+            print(
+                f"end to end (kafka.batch_size={batch_size}): {n / e2e_s:,.0f} events/s "
+                f"({e2e_s:.2f} s first insert -> last stitch; {wall_s:.1f} s incl. start), "
+                f"ratio to raw consume {raw_s / e2e_s:.3f}",
+                flush=True,
+            )
+    finally:
+        broker.stop()
+        embedded.destroy(server)
+    return 0
+
+
+def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"raw-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    seen, first = 0, None
+    while seen < n:
+        for msg in consumer.consume(500, 1.0):
+            if msg.error() is None:
+                seen += 1
+                first = first or time.monotonic()
+    elapsed = time.monotonic() - (first or time.monotonic())
+    consumer.close()
+    return elapsed
+
+
+def end_to_end(
+    server: embedded.EmbeddedPostgres,
+    bootstrap: str,
+    topic: str,
+    n: int,
+    batch_size: int,
+    workdir: Path,
+) -> tuple[float, float]:
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = f"host=127.0.0.1 port={server.port} user=postgres dbname={name}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        schema.migrate(conn, SCHEMAS)
+        conn.execute(generator.config_sql(SCHEMAS))
+        env = {
+            **os.environ,
+            "STREAM_CPS_DSN": dsn,
+            "STREAM_CPS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "STREAM_CPS_KAFKA_TOPICS": topic,
+            "STREAM_CPS_KAFKA_GROUP_ID": f"bench-{name}",
+            "STREAM_CPS_KAFKA_DEAD_LETTER_TOPIC": topic + "-dlq",
+            "STREAM_CPS_KAFKA_BATCH_SIZE": str(batch_size),
+            "STREAM_CPS_LOG_LEVEL": "WARNING",
+        }
+        started = time.monotonic()
+        with (workdir / f"{name}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "stream_cps", "run", "--source", "kafka"],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+            try:
+                while True:
+                    row = conn.execute(
+                        "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
+                    ).fetchone()
+                    if row and row[0] >= n:
+                        break
+                    if process.poll() is not None:
+                        raise SystemExit(f"stream-cps exited; see {log.name}")
+                    time.sleep(0.1)
+                wall = time.monotonic() - started
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+        span = conn.execute(
+            "SELECT extract(epoch FROM max(stitched) - min(created)) FROM cdp_ce.customer_events"
+        ).fetchone()
+        assert span is not None
+        return float(span[0]), wall
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
