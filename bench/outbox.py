@@ -1,15 +1,16 @@
 """Outbox relay throughput, next to the raw bulk API in the same run.
 
-    python bench/outbox.py [--entities 50000] [--batch-size 500] [--deletes 0.1]
+    python bench/outbox.py [--entities 50000] [--batch-size 500] [--deletes 0.1] [--rounds 3]
 
 Baseline and subject run against the same PostgreSQL and OpenSearch (machines here are noisy):
 1. Raw bulk: the same documents and deletes sent with ``external_gte`` versions in bulk
    requests of the same size, built in memory: what OpenSearch takes at all from one client.
-   Run once to warm the JVM, then before and after the relay (the mean is the baseline).
+   Run once to warm the JVM first.
 2. Relay: the same number of outbox commands (an upsert for every entity, then deletes for
    ids merged away, as merges make) delivered by ``Relay.run_once`` until the outbox is
    empty: claim, read entities, bulk, mark, commit per batch.
-Reported as commands/s and as a fraction of (1). Both services are started here unless
+Raw and relay alternate for ``--rounds`` rounds, each into a fresh index; reported as medians
+in commands/s and as a fraction of (1). Both services are started here unless
 ``--dsn`` / ``--opensearch-url`` point at running ones.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -100,11 +102,29 @@ def raw_bulk(
     return time.perf_counter() - started
 
 
+def relay_round(
+    conn: psycopg.Connection[Any], settings: config.Settings, index: str, commands: int
+) -> float:
+    """Seconds for a fresh relay to drain every command into a fresh index."""
+    conn.execute("UPDATE cdp_attr.outbox SET delivered = NULL, attempts = 0")
+    relay = Relay(settings.replace(**{"opensearch.index": index}))
+    relay.ensure_index(conn)
+    started = time.perf_counter()
+    delivered = 0
+    while n := relay.run_once(conn):
+        delivered += n
+    elapsed = time.perf_counter() - started
+    if delivered != commands:
+        raise SystemExit(f"relay delivered {delivered} of {commands} commands")
+    return elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--entities", type=int, default=50_000)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--deletes", type=float, default=0.1, help="share of entities deleted")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dsn", help="a PostgreSQL server to use (a database is created)")
     parser.add_argument("--opensearch-url", help="a running OpenSearch")
     args = parser.parse_args()
@@ -125,13 +145,12 @@ def main() -> int:
             flags={
                 "dsn": dsn,
                 "opensearch.url": url,
-                "opensearch.index": f"bench-relay-{suffix}",
                 "opensearch.batch_size": args.batch_size,
                 "opensearch.replicas": 0,
             },
             environ={},
         )
-        baseline_settings = settings.replace(**{"opensearch.index": f"bench-raw-{suffix}"})
+        baseline_settings = settings
         with psycopg.connect(dsn, autocommit=True) as conn:
             schema.migrate(conn, settings.schemas)
             commands = seed(conn, args.entities, args.deletes)
@@ -155,35 +174,39 @@ def main() -> int:
                 ).fetchall()
             ]
             client = OpenSearch(hosts=[url], timeout=60)
-            index = baseline_settings["opensearch.index"]
-            ensure_index(baseline_settings.replace(**{"opensearch.index": index + "-warm"}), client)
-            raw_bulk(client, index + "-warm", docs, deletes, args.batch_size)  # JIT warm-up
-            ensure_index(baseline_settings, client)
-            raw_s = [raw_bulk(client, index, docs, deletes, args.batch_size)]
-
-            relay = Relay(settings)
-            relay.ensure_index()
-            started = time.perf_counter()
-            delivered = 0
-            while n := relay.run_once(conn):
-                delivered += n
-            relay_s = time.perf_counter() - started
-            pending = conn.execute(
-                "SELECT count(*) FROM cdp_attr.outbox WHERE delivered IS NULL"
-            ).fetchone()
-            client.indices.delete(index=index)
-            ensure_index(baseline_settings, client)
-            raw_s.append(raw_bulk(client, index, docs, deletes, args.batch_size))
-        raw_rate = commands / (sum(raw_s) / len(raw_s))
-        relay_rate = delivered / relay_s
-        print(f"batch size {args.batch_size}, {commands} commands ({len(deletes)} deletes)")
+            warm = baseline_settings.replace(**{"opensearch.index": f"bench-warm-{suffix}"})
+            ensure_index(warm, client)
+            raw_bulk(client, warm["opensearch.index"], docs, deletes, args.batch_size)  # JIT
+            client.indices.delete(index=warm["opensearch.index"])
+            raw_s, relay_s = [], []
+            for n in range(args.rounds):  # alternate, so drift and neighbours hit both alike
+                raw = baseline_settings.replace(**{"opensearch.index": f"bench-raw-{suffix}-{n}"})
+                ensure_index(raw, client)
+                raw_s.append(
+                    raw_bulk(client, raw["opensearch.index"], docs, deletes, args.batch_size)
+                )
+                client.indices.delete(index=raw["opensearch.index"])
+                relay_s.append(relay_round(conn, settings, f"bench-relay-{suffix}-{n}", commands))
+                client.indices.delete(index=f"bench-relay-{suffix}-{n}")
+        raw_rate = commands / statistics.median(raw_s)
+        relay_rate = commands / statistics.median(relay_s)
+        ratios = sorted(r / q for r, q in zip(raw_s, relay_s, strict=True))
         print(
-            f"raw bulk API (external_gte, before and after the relay): {raw_rate:,.0f} ops/s "
-            f"({raw_s[0]:.2f} s, {raw_s[1]:.2f} s)"
+            f"batch size {args.batch_size}, {commands} commands ({len(deletes)} deletes), "
+            f"{args.rounds} rounds, medians"
         )
-        print(f"outbox relay: {relay_rate:,.0f} commands/s ({relay_s:.2f} s)")
-        print(f"relay / raw bulk: {relay_rate / raw_rate:.2f}")
-        print(f"left in outbox: {pending[0] if pending else '?'}")
+        print(
+            f"raw bulk API (external_gte): {raw_rate:,.0f} ops/s "
+            f"(s: {', '.join(f'{x:.2f}' for x in raw_s)})"
+        )
+        print(
+            f"outbox relay: {relay_rate:,.0f} commands/s "
+            f"(s: {', '.join(f'{x:.2f}' for x in relay_s)})"
+        )
+        print(
+            f"relay / raw bulk: {relay_rate / raw_rate:.2f} "
+            f"(per round: {', '.join(f'{r:.2f}' for r in ratios)})"
+        )
     finally:
         if service is not None:
             service.stop(workdir / "os")

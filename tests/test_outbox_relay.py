@@ -556,3 +556,45 @@ def test_commands_are_also_produced_to_kafka_avro_keyed_by_entity(
     assert by_entity[survivor]["identifiers"] == ["cookie:c1", "email:x@a"]
     assert json.loads(by_entity[survivor]["attributes_json"]) == {"events": 3, "ids": 2}
     assert by_entity[survivor]["version"] == index_docs(os_settings)[survivor][0]
+
+
+def test_gc_deletes_decides_whether_a_late_older_write_resurrects(
+    os_settings: config.Settings,
+) -> None:
+    """Why the index keeps tombstones for a day: with OpenSearch pruning them at once, a late
+    write with an older version brings a deleted id back."""
+    client = client_for(os_settings)
+    outcomes = {}
+    for gc in ("0s", "1d"):
+        s = os_settings.replace(
+            **{
+                "opensearch.gc_deletes": gc,
+                "opensearch.index": f"{os_settings['opensearch.index']}-{gc}",
+            }
+        )
+        ensure_index(s, client)
+        writer = BulkWriter(client, s["opensearch.index"])
+        doc = {"customer_entity_id": "m", "identifiers": [], "attributes": {}, "calculated": None}
+        assert writer.write([Action("m", 5, doc)])[0].outcome is Outcome.DELIVERED
+        assert writer.write([Action("m", 6, None)])[0].outcome is Outcome.DELIVERED
+        time.sleep(0.5)
+        client.indices.refresh(index=s["opensearch.index"])  # prunes expired tombstones
+        time.sleep(0.5)
+        client.indices.refresh(index=s["opensearch.index"])
+        outcomes[gc] = writer.write([Action("m", 5, doc)])[0].outcome
+    assert outcomes == {"0s": Outcome.DELIVERED, "1d": Outcome.STALE}
+
+
+def test_only_one_relay_delivers_at_a_time(
+    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+) -> None:
+    setup_rules(db)
+    insert(db, [event("a", 1, email="x@a")])
+    stitch_all(Stitcher(settings), db)
+    calculate(db)
+    first, second = Relay(os_settings), Relay(os_settings)
+    with psycopg.connect(settings.dsn) as other, other.transaction():
+        other.execute("SELECT pg_advisory_xact_lock(%s::bigint)", [first.store.lock_key])
+        assert second.run_once(db) == 0  # returns at once, delivers nothing
+        assert outbox_state(db)[0] == 1
+    assert second.run_once(db) == 1
