@@ -38,7 +38,7 @@ import kafka_service  # noqa: E402
 from stream_cps.config import Schemas  # noqa: E402
 from stream_cps.db import embedded, schema  # noqa: E402
 from stream_cps.sample import generator  # noqa: E402
-from tests.test_kafka_source import avro_value, json_value  # noqa: E402
+from stream_cps.sources.kafka_encode import avro_event, json_event  # noqa: E402
 
 SCHEMAS = Schemas()
 
@@ -62,7 +62,7 @@ def main() -> int:
         admin.create_topics([NewTopic(topic, 3, 1), NewTopic(topic + "-dlq", 3, 1)])[topic].result(
             30
         )
-        encode = avro_value if args.format == "avro" else json_value
+        encode = avro_event if args.format == "avro" else json_event
         started = time.monotonic()
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20})
         for row in rows:

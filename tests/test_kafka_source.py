@@ -31,42 +31,14 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from stream_cps import config
 from stream_cps.db import schema
 from stream_cps.sample import generator
-from stream_cps.sources import kafka_avro
 from stream_cps.sources.kafka_consumer import KafkaStitchingService
+from stream_cps.sources.kafka_encode import avro_event, json_event
 from stream_cps.sources.kafka_replay import run_replay
 from stream_cps.sources.kafka_webhook import WebhookServer
 from tests.kafka_fixtures import create_topics, ks
 from tests.support import expected, observed, snapshot, wait_until
 
-SCHEMA = kafka_avro.load_schema(kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE)
 Row = tuple[str, str, str, str, datetime, str]
-
-
-def avro_value(row: Row) -> bytes:
-    eid, source, etype, version, when, payload = row
-    record = {
-        "id": eid,
-        "source_id": source,
-        "type": etype,
-        "version": version,
-        "event_time": when,
-        "payload": payload,
-    }
-    return kafka_avro.encode(record, SCHEMA)
-
-
-def json_value(row: Row) -> bytes:
-    eid, source, etype, version, when, payload = row
-    return json.dumps(
-        {
-            "id": eid,
-            "source_id": source,
-            "type": etype,
-            "version": version,
-            "event_time": when.isoformat(),
-            "payload": json.loads(payload),
-        }
-    ).encode()
 
 
 def produce(
@@ -87,7 +59,7 @@ def produce(
 def events_of(rows: list[Row]) -> list[tuple[bytes | None, bytes | None]]:
     """Alternate Avro and JSON, keyed by event id."""
     return [
-        (row[0].encode(), avro_value(row) if n % 2 else json_value(row))
+        (row[0].encode(), avro_event(row) if n % 2 else json_event(row))
         for n, row in enumerate(rows)
     ]
 
@@ -421,13 +393,13 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_table(
 ) -> None:
     settings, topic = kafka_env
     good = sample(20, seed=31)
-    bad_event = json.loads(json_value(good[0]))
+    bad_event = json.loads(json_event(good[0]))
     bad_event["id"], bad_event["event_time"] = "bad-time", "not a time"
     bad = [
         b"{definitely not json",
         b"\x00\x00\x00\x03\xe7\x02",  # Avro framing with an unknown schema id (999)
         json.dumps(bad_event).encode(),
-        json.dumps({**json.loads(json_value(good[1])), "id": "x", "payload": "flat"}).encode(),
+        json.dumps({**json.loads(json_event(good[1])), "id": "x", "payload": "flat"}).encode(),
     ]
     messages = events_of(good[:10]) + [(b"bad", v) for v in bad] + events_of(good[10:])
     produce(settings["kafka.bootstrap_servers"], topic, messages)

@@ -16,6 +16,7 @@ moves only the partitions that must move.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -141,8 +142,8 @@ def to_envelope(msg: Message, message_format: str, avro: SchemaResolver) -> Enve
     try:
         decoded = decode(envelope.key, envelope.value, message_format, avro)
     except InvalidInput as exc:
-        return Envelope(**{**envelope.__dict__, "reason": str(exc)})
-    return Envelope(**{**envelope.__dict__, "decoded": decoded})
+        return dataclasses.replace(envelope, reason=str(exc))
+    return dataclasses.replace(envelope, decoded=decoded)
 
 
 class KafkaStitchingService:

@@ -83,8 +83,6 @@ class WebhookServer:
             )
         self.settings = settings
         self.applier = Applier(settings.schemas, Stitcher(settings))
-        self.totals = ApplyStats()
-        self._lock = threading.Lock()
         self._local = threading.local()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
@@ -121,13 +119,6 @@ class WebhookServer:
             conn = connect(self.settings.dsn, role="webhook", autocommit=True)
             self._local.conn = conn
         stats = self.applier.apply(conn, envelopes_of(body))
-        with self._lock:
-            self.totals.messages += stats.messages
-            self.totals.changefeed_rows += stats.changefeed_rows
-            self.totals.deletes += stats.deletes
-            self.totals.resolved += stats.resolved
-            self.totals.dead_letters += stats.dead_letters
-            self.totals.stitch.events += stats.stitch.events
         return stats
 
 
