@@ -91,6 +91,9 @@ class StitchStore:
             "SELECT * FROM unnest(%(idents)s::text[], %(owners)s::text[]) "
             "ON CONFLICT (identifier) DO UPDATE SET entity_id = excluded.entity_id"
         )
+        # modified is the statement's clock, not the transaction's start: when this batch had
+        # to wait for a calculation's row lock, the change must still sort after that
+        # calculation's ``calculated``, or the entity would not be due again.
         # Identifier sets travel as array literals (one text per entity or event): ragged
         # arrays cannot be passed as one parameter, and this avoids a GROUP BY per batch.
         # An entity's added identifiers are disjoint from its own (an identifier has one owner),
@@ -98,14 +101,14 @@ class StitchStore:
         self.upsert_entities = q(
             "INSERT INTO {ca} AS ca (customer_entity_id, identifiers, modified, "
             "first_event_time, first_event_id, version) "
-            "SELECT k.id, k.idents::text[], now(), k.t, k.e, nextval({seq}) "
+            "SELECT k.id, k.idents::text[], clock_timestamp(), k.t, k.e, nextval({seq}) "
             "FROM unnest(%(ids)s::text[], %(idents)s::text[], %(times)s::timestamptz[], "
             "%(firsts)s::text[]) AS k(id, idents, t, e) "
             "ON CONFLICT (customer_entity_id) DO UPDATE SET "
             "identifiers = CASE WHEN cardinality(excluded.identifiers) = 0 THEN ca.identifiers "
             "ELSE ARRAY(SELECT x FROM unnest(ca.identifiers || excluded.identifiers) AS u(x) "
             "ORDER BY x) END, "
-            "modified = now(), first_event_time = excluded.first_event_time, "
+            "modified = clock_timestamp(), first_event_time = excluded.first_event_time, "
             "first_event_id = excluded.first_event_id, version = excluded.version"
         )
         self.mark_events = q(
