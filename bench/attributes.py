@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ CONTEXT = ("avg_events", "SELECT avg(customer_events_count) AS value FROM custom
 HAND_WRITTEN = """
 WITH ev AS MATERIALIZED (
   SELECT ca.customer_entity_id AS eid, e.id, e.source_id, e.type, e.event_time, e.payload
-  FROM public.customer_attributes ca JOIN cdp_ce.customer_events e ON e.identifiers && ca.identifiers
+  FROM public.customer_attributes ca
+  JOIN cdp_ce.customer_events e ON e.identifiers && ca.identifiers
 ), cat AS (
   SELECT eid, payload->>'category' AS c, sum((payload->>'quantity')::int) AS w, count(*) AS n
   FROM ev WHERE payload->>'category' IS NOT NULL GROUP BY 1, 2
@@ -170,11 +172,22 @@ def define(conn: psycopg.Connection[Any]) -> None:
     conn.execute("INSERT INTO public.context (key, query) VALUES (%s, %s)", CONTEXT)
 
 
+def best_of(n: int, run: Callable[[], object]) -> float:
+    """The fastest of n runs: the machine may be busy with other work."""
+    timings = []
+    for _ in range(n):
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return min(timings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--entities", type=int, default=20000)
     parser.add_argument("--events-per-entity", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=3, help="best of N runs of each side")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="bench-attributes-"))
@@ -191,17 +204,27 @@ def main() -> None:
             print(f"data: {entities} entities, {events[0] if events else 0} events, "
                   f"{len(DEFINITIONS)} definitions")
 
-            started = time.perf_counter()
-            conn.execute(HAND_WRITTEN).fetchone()
-            hand = time.perf_counter() - started
+            hand = best_of(args.repeat, lambda: conn.execute(HAND_WRITTEN).fetchone())
             print(f"hand-written statement: {hand:.2f} s ({entities / hand:.0f} entities/s)")
 
             worker = CalculationWorker(settings, max_batches=1_000_000)
-            started = time.perf_counter()
-            done = worker.run_pass(conn)
-            elapsed = time.perf_counter() - started
+            done = worker.run_pass(conn)  # first pass: also fills context and caches
+            assert done == entities, done
+
+            def recalculate() -> None:
+                conn.execute("UPDATE public.customer_attributes SET calculated = NULL")
+                conn.execute("VACUUM public.customer_attributes")
+                started = time.perf_counter()
+                assert worker.run_pass(conn) == entities
+                timings.append(time.perf_counter() - started)
+
+            timings: list[float] = []
+            for _ in range(args.repeat):
+                recalculate()
+            elapsed = min(timings)
             print(f"CalculationWorker: {done} entities in {elapsed:.2f} s "
-                  f"({done / elapsed:.0f} entities/s)")
+                  f"({done / elapsed:.0f} entities/s; runs: "
+                  f"{', '.join(f'{t:.2f}' for t in timings)} s)")
             errors = conn.execute("SELECT count(*) FROM cdp_attr.attribute_errors").fetchone()
             sample = conn.execute(
                 "SELECT attributes FROM public.customer_attributes "

@@ -238,10 +238,12 @@ class BatchCalculator:
         cur = conn.execute(
             sql.SQL(
                 "WITH r AS (SELECT * FROM unnest(%(ids)s::text[], %(modified)s::timestamptz[], "
-                "%(attrs)s::text[], %(counts)s::int[], %(keep)s::text[]) "
-                "AS r(id, modified, attrs, cnt, keep_csv)), "
+                "%(counts)s::int[], %(keep)s::text[]) WITH ORDINALITY "
+                "AS r(id, modified, cnt, keep_csv, n) "
+                "JOIN jsonb_array_elements(%(attrs)s::jsonb) WITH ORDINALITY AS a(attrs, n) "
+                "USING (n)), "
                 "u AS (UPDATE {ca} AS ca SET attributes = CASE WHEN r.keep_csv IS NULL "
-                "THEN r.attrs::jsonb ELSE r.attrs::jsonb || coalesce(("
+                "THEN r.attrs ELSE r.attrs || coalesce(("
                 "SELECT jsonb_object_agg(k, ca.attributes -> k) "
                 "FROM unnest(string_to_array(r.keep_csv, chr(31))) AS k "
                 "WHERE ca.attributes ? k), '{{}}'::jsonb) END, "
@@ -261,7 +263,8 @@ class BatchCalculator:
             {
                 "ids": ids,
                 "modified": modified,
-                "attrs": attrs,
+                # one JSON document: a text[] of JSON texts costs a regex escape per element
+                "attrs": "[" + ",".join(attrs) + "]",
                 "counts": event_counts,
                 "keep": keep,
             },
