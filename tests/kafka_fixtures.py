@@ -47,7 +47,20 @@ def create_topics(bootstrap: str, *names: str, partitions: int = 3) -> None:
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ks.KafkaBroker]:
-    """A running broker shared by the session; fails (never skips) if it cannot start."""
+    """A running broker shared by the session; fails (never skips) if it cannot start.
+
+    When .ci/run already started one (STREAM_CPS_TEST_KAFKA_DIR), that one is used and left
+    running for .ci/run to stop.
+    """
+    shared = os.environ.get("STREAM_CPS_TEST_KAFKA_DIR")
+    if shared:
+        try:
+            bootstrap = ks.status(Path(shared))
+        except Exception as exc:
+            pytest.fail(f"Kafka from STREAM_CPS_TEST_KAFKA_DIR is not usable: {exc}", pytrace=False)
+        pid = int((Path(shared) / "kafka.pid").read_text().split()[0])
+        yield ks.KafkaBroker(bootstrap=bootstrap, pid=pid, workdir=Path(shared))
+        return
     broker = start_or_fail(tmp_path_factory.mktemp("kafka"))
     try:
         yield broker
