@@ -137,9 +137,17 @@ def _cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
 
     stop = stop_on_signals()
     if args.source == "kafka":
+        from stream_cps import background
         from stream_cps.sources.kafka_consumer import KafkaStitchingService
 
-        KafkaStitchingService(settings, stop).run()
+        # Every member calculates and relays: there is no lease on this path (it must run on
+        # CockroachDB too); concurrent calculators may compute an entity twice, never wrongly.
+        threads = background.start(settings, stop)
+        try:
+            KafkaStitchingService(settings, stop).run()
+        finally:
+            stop.set()
+            background.join(threads)
         return 0
     StitchingService(settings, stop).run()
     return 0
