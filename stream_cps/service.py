@@ -22,12 +22,14 @@ from stream_cps import background, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
+from stream_cps.errors import Recoverable
 from stream_cps.sources.replication import SlotLease, reader
 from stream_cps.stitching.worker import BatchResult, Stitcher
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 10.0
+RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0
 
 
 @dataclass
@@ -88,18 +90,30 @@ class StitchingService:
         telemetry.setup(self.settings.values)
         with connect(self.settings.dsn, role="check", autocommit=True) as conn:
             schema.check(conn, self.settings.schemas)
-        if not self._acquire_lease():
-            return self.progress
-        # Only the active process calculates and relays: a standby would only duplicate work.
-        threads = background.start(self.settings, self.stop) if self.with_background else []
+        self._register_lag_gauge()
+        threads: list[threading.Thread] = []
+        backoff = RECONNECT_MIN
         try:
-            with connect(self.settings.dsn, role="stitching", autocommit=True) as conn:
-                self.source.ensure(conn)
-                self._register_lag_gauge()
-                self._loop(conn)
+            while not self.stop.is_set():
+                try:
+                    if not self._acquire_lease():
+                        break
+                    # Only an active process calculates and relays: a standby would duplicate.
+                    if self.with_background and not threads:
+                        threads = background.start(self.settings, self.stop)
+                    with connect(self.settings.dsn, role="stitching", autocommit=True) as conn:
+                        self.source.ensure(conn)
+                        backoff = RECONNECT_MIN
+                        self._loop(conn)
+                except (psycopg.OperationalError, Recoverable) as exc:
+                    # An always-on consumer outlives restarts and failovers of its database.
+                    log.warning("database unavailable (%s); retrying in %.1f s", exc, backoff)
+                    self.stop.wait(backoff)
+                    backoff = min(backoff * 2, RECONNECT_MAX)
+                finally:
+                    self.source.close()
+                    self.lease.release()
         finally:
-            self.source.close()
-            self.lease.release()
             self.stop.set()
             background.join(threads)
             self.progress.maybe_log(force=True)
@@ -126,7 +140,7 @@ class StitchingService:
         while not self.stop.is_set():
             if time.monotonic() - last_lease_check > 1.0:
                 if not self.lease.alive():
-                    log.error("lost the lease connection; stepping down")
+                    log.warning("lost the lease connection; stepping down to standby")
                     return
                 last_lease_check = time.monotonic()
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):

@@ -229,3 +229,35 @@ def test_burst_while_attributes_are_calculated_keeps_service_up(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_database_restart_is_survived(tmp_path: Path) -> None:
+    """The service outlives a restart of its database (its own server, not the shared one)."""
+    from stream_cps.db import embedded, schema
+
+    server = embedded.start(tmp_path / "pg")
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            schema.migrate(conn, Schemas())
+            setup_rules(conn)
+        proc = start_service(server.dsn, tmp_path / "run.log")
+        try:
+            with psycopg.connect(server.dsn, autocommit=True) as conn:
+                wait_until(lambda: slot_active(conn), what="the slot")
+                insert(conn, [event("before", 1, email="x@a")])
+                wait_until(lambda: unstitched(conn) == 0, timeout=10, what="first event")
+            server.stop("fast")
+            time.sleep(2)
+            server.start()
+            with psycopg.connect(server.dsn, autocommit=True) as conn:
+                insert(conn, [event("after", 2, email="x@a", cookie="c")])
+                wait_until(lambda: unstitched(conn) == 0, timeout=30, what="after the restart")
+                assert observed(conn) == expected(conn)
+            assert proc.poll() is None
+            assert "database unavailable" in (tmp_path / "run.log").read_text()
+            assert stop(proc) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        embedded.destroy(server)
