@@ -166,12 +166,13 @@ class Applier:
     def _insert_rows(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> int:
         # One statement with one array per column: no per-row placeholders to parse, and
         # multi-argument unnest exists in CockroachDB too. Payloads travel as text[] and are
-        # cast row by row (jsonb[] parameters are newer in CockroachDB).
+        # cast row by row (jsonb[] parameters are newer in CockroachDB). Binary parameters (%b)
+        # skip the per-element quoting of text-format array literals.
         statement = sql.SQL(
             "INSERT INTO {} ({}) "
             "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb) "
-            "FROM unnest(CAST(%s AS text[]), CAST(%s AS text[]), CAST(%s AS text[]), "
-            "CAST(%s AS text[]), CAST(%s AS timestamptz[]), CAST(%s AS text[])) "
+            "FROM unnest(CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), "
+            "CAST(%b AS text[]), CAST(%b AS timestamptz[]), CAST(%b AS text[])) "
             "AS u (id, source_id, type, version, event_time, payload) "
             "ON CONFLICT (id) DO NOTHING RETURNING id"
         ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)))

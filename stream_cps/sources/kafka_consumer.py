@@ -16,7 +16,6 @@ moves only the partitions that must move.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -40,7 +39,7 @@ from stream_cps.errors import InvalidInput, Recoverable, StreamCpsError
 from stream_cps.sources.kafka_apply import Applier, ApplyStats, Envelope, isolation_for
 from stream_cps.sources.kafka_avro import SchemaResolver
 from stream_cps.sources.kafka_deadletter import DeadLetterTopic
-from stream_cps.sources.kafka_decode import decode
+from stream_cps.sources.kafka_decode import Decoded, decode
 from stream_cps.stitching.worker import Stitcher
 
 log = logging.getLogger(__name__)
@@ -129,21 +128,26 @@ def to_envelope(msg: Message, message_format: str, avro: SchemaResolver) -> Enve
     kind, stamp = msg.timestamp()
     when = datetime.fromtimestamp(stamp / 1000, UTC) if kind and stamp >= 0 else None
     key, value = msg.key(), msg.value()
-    envelope = Envelope(
+    key = key if isinstance(key, bytes) else None
+    value = value if isinstance(value, bytes) else None
+    decoded: Decoded | None = None
+    reason: str | None = None
+    try:
+        decoded = decode(key, value, message_format, avro)
+    except InvalidInput as exc:
+        reason = str(exc)
+    return Envelope(
         origin=f"kafka:{topic}:{partition}:{offset}",
         source="kafka",
         topic=topic,
         partition=partition,
         offset=offset,
-        key=key if isinstance(key, bytes) else None,
-        value=value if isinstance(value, bytes) else None,
+        key=key,
+        value=value,
         timestamp=when,
+        decoded=decoded,
+        reason=reason,
     )
-    try:
-        decoded = decode(envelope.key, envelope.value, message_format, avro)
-    except InvalidInput as exc:
-        return dataclasses.replace(envelope, reason=str(exc))
-    return dataclasses.replace(envelope, decoded=decoded)
 
 
 class KafkaStitchingService:

@@ -115,18 +115,17 @@ def customer_event(record: dict[str, Any], *, from_avro: bool) -> CustomerEvent:
     else:
         event_time = _iso_time(when)
     payload = record.get("payload")
+    text: str | None = None
     if from_avro:
         if not isinstance(payload, str):
             raise InvalidInput("payload: not a string")
-        payload = parse_json(payload.encode("utf-8"))
+        text, payload = payload, parse_json(payload.encode("utf-8"))
     if not isinstance(payload, dict):
         raise InvalidInput("payload: must be a JSON object")
-    try:
-        text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        text.encode("utf-8")
-    except (ValueError, UnicodeEncodeError) as exc:
-        raise InvalidInput(f"payload: not storable as jsonb: {exc}") from exc
-    if "\\u0000" in text:
+    if text is None:
+        # Re-serialised from the parsed object; Avro's text is kept as sent (it parsed).
+        text = json.dumps(payload, separators=(",", ":"))  # ASCII: lone surrogates stay escaped
+    if "\\u0000" in text or "\x00" in text:
         raise InvalidInput("payload: contains \\u0000, which jsonb cannot store")
     return CustomerEvent(event_id, fields[0], fields[1], fields[2], event_time, text)
 
