@@ -110,30 +110,36 @@ class Compiler:
         assert d.value is not None
         inner = sql.Identifier(f"i{index}")
         outer = sql.Identifier(f"o{index}")
-        ef = sql.SQL(" AND ").join(where) if where else sql.SQL("true")
-        weight = (
-            sql.SQL(", CASE WHEN {} THEN {} END AS weight").format(ef, frag(d.weight))
-            if d.weight
-            else sql.SQL(", NULL::int AS weight")
-        )
+        # The laterals are flattened into the scan, so every CASE below is evaluated per event:
+        # filters are only repeated where an outer expression could turn a filtered-out
+        # (NULL) value into a value again.
+        ef = sql.SQL(" AND ").join(where) if where else None
+
+        def when(condition: sql.Composable | None, expr: sql.Composable) -> sql.Composable:
+            if condition is None:
+                return expr
+            return sql.SQL("CASE WHEN {} THEN {} END").format(condition, expr)
+
+        weight = when(ef, frag(d.weight)) if d.weight else sql.SQL("NULL::int")
+        outer_filter = frag(d.outer_filter) if d.outer_filter else None
+        keep: sql.Composable | None = None
+        if outer_filter is not None:
+            keep = sql.SQL("t.ef AND {}").format(outer_filter) if ef else outer_filter
+        elif ef is not None and (d.outer_value or d.outer_weight):
+            keep = sql.SQL("t.ef")
         outer_value = frag(d.outer_value) if d.outer_value else sql.SQL("t.value")
-        keep: sql.Composable = sql.SQL("t.ef")
-        if d.outer_filter:
-            keep = sql.SQL("t.ef AND {}").format(frag(d.outer_filter))
+        w = self._weight(d)
         laterals = sql.SQL(
-            "CROSS JOIN LATERAL (SELECT CASE WHEN {ef} THEN {value} END AS value{weight}, "
-            "{ef} AS ef) AS {inner} "
-            "CROSS JOIN LATERAL (SELECT CASE WHEN {keep} THEN {v} END AS v, "
-            "CASE WHEN {keep} THEN {w} END AS w "
+            "CROSS JOIN LATERAL (SELECT {value} AS value, {weight} AS weight, {ef} AS ef) "
+            "AS {inner} CROSS JOIN LATERAL (SELECT {v} AS v, {w} AS w "
             "FROM (SELECT {inner}.value, {inner}.weight, {inner}.ef) AS t) AS {outer}"
         ).format(
-            ef=ef,
-            value=frag(d.value),
+            value=when(ef, frag(d.value)),
             weight=weight,
+            ef=ef if ef is not None else sql.SQL("true"),
             inner=inner,
-            keep=keep,
-            v=self._value_column(d, outer_value),
-            w=self._weight(d),
+            v=when(keep, self._value_column(d, outer_value)),
+            w=when(keep, w) if d.weighted else w,
             outer=outer,
         )
         v, w = sql.Identifier(f"v{index}"), sql.Identifier(f"w{index}")
@@ -142,13 +148,16 @@ class Compiler:
             return CompiledAttribute(
                 d, index, params, laterals=laterals, frequency=direction
             )
-        f = sql.SQL("FILTER (WHERE {} IS NOT NULL AND {} IS NOT NULL)").format(v, w)
+        if d.weighted:
+            f = sql.SQL("FILTER (WHERE {} IS NOT NULL AND {} IS NOT NULL)").format(v, w)
+        else:
+            f = sql.SQL("FILTER (WHERE {} IS NOT NULL)").format(v)
         if d.type is CalcType.LIST:
             agg: sql.Composable = sql.SQL("to_jsonb(array_agg(DISTINCT {} ORDER BY {}) {})").format(
                 v, v, f
             )
         else:
-            agg = self.to_json(sql.SQL(_row_aggregate(d)).format(v=v, w=w, f=f), d)
+            agg = self.to_json(sql.SQL(_row_aggregate(d, row_form=True)).format(v=v, w=w, f=f), d)
         return CompiledAttribute(d, index, params, laterals=laterals, aggregate=agg)
 
     def _value_column(self, d: Definition, outer_value: sql.Composable) -> sql.Composed:
@@ -185,7 +194,7 @@ class Compiler:
         """The value in the domain of its data type: comparisons and DISTINCT happen there."""
         if data_type is DataType.STRING:
             return self.text(expr)
-        trimmed = sql.SQL("nullif(btrim({}), '')").format(self.text(expr))
+        trimmed = sql.SQL("nullif({}, '')").format(self.text(expr))
         cast = {
             DataType.INT: "round({}::numeric)",
             DataType.FLOAT: "{}::numeric",
@@ -196,7 +205,7 @@ class Compiler:
         return sql.SQL(cast).format(trimmed)
 
     def number(self, expr: sql.Composable) -> sql.Composed:
-        return sql.SQL("nullif(btrim({}), '')::numeric").format(self.text(expr))
+        return sql.SQL("nullif({}, '')::numeric").format(self.text(expr))
 
     @staticmethod
     def to_json(expr: sql.Composable, d: Definition) -> sql.Composed:
@@ -317,20 +326,30 @@ def referenced(query: str, names: Iterable[str], exclude: str = "") -> list[str]
     return sorted(name for name in names if name in words and name != exclude)
 
 
-def _row_aggregate(d: Definition) -> str:
-    """The aggregate over the row form's columns {v}, {w}; {f} filters out NULLs."""
+def _row_aggregate(d: Definition, row_form: bool = False) -> str:
+    """The aggregate over columns {v}, {w}; {f} keeps rows whose value (and weight) is set.
+
+    In the row form every event has exactly one value, so (event_time, id) orders them
+    completely and all first/last/value aggregates share one sort, which PostgreSQL then does
+    once for the whole input; aggregates that skip NULLs anyway get no FILTER.
+    """
     weighted = d.weighted
     is_bool = d.data_type is DataType.BOOL
+    if row_form:
+        ordered = "array_agg({v} ORDER BY event_time, id) {f}"
+        first, last = f"({ordered})[1]", f"({ordered})[cardinality({ordered})]"
+    else:
+        first = "(array_agg({v} ORDER BY event_time, id, {v}) {f})[1]"
+        last = "(array_agg({v} ORDER BY event_time DESC, id DESC, {v} DESC) {f})[1]"
     templates = {
-        CalcType.AVG: "sum({v} * {w}) {f} / nullif(sum({w}) {f}, 0)" if weighted
-        else "avg({v}) {f}",
-        CalcType.SUM: "sum({v} * {w}) {f}" if weighted else "sum({v}) {f}",
-        CalcType.MIN: "bool_and({v}) {f}" if is_bool else "min({v}) {f}",
-        CalcType.MAX: "bool_or({v}) {f}" if is_bool else "max({v}) {f}",
-        CalcType.FIRST: "(array_agg({v} ORDER BY event_time, id, {v}) {f})[1]",
-        CalcType.LAST: "(array_agg({v} ORDER BY event_time DESC, id DESC, {v} DESC) {f})[1]",
-        CalcType.VALUE: "(array_agg({v}) {f})[1]",
-        CalcType.NUM_OF_UNIQUE: "count(DISTINCT {v}) {f}",
+        CalcType.AVG: "sum({v} * {w}) / nullif(sum({w}) {f}, 0)" if weighted else "avg({v})",
+        CalcType.SUM: "sum({v} * {w})" if weighted else "sum({v})",
+        CalcType.MIN: "bool_and({v})" if is_bool else "min({v})",
+        CalcType.MAX: "bool_or({v})" if is_bool else "max({v})",
+        CalcType.FIRST: first,
+        CalcType.LAST: last,
+        CalcType.VALUE: first,
+        CalcType.NUM_OF_UNIQUE: "count(DISTINCT {v})",
     }
     return templates[d.type]
 
