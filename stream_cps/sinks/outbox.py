@@ -1,4 +1,4 @@
-"""All SQL of the outbox relay: claim pending commands, read entities, record outcomes.
+"""All SQL of the outbox relay: the relay lock, pending commands, entities, outcomes.
 
 Writers (stitching, purge, attribute calculation) insert commands in the transaction of the
 change that causes them; only the relay reads and marks them.
@@ -50,12 +50,13 @@ class OutboxStore:
         def q(text: str) -> sql.Composed:
             return sql.SQL(text).format(**ids)
 
-        # One relay delivers at a time, so commands for an entity never overtake each other.
+        # One relay delivers at a time (a session lock: held while its connection lives), so
+        # commands for an entity never overtake each other and rows need no row locks.
         self.lock_key = zlib.crc32(f"stream-cps outbox relay {schemas.attr}".encode())
-        self._lock = sql.SQL("SELECT pg_try_advisory_xact_lock(%(key)s::bigint)")
+        self._lock = sql.SQL("SELECT pg_try_advisory_lock(%(key)s::bigint)")
         self._claim = q(
             "SELECT seq, entity_id, op, version FROM {outbox} "
-            "WHERE delivered IS NULL AND NOT parked ORDER BY seq LIMIT %(limit)s FOR UPDATE"
+            "WHERE delivered IS NULL AND NOT parked ORDER BY seq LIMIT %(limit)s"
         )
         self._entities = q(
             "SELECT customer_entity_id, identifiers, attributes, calculated, version "
@@ -80,11 +81,13 @@ class OutboxStore:
         )
         self._pending = q("SELECT count(*) FROM {outbox} WHERE delivered IS NULL AND NOT parked")
 
-    def claim(self, conn: psycopg.Connection[Any], limit: int) -> list[Command] | None:
-        """Lock the oldest pending commands; None when another relay is delivering."""
+    def try_lock(self, conn: psycopg.Connection[Any]) -> bool:
+        """Become the delivering relay for this connection's lifetime; False if another is."""
         row = conn.execute(self._lock, {"key": self.lock_key}).fetchone()
-        if not row or not row[0]:
-            return None
+        return bool(row and row[0])
+
+    def claim(self, conn: psycopg.Connection[Any], limit: int) -> list[Command]:
+        """The oldest pending commands (call while holding the relay lock)."""
         rows = conn.execute(self._claim, {"limit": limit}).fetchall()
         return [Command(int(s), e, op, int(v)) for s, e, op, v in rows]
 

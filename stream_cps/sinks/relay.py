@@ -1,10 +1,11 @@
 """The outbox relay: delivers OpenSearch commands written by stitching and calculation.
 
-One batch is one database transaction: claim the oldest pending commands (locked, one relay
-at a time), collapse them per entity, build upsert documents from the entity's CURRENT row,
-send one bulk request, record every command's outcome, commit. A crash anywhere before the
-commit leaves the commands pending; resending is harmless because writes carry external
-versions. The relay only reads and marks outbox rows, so it never blocks stitching.
+One relay delivers at a time (a session advisory lock). A batch: read the oldest pending
+commands, collapse them per entity, build upsert documents from the entity's CURRENT row, send
+one bulk request, then record every command's outcome in one transaction. No transaction is
+open while OpenSearch is asked, and the relay takes no row locks, so it never blocks
+stitching. A crash before the outcomes commit leaves the commands pending; resending is
+harmless because writes carry external versions.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class Relay:
 
             self.publisher = KafkaCommandPublisher(settings)
         self._index_ready = False
+        self._lock_session: tuple[int, int] | None = None
         meter = telemetry.meter()
         self._delivered = meter.create_counter(telemetry.METRIC_OUTBOX_DELIVERED)
         self._parked = meter.create_counter(telemetry.METRIC_OUTBOX_PARKED)
@@ -169,10 +171,14 @@ class Relay:
     def run_once(self, conn: psycopg.Connection[Any]) -> int:
         """Deliver one batch; return how many commands were finished (delivered or parked).
 
-        Raises ``OpenSearchUnavailable`` (recoverable, after the batch's bookkeeping is
-        committed) when some or all commands must wait for a retry, so the caller backs off.
+        Pass an autocommit (or idle) connection: no transaction stays open while OpenSearch
+        is asked. Returns 0 at once while another relay holds the relay lock. Raises
+        ``OpenSearchUnavailable`` (recoverable, after the outcomes are committed) when some or
+        all commands must wait for a retry, so the caller backs off.
         """
         self.ensure_index(conn)
+        if not self._holds_lock(conn):
+            return 0
         failure: OpenSearchUnavailable | None = None
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_OUTBOX_RELAY) as span:
             with conn.transaction():
@@ -181,18 +187,20 @@ class Relay:
                     return 0
                 planned = collapse(commands)
                 upserts = [p.entity_id for p in planned if p.op == "upsert"]
-                pairs = plan_actions(planned, self.store.entities(conn, upserts))
-                actions = [a for _, a in pairs if a is not None]
-                try:
-                    results = iter(self.writer.write(actions))
-                    if self.publisher is not None:
-                        self.publisher.publish(actions)
-                except OpenSearchUnavailable as exc:
-                    failure = exc
-                    results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
-                except Recoverable as exc:  # the Kafka side failed: OpenSearch will be re-sent
-                    failure = OpenSearchUnavailable(str(exc))
-                    results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
+                entities = self.store.entities(conn, upserts)
+            pairs = plan_actions(planned, entities)
+            actions = [a for _, a in pairs if a is not None]
+            try:
+                results = iter(self.writer.write(actions))
+                if self.publisher is not None:
+                    self.publisher.publish(actions)
+            except OpenSearchUnavailable as exc:
+                failure = exc
+                results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
+            except Recoverable as exc:  # the Kafka side failed: OpenSearch will be re-sent
+                failure = OpenSearchUnavailable(str(exc))
+                results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
+            with conn.transaction():
                 finished, retried = self._record(conn, pairs, results)
             span.set_attribute("outbox.commands", len(commands))
             span.set_attribute("outbox.finished", finished)
@@ -202,6 +210,18 @@ class Relay:
             failure.delivered = finished
             raise failure
         return finished
+
+    def _holds_lock(self, conn: psycopg.Connection[Any]) -> bool:
+        """Take the session-level relay lock once per connection (it is re-entrant, so
+        asking again on the same session would only stack it)."""
+        session = (id(conn), conn.info.backend_pid)
+        if self._lock_session == session:
+            return True
+        with conn.transaction():
+            if not self.store.try_lock(conn):
+                return False
+        self._lock_session = session
+        return True
 
     def _record(
         self,
