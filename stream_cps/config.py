@@ -106,7 +106,7 @@ FIELDS: dict[str, Field] = {
     "kafka.message_format": Field(
         str, "auto", "customer event encoding", choices=("auto", "avro", "json")
     ),
-    "kafka.batch_size": Field(int, 500, "messages applied per database transaction"),
+    "kafka.batch_size": Field(int, 2000, "messages applied per database transaction"),
     "kafka.poll_timeout": Field(float, 0.2, "seconds a poll waits for the first message"),
     "kafka.session_timeout": Field(
         float, 10.0, "seconds without heartbeat before a dead member's partitions move"
