@@ -20,16 +20,15 @@ from opensearchpy import OpenSearch
 
 from stream_cps import config
 from stream_cps.sinks import kafka_commands
+from stream_cps.sinks.commands import Action, Command, Planned, collapse
 from stream_cps.sinks.opensearch import (
-    Action,
     BulkWriter,
     OpenSearchUnavailable,
     Outcome,
     classify,
     ensure_index,
 )
-from stream_cps.sinks.outbox import Command
-from stream_cps.sinks.relay import Planned, Relay, collapse
+from stream_cps.sinks.relay import Relay
 from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.worker import Stitcher
 from tests.opensearch_fixtures import restart_opensearch, service

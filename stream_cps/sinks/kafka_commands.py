@@ -19,7 +19,7 @@ from confluent_kafka import KafkaException, Producer
 
 from stream_cps.config import Settings
 from stream_cps.errors import ConfigError, Recoverable
-from stream_cps.sinks.opensearch import Action
+from stream_cps.sinks.commands import Action
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "opensearch_command.avsc"
 

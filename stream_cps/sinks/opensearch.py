@@ -27,6 +27,7 @@ from tenacity import (
 
 from stream_cps.config import Settings
 from stream_cps.errors import ConfigError, Recoverable, StreamCpsError
+from stream_cps.sinks.commands import Action
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +51,6 @@ class Outcome(Enum):
     STALE = "stale"  # a newer version is already in the index: as good as delivered
     RETRY = "retry"
     PARK = "park"
-
-
-@dataclass(frozen=True)
-class Action:
-    """One versioned write: index ``document`` under ``entity_id``, or delete it (None)."""
-
-    entity_id: str
-    version: int
-    document: Mapping[str, Any] | None
-
-    @property
-    def op(self) -> str:
-        return "delete" if self.document is None else "index"
 
 
 @dataclass(frozen=True)

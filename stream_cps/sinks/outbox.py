@@ -8,33 +8,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from stream_cps.config import Schemas
-
-
-@dataclass(frozen=True)
-class Command:
-    seq: int
-    entity_id: str
-    op: str  # 'upsert' | 'delete'
-    version: int
-
-
-@dataclass(frozen=True)
-class Entity:
-    """The current row of a live entity, as the index document is built from it."""
-
-    entity_id: str
-    identifiers: list[str]
-    attributes: dict[str, Any]
-    calculated: datetime | None
-    version: int
+from stream_cps.sinks.commands import Command, Entity
 
 
 class OutboxStore:

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
@@ -33,8 +32,8 @@ from stream_cps import telemetry
 from stream_cps.config import Settings
 from stream_cps.db.connect import connect
 from stream_cps.errors import Recoverable
+from stream_cps.sinks.commands import Action, Planned, collapse, plan_actions
 from stream_cps.sinks.opensearch import (
-    Action,
     BulkWriter,
     OpenSearchRejected,
     OpenSearchUnavailable,
@@ -44,76 +43,17 @@ from stream_cps.sinks.opensearch import (
     make_client,
     retryable,
 )
-from stream_cps.sinks.outbox import Command, Entity, OutboxStore
+from stream_cps.sinks.outbox import OutboxStore
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0  # seconds between deletes of old delivered outbox rows
 
 
-@dataclass(frozen=True)
-class Planned:
-    """The commands of one entity in a batch, reduced to the one that matters: the newest."""
-
-    entity_id: str
-    op: str
-    version: int
-    seqs: tuple[int, ...]
-
-
 class Publisher(Protocol):
     """Somewhere else the delivered actions go too (the optional Kafka topic)."""
 
     def publish(self, actions: Sequence[Action]) -> None: ...
-
-
-def collapse(commands: Sequence[Command]) -> list[Planned]:
-    """Group commands (in seq order) by entity; the newest op wins, with the highest version.
-
-    Taking the highest version also for a delete guards against commands whose transactions
-    committed in a different order than they drew versions.
-    """
-    groups: dict[str, list[Command]] = {}
-    for cmd in commands:
-        groups.setdefault(cmd.entity_id, []).append(cmd)
-    return [
-        Planned(
-            entity_id,
-            cmds[-1].op,
-            max(c.version for c in cmds),
-            tuple(c.seq for c in cmds),
-        )
-        for entity_id, cmds in groups.items()
-    ]
-
-
-def document(entity: Entity) -> dict[str, Any]:
-    """The index document of an entity (the index mapping lists the same fields)."""
-    return {
-        "customer_entity_id": entity.entity_id,
-        "identifiers": entity.identifiers,
-        "attributes": entity.attributes,
-        "calculated": entity.calculated.isoformat() if entity.calculated else None,
-    }
-
-
-def plan_actions(
-    planned: Sequence[Planned], entities: dict[str, Entity]
-) -> list[tuple[Planned, Action | None]]:
-    """The write for each planned entity; None for an upsert whose entity no longer exists
-    (its delete is in the outbox too, so doing nothing is right)."""
-    out: list[tuple[Planned, Action | None]] = []
-    for p in planned:
-        if p.op == "delete":
-            out.append((p, Action(p.entity_id, p.version, None)))
-            continue
-        entity = entities.get(p.entity_id)
-        if entity is None:
-            out.append((p, None))
-        else:
-            # The row is at least as new as every command read: take the larger version.
-            out.append((p, Action(p.entity_id, max(p.version, entity.version), document(entity))))
-    return out
 
 
 _STATUS = {
