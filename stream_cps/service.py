@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,18 +83,17 @@ class StitchingService:
         self.stitcher = Stitcher(settings)
         self.source = reader(settings)
         self.lease = SlotLease(settings)
-        self.on_batch: Callable[[BatchResult], None] | None = None
 
     def run(self) -> Progress:
         telemetry.setup(self.settings.values)
-        with connect(self.settings.dsn, role="check", autocommit=True) as conn:
-            schema.check(conn, self.settings.schemas)
         self._register_lag_gauge()
         threads: list[threading.Thread] = []
         backoff = RECONNECT_MIN
         try:
             while not self.stop.is_set():
                 try:
+                    with connect(self.settings.dsn, role="check", autocommit=True) as conn:
+                        schema.check(conn, self.settings.schemas)  # SchemaError ends the run
                     if not self._acquire_lease():
                         break
                     # Only an active process calculates and relays: a standby would duplicate.
@@ -172,8 +170,6 @@ class StitchingService:
 
     def _record(self, result: BatchResult) -> None:
         self.progress.add(result)
-        if self.on_batch:
-            self.on_batch(result)
 
     def _register_lag_gauge(self) -> None:
         def observe(_options: Any) -> list[Any]:
