@@ -79,6 +79,7 @@ class BatchCalculator:
         self._alone: set[str] = set()
         self._reported: set[tuple[str, str]] = set()
         self._plan_key: str | None = None
+        self._batch_len = 0
 
     def run(
         self, conn: psycopg.Connection[Any], plan: Plan, entities: Sequence[tuple[str, datetime]]
@@ -89,6 +90,7 @@ class BatchCalculator:
             self._reported = set()
             self._plan_key = plan.fingerprint
         ids = [entity_id for entity_id, _ in entities]
+        self._batch_len = len(ids)
         self._ensure_events_table(conn)
         with sandbox.read_only(conn, self._timeout_ms):
             self._load_events(conn, ids)
@@ -166,6 +168,7 @@ class BatchCalculator:
     ) -> list[tuple[Any, ...]] | sandbox.SqlFailure:
         query, params = statement(attrs)
         params["ids"] = ids
+        params["whole"] = len(ids) == self._batch_len
         return sandbox.fetch(conn, query, params)
 
     @staticmethod
@@ -180,15 +183,17 @@ class BatchCalculator:
 
         ON COMMIT DELETE ROWS truncates it in place at every commit: the rows each batch
         inserts (and rolls back with the savepoint) never pile up as dead tuples, which no
-        autovacuum would clean in a temporary table.
+        autovacuum would clean in a temporary table. Entity and event ids use the "C" collation:
+        they are grouped and sorted a lot, and byte order is all they need.
         """
         found = conn.execute("SELECT to_regclass(%s)", [f"pg_temp.{EVENTS_TABLE}"]).fetchone()
         if found and found[0] is not None:
             return
         conn.execute(
             sql.SQL(
-                "CREATE TEMP TABLE {name} ON COMMIT DELETE ROWS AS SELECT ''::text AS entity_id, "
-                "id, source_id, type, version, event_time, payload FROM {ce} WITH NO DATA"
+                "CREATE TEMP TABLE {name} ON COMMIT DELETE ROWS AS SELECT "
+                "''::text COLLATE \"C\" AS entity_id, id::text COLLATE \"C\" AS id, "
+                "source_id, type, version, event_time, payload FROM {ce} WITH NO DATA"
             ).format(
                 name=sql.Identifier(EVENTS_TABLE),
                 ce=sql.Identifier(self._schemas.ce, "customer_events"),

@@ -30,6 +30,10 @@ EVENTS_TABLE = "stream_cps_attr_events"
 EVENTS = sql.SQL("pg_temp.{}").format(sql.Identifier(EVENTS_TABLE))
 # The batch's entity ids: an array parameter every statement takes.
 IDS = sql.Placeholder("ids")
+# Rows of the entities asked for. The events table holds only the batch, so the usual call
+# (``whole`` true) needs no test at all; one `= ANY(array)` per event would be a linear search
+# of the array in a prepared (generic) plan. Only the isolation path asks for a subset.
+MINE = sql.SQL("(%(whole)s::boolean OR entity_id = ANY(%(ids)s::text[]))")
 
 
 @dataclass(frozen=True)
@@ -222,8 +226,7 @@ class Compiler:
 
     def _predefined(self, d: Definition, where: list[sql.Composable]) -> sql.Composed:
         assert d.value is not None
-        mine = sql.SQL("entity_id = ANY({}::text[])").format(IDS)
-        conditions = sql.SQL(" AND ").join([mine, *where])
+        conditions = sql.SQL(" AND ").join([MINE, *where])
         weight = sql.SQL(", {} AS weight").format(frag(d.weight)) if d.weight else sql.SQL("")
         inner = sql.SQL(
             "SELECT entity_id, id, event_time, {value} AS value{weight} FROM {events} WHERE {where}"
@@ -250,8 +253,13 @@ class Compiler:
                 ),
                 clean=clean,
             )
+        if d.type in (CalcType.LIST, CalcType.NUM_OF_UNIQUE):
+            # a set-returning value repeats values a lot: drop duplicates by hashing first
+            clean = sql.SQL("SELECT entity_id, v FROM ({}) AS d GROUP BY entity_id, v").format(
+                clean
+            )
         if d.type is CalcType.LIST:
-            agg: sql.Composable = sql.SQL("to_jsonb(array_agg(DISTINCT v ORDER BY v))")
+            agg: sql.Composable = sql.SQL("to_jsonb(array_agg(v ORDER BY v))")
         else:
             template = sql.SQL(_row_aggregate(d))
             agg = self.to_json(template.format(v=sql.SQL("v"), w=sql.SQL("w"), f=sql.SQL("")), d)
@@ -372,12 +380,12 @@ def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, di
         ctes.append(
             sql.SQL(
                 "event_rows AS (SELECT e.entity_id, e.id, e.event_time, {columns} FROM {events} "
-                "AS e {laterals} WHERE e.entity_id = ANY({ids}::text[]))"
+                "AS e {laterals} WHERE {mine})"
             ).format(
                 columns=columns,
                 events=EVENTS,
                 laterals=sql.SQL(" ").join(a.laterals for a in row_form if a.laterals),
-                ids=IDS,
+                mine=MINE,
             )
         )
     grouped = [a for a in row_form if a.aggregate is not None]
