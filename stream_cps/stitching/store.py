@@ -55,15 +55,12 @@ class StitchStore:
         self.unstitched = q(
             "SELECT id FROM {ce} WHERE stitched IS NULL ORDER BY id LIMIT %(limit)s"
         )
-        self.lookup = q(
+        # Locks the touched entities in id order (lockers cannot deadlock on each other).
+        self.lock_lookup = q(
             "SELECT ie.identifier, ie.entity_id, ca.first_event_time, ca.first_event_id "
             "FROM {ie} ie JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
-            "WHERE ie.identifier = ANY(%(idents)s)"
-        )
-        self.lock = q(
-            "SELECT ca.customer_entity_id FROM {ie} ie "
-            "JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
-            "WHERE ie.identifier = ANY(%(idents)s) ORDER BY 1 FOR UPDATE OF ca"
+            "WHERE ie.identifier = ANY(%(idents)s) ORDER BY ca.customer_entity_id "
+            "FOR UPDATE OF ca"
         )
         self.absorb = q(
             "DELETE FROM {ca} WHERE customer_entity_id = ANY(%(old)s) "
@@ -131,12 +128,6 @@ class StitchStore:
             conn.execute(self.outbox_deletes, {"ids": ids})
         return ids
 
-    def lock_entities(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> None:
-        """Lock the entities a batch touches (in id order, so lockers cannot deadlock), before
-        purge signals are read: a purge committed later waits for this batch."""
-        if identifiers:
-            conn.execute(self.lock, {"idents": identifiers}).fetchall()
-
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute(self.has_purge).fetchone()
         return bool(row and row[0])
@@ -146,14 +137,21 @@ class StitchStore:
 
     # -- read --------------------------------------------------------------------------------
 
-    def owners(
+    def lock_owners(
         self, conn: psycopg.Connection[Any], identifiers: list[str]
     ) -> tuple[dict[str, str], dict[str, EventKey]]:
-        """Current entity of each known identifier, and each such entity's first event key."""
+        """Lock the entities owning ``identifiers``; return each identifier's entity and each
+        entity's first event key.
+
+        Called before purge signals are read: a purge committed later waits for this batch.
+        """
         owner: dict[str, str] = {}
         keys: dict[str, EventKey] = {}
-        rows = conn.execute(self.lookup, {"idents": identifiers}).fetchall()
-        for ident, entity, first_time, first_id in rows:
+        if not identifiers:
+            return owner, keys
+        for ident, entity, first_time, first_id in conn.execute(
+            self.lock_lookup, {"idents": identifiers}
+        ).fetchall():
             owner[ident] = entity
             keys[entity] = (first_time, first_id)
         return owner, keys

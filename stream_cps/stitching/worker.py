@@ -119,11 +119,12 @@ class Stitcher:
             ]
             touched = sorted({i for ev in events for i in ev.identifiers})
             with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
-                self.store.lock_entities(conn, touched)
+                owner, keys = self.store.lock_owners(conn, touched)
                 result.purged = self.store.purge(conn)
             if events:
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
-                    owner, keys = self.store.owners(conn, touched)
+                    gone = set(result.purged)
+                    owner = {i: e for i, e in owner.items() if e not in gone}
                     plan = grouping.plan(events, owner, keys)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
                     written = self.store.write(conn, plan, events, extracted.failures)
