@@ -6,10 +6,12 @@
    JSON), keyed by event id.
 2. Raw consume: a plain consumer reads every message of the topic and does nothing else; the
    fastest this client can take the topic in on this machine.
-3. End to end: `stream-cps run --source kafka` (a separate process, a fresh group) decodes,
-   inserts and stitches every message; measured from the first event's insert to the last
-   stitch (database clock, excludes process start and group join) and reported as events/s
-   and as a fraction of (2).
+3. End to end, each run with a fresh group and database, measured from the first event's insert
+   to the last stitch (database clock: excludes process start and group join), reported as
+   events/s and as a fraction of (2):
+   - ``cli``: `stream-cps run --source kafka` as users run it, i.e. with attribute calculation
+     running in the same process (it shares the GIL and the two cores);
+   - ``inproc``: the Kafka source alone (``KafkaStitchingService`` in a thread, no calculation).
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer, Producer
@@ -35,9 +40,11 @@ sys.path.insert(0, str(ROOT / "infra" / "kafka"))
 
 import kafka_service  # noqa: E402
 
+from stream_cps import config  # noqa: E402
 from stream_cps.config import Schemas  # noqa: E402
 from stream_cps.db import embedded, schema  # noqa: E402
 from stream_cps.sample import generator  # noqa: E402
+from stream_cps.sources.kafka_consumer import KafkaStitchingService  # noqa: E402
 from stream_cps.sources.kafka_encode import avro_event, json_event  # noqa: E402
 
 SCHEMAS = Schemas()
@@ -48,6 +55,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--format", choices=["avro", "json"], default="avro")
     parser.add_argument("--batch-sizes", default="500,2000", help="kafka.batch_size values")
+    parser.add_argument("--modes", default="cli,inproc", help="cli and/or inproc")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-kafka-"))
@@ -78,14 +86,17 @@ def main() -> int:
 
         raw_s = raw_consume(broker.bootstrap, topic, n)
         print(f"raw consume: {n / raw_s:,.0f} messages/s ({raw_s:.2f} s)")
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            e2e_s, wall_s = end_to_end(server, broker.bootstrap, topic, n, batch_size, workdir)
-            print(
-                f"end to end (kafka.batch_size={batch_size}): {n / e2e_s:,.0f} events/s "
-                f"({e2e_s:.2f} s first insert -> last stitch; {wall_s:.1f} s incl. start), "
-                f"ratio to raw consume {raw_s / e2e_s:.3f}",
-                flush=True,
-            )
+        for mode in args.modes.split(","):
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                e2e_s, wall_s = end_to_end(
+                    server, broker.bootstrap, topic, n, batch_size, workdir, mode
+                )
+                print(
+                    f"end to end [{mode}] (kafka.batch_size={batch_size}): "
+                    f"{n / e2e_s:,.0f} events/s ({e2e_s:.2f} s first insert -> last stitch; "
+                    f"{wall_s:.1f} s incl. start), ratio to raw consume {raw_s / e2e_s:.4f}",
+                    flush=True,
+                )
     finally:
         broker.stop()
         embedded.destroy(server)
@@ -120,6 +131,7 @@ def end_to_end(
     n: int,
     batch_size: int,
     workdir: Path,
+    mode: str,
 ) -> tuple[float, float]:
     name = f"bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server.dsn, autocommit=True) as admin:
@@ -129,7 +141,6 @@ def end_to_end(
         schema.migrate(conn, SCHEMAS)
         conn.execute(generator.config_sql(SCHEMAS))
         env = {
-            **os.environ,
             "STREAM_CPS_DSN": dsn,
             "STREAM_CPS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "STREAM_CPS_KAFKA_TOPICS": topic,
@@ -139,32 +150,48 @@ def end_to_end(
             "STREAM_CPS_LOG_LEVEL": "WARNING",
         }
         started = time.monotonic()
-        with (workdir / f"{name}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "stream_cps", "run", "--source", "kafka"],
-                env=env,
-                stdout=log,
-                stderr=log,
-            )
+        if mode == "inproc":
+            stop = threading.Event()
+            service = KafkaStitchingService(config.load(environ=env), stop)
+            thread = threading.Thread(target=service.run, daemon=True)
+            thread.start()
             try:
-                while True:
-                    row = conn.execute(
-                        "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
-                    ).fetchone()
-                    if row and row[0] >= n:
-                        break
-                    if process.poll() is not None:
-                        raise SystemExit(f"stream-cps exited; see {log.name}")
-                    time.sleep(0.1)
+                wait_stitched(conn, n, thread.is_alive)
                 wall = time.monotonic() - started
             finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=30)
+                stop.set()
+                thread.join(30)
+        else:
+            with (workdir / f"{name}.log").open("wb") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "stream_cps", "run", "--source", "kafka"],
+                    env={**os.environ, **env},
+                    stdout=log,
+                    stderr=log,
+                )
+                try:
+                    wait_stitched(conn, n, lambda: process.poll() is None)
+                    wall = time.monotonic() - started
+                finally:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait(timeout=30)
         span = conn.execute(
             "SELECT extract(epoch FROM max(stitched) - min(created)) FROM cdp_ce.customer_events"
         ).fetchone()
         assert span is not None
         return float(span[0]), wall
+
+
+def wait_stitched(conn: psycopg.Connection[Any], n: int, alive: Callable[[], bool]) -> None:
+    while True:
+        row = conn.execute(
+            "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
+        ).fetchone()
+        if row and row[0] >= n:
+            return
+        if not alive():
+            raise SystemExit("the consumer stopped before stitching everything")
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

@@ -290,14 +290,23 @@ class KafkaStitchingService:
     # -- replay requests and idle purge ------------------------------------------------------
 
     def _maintenance(self, consumer: Consumer, idle: bool) -> None:
-        conn = self._db()
+        """Replay requests, and purge signals while no messages arrive.
+
+        Both are retried on the next round when they fail transiently: a lost connection is
+        reopened by the next batch, a serialization conflict just waits a second.
+        """
         self._check_replays = False
-        self._apply_replays(consumer, conn)
-        if idle and self.stitcher.store.pending_purge(conn):
-            conn.isolation_level = isolation_for(conn)
-            with conn.transaction():
-                result = self.stitcher.stitch_in_transaction(conn, [])
-            self.stitcher.count_metrics(result)
+        try:
+            conn = self._db()
+            self._apply_replays(consumer, conn)
+            if idle and self.stitcher.store.pending_purge(conn):
+                conn.isolation_level = isolation_for(conn)
+                with conn.transaction():
+                    result = self.stitcher.stitch_in_transaction(conn, [])
+                self.stitcher.count_metrics(result)
+        except psycopg.OperationalError as exc:
+            log.warning("kafka: maintenance deferred: %s", exc)
+            self._check_replays = True
 
     def _apply_replays(self, consumer: Consumer, conn: psycopg.Connection[Any]) -> None:
         """Seek the partitions this member owns to offsets ``stream-cps replay`` asked for."""
