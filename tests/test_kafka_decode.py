@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_cps.errors import InvalidInput
 from stream_cps.sources import kafka_avro
@@ -21,6 +23,7 @@ from stream_cps.sources.kafka_decode import (
     decode,
     webhook_entries,
 )
+from stream_cps.sources.kafka_encode import avro_event, json_event
 from stream_cps.sources.kafka_webhook import envelopes_of
 
 AVRO = kafka_avro.SchemaResolver(None)
@@ -152,3 +155,31 @@ def test_schema_ids_resolve_through_a_registry_when_configured(registry: str) ->
     assert isinstance(event, CustomerEvent) and event.id == "e1"
     with pytest.raises(InvalidInput, match="registry answered 404"):
         decode(None, kafka_avro.encode(RECORD, SCHEMA, schema_id=1), "avro", resolver)
+
+
+_text_st = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+_json_st = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text_st,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text_st, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(
+    eid=_text_st.filter(str.strip),
+    names=st.tuples(*[_text_st.filter(str.strip).filter(lambda s: len(s) <= 255)] * 3),
+    micros=st.integers(0, 4_102_444_800_000_000),
+    payload=st.dictionaries(_text_st, _json_st, max_size=6),
+)
+@settings(max_examples=150, deadline=None)
+def test_any_valid_event_round_trips_through_both_encodings(
+    eid: str, names: tuple[str, str, str], micros: int, payload: dict[str, Any]
+) -> None:
+    when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    row = (eid, *names, when, json.dumps(payload))
+    for value in (avro_event(row), json_event(row)):
+        event = decode(eid.encode(), value, "auto", AVRO)
+        assert isinstance(event, CustomerEvent)
+        assert (event.id, event.source_id, event.type, event.version) == (eid, *names)
+        assert event.event_time == when
+        assert json.loads(event.payload) == payload
