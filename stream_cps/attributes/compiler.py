@@ -391,39 +391,55 @@ def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, di
     grouped = [a for a in row_form if a.aggregate is not None]
     if grouped:
         ctes.append(
-            sql.SQL("grouped AS (SELECT entity_id, {} FROM event_rows GROUP BY entity_id)").format(
-                sql.SQL(", ").join(
-                    sql.SQL("{} AS {}").format(a.aggregate, sql.Identifier(f"j{a.index}"))
-                    for a in grouped
-                )
-            )
+            sql.SQL(
+                "grouped AS (SELECT entity_id, jsonb_strip_nulls({}) AS o FROM event_rows "
+                "GROUP BY entity_id)"
+            ).format(_object(grouped))
         )
+        parts.append(sql.SQL("grouped"))
     for compiled in attributes:
         key = f"k{compiled.index}"
         params.update(compiled.params)
         params[key] = compiled.attribute_id
         name = sql.Identifier(f"attr_{compiled.index}")
         if compiled.aggregate is not None:
-            parts.append(
-                sql.SQL("SELECT entity_id, {}::text AS k, {} AS j FROM grouped").format(
-                    sql.Placeholder(key), sql.Identifier(f"j{compiled.index}")
-                )
-            )
             continue
         if compiled.frequency is not None:
             body: sql.Composable = _frequency(compiled)
         else:
             assert compiled.body is not None
             body = compiled.body
-        ctes.append(sql.SQL("{} AS ({})").format(name, body))
-        parts.append(
-            sql.SQL("SELECT entity_id, {}::text AS k, j FROM {}").format(sql.Placeholder(key), name)
+        ctes.append(
+            sql.SQL(
+                "{} AS (SELECT entity_id, jsonb_build_object({}::text, j) AS o FROM ({}) AS a "
+                "WHERE j IS NOT NULL)"
+            ).format(name, sql.Placeholder(key), body)
         )
+        parts.append(name)
+    # one object per entity and CTE, joined on the entity: no regrouping of key/value rows
+    joins = sql.SQL(" ").join(
+        sql.SQL("LEFT JOIN {} ON {}.entity_id = b.entity_id").format(p, p) for p in parts
+    )
+    merged = sql.SQL(" || ").join(
+        sql.SQL("coalesce({}.o, '{{}}'::jsonb)").format(p) for p in parts
+    )
     query = sql.SQL(
-        "WITH {ctes} SELECT entity_id, jsonb_object_agg(k, j)::text FROM ({parts}) AS x "
-        "WHERE j IS NOT NULL GROUP BY entity_id"
-    ).format(ctes=sql.SQL(", ").join(ctes), parts=sql.SQL(" UNION ALL ").join(parts))
+        "WITH {ctes} SELECT b.entity_id, ({merged})::text "
+        "FROM unnest({ids}::text[]) AS b(entity_id) {joins}"
+    ).format(ctes=sql.SQL(", ").join(ctes), merged=merged, ids=IDS, joins=joins)
     return query, params
+
+
+def _object(attributes: Sequence[CompiledAttribute]) -> sql.Composable:
+    """jsonb_build_object over the row-form attributes, in pieces (functions take 100 args)."""
+    pieces: list[sql.Composable] = []
+    for start in range(0, len(attributes), 40):
+        pairs = sql.SQL(", ").join(
+            sql.SQL("{}::text, {}").format(sql.Placeholder(f"k{a.index}"), a.aggregate)
+            for a in attributes[start : start + 40]
+        )
+        pieces.append(sql.SQL("jsonb_build_object({})").format(pairs))
+    return sql.SQL(" || ").join(pieces)
 
 
 def _frequency(a: CompiledAttribute) -> sql.Composed:
