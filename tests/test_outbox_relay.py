@@ -19,6 +19,7 @@ import pytest
 from opensearchpy import OpenSearch
 
 from stream_cps import config
+from stream_cps.db import embedded
 from stream_cps.sinks import kafka_commands
 from stream_cps.sinks.commands import Action, Command, Planned, collapse
 from stream_cps.sinks.opensearch import (
@@ -32,7 +33,7 @@ from stream_cps.sinks.relay import Relay
 from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.worker import Stitcher
 from tests.opensearch_fixtures import restart_opensearch, service
-from tests.support import event, insert, setup_rules
+from tests.support import event, insert, setup_rules, wait_until
 
 CALCULATE = """
 WITH due AS (
@@ -603,3 +604,58 @@ def test_only_one_relay_delivers_at_a_time(
         time.sleep(0.1)
     assert done == 1
     assert index_docs(os_settings)[entity_id_for("a")][1]["attributes"] == {"n": 2}
+
+
+def test_relay_backs_off_while_opensearch_is_unreachable_and_stops_promptly(
+    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+) -> None:
+    setup_rules(db)
+    insert(db, [event("a", 1, email="x@a")])
+    stitch_all(Stitcher(settings), db)
+    calculate(db)
+    relay = Relay(os_settings)
+    relay.ensure_index(db)  # then the cluster "goes away": a port nobody listens on
+    relay.writer.client = OpenSearch(hosts=[f"http://127.0.0.1:{embedded.free_port()}"], timeout=2)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    time.sleep(3)
+    stop.set()
+    started = time.monotonic()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 3, "the relay did not stop promptly"
+    row = db.execute(
+        "SELECT delivered, parked, attempts, last_error FROM cdp_attr.outbox"
+    ).fetchone()
+    assert row is not None
+    delivered, parked, attempts, error = row
+    assert (delivered, parked) == (None, False)
+    assert attempts >= 2 and error.startswith("bulk request failed: ConnectionError")
+
+
+def test_relay_reconnects_when_its_database_session_is_killed(
+    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+) -> None:
+    setup_rules(db)
+    insert(db, [event("a", 1, email="x@a")])
+    stitch_all(Stitcher(settings), db)
+    calculate(db)
+    stop = threading.Event()
+    thread = threading.Thread(target=Relay(os_settings).run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: outbox_state(db)[0] == 0, 30, "first delivery")
+        killed = db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'stream-cps relay' AND datname = current_database()"
+        ).fetchall()
+        assert killed == [(True,)]
+        set_attributes(db, entity_id_for("a"), '{"after": "reconnect"}')
+        wait_until(lambda: outbox_state(db)[0] == 0, 30, "delivery after reconnect")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    docs = index_docs(os_settings)
+    assert docs[entity_id_for("a")][1]["attributes"] == {"after": "reconnect"}

@@ -16,7 +16,7 @@ from typing import Any
 
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as TransportConnectionError
-from opensearchpy.exceptions import TransportError
+from opensearchpy.exceptions import ConnectionTimeout, TransportError
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -172,9 +172,13 @@ class BulkWriter:
     def __init__(self, client: OpenSearch, index: str, attempts: int = 3) -> None:
         self.client = client
         self.index = index
+        # Quick tries for a blip (refused connection, 429, 5xx). A timeout already used the
+        # request's whole budget: the caller's backoff, which a stop can interrupt, takes over.
         self._retrying = Retrying(
-            retry=retry_if_exception(retryable),
-            wait=wait_exponential(multiplier=0.1, max=2.0) + wait_random(0, 0.1),
+            retry=retry_if_exception(
+                lambda exc: retryable(exc) and not isinstance(exc, ConnectionTimeout)
+            ),
+            wait=wait_exponential(multiplier=0.1, max=1.0) + wait_random(0, 0.1),
             stop=stop_after_attempt(attempts),
             reraise=True,
         )
@@ -260,6 +264,8 @@ def retryable(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TransportError):
+    if isinstance(exc, TransportError) and isinstance(exc.status_code, int):
         return f"{exc.status_code} {exc.error}"
+    if isinstance(exc, TransportError):  # no response at all: the error is the message
+        return f"{type(exc).__name__}: {exc.error}"
     return f"{type(exc).__name__}: {exc}"
