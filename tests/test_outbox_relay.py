@@ -29,7 +29,7 @@ from stream_cps.sinks.opensearch import (
     classify,
     ensure_index,
 )
-from stream_cps.sinks.relay import Relay
+from stream_cps.sinks.relay import Relay, prepare_index
 from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.worker import Stitcher
 from tests.opensearch_fixtures import restart_opensearch, service
@@ -659,3 +659,24 @@ def test_relay_reconnects_when_its_database_session_is_killed(
     assert not thread.is_alive()
     docs = index_docs(os_settings)
     assert docs[entity_id_for("a")][1]["attributes"] == {"after": "reconnect"}
+
+
+def test_prepare_index_types_attributes_from_their_data_type(
+    db: psycopg.Connection[Any], os_settings: config.Settings
+) -> None:
+    db.execute(
+        "INSERT INTO attributes (id, name, data_type, definition) VALUES "
+        "('orders', 'Orders', 'int', '{\"type\": \"num_of_unique\"}'), "
+        "('avg_basket', 'Avg', 'int', '{\"type\": \"avg\"}'), "
+        "('last_seen', 'Seen', 'datetime', '{\"type\": \"last\"}'), "
+        "('email', 'Email', 'string', NULL)"  # not calculated: a stitching attribute
+    )
+    prepare_index(os_settings, db)
+    index = os_settings["opensearch.index"]
+    mapping = client_for(os_settings).indices.get_mapping(index=index)[index]["mappings"]
+    attrs = mapping["properties"]["attributes"]["properties"]
+    assert {k: v["type"] for k, v in attrs.items()} == {
+        "orders": "long",
+        "avg_basket": "double",
+        "last_seen": "date",
+    }

@@ -255,3 +255,17 @@ def _log_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
     log.warning("outbox relay: %s; retrying in %.1fs (try %d)", exc, wait, state.attempt_number)
+
+
+def prepare_index(settings: Settings, conn: psycopg.Connection[Any]) -> None:
+    """What ``stream-cps init`` runs when ``opensearch.url`` is set: the index template and
+    index, with attribute field types from ``attributes.data_type``."""
+    types = OutboxStore(settings.schemas).attribute_types(conn)
+    ensure_index(settings, attribute_types=types)
+
+
+def run_relay(settings: Settings, stop: threading.Event) -> int:
+    """``stream-cps relay``: only the relay, until ``stop`` is set (exit code 0)."""
+    telemetry.setup(settings.values)
+    Relay(settings).run_forever(stop)
+    return 0
