@@ -218,17 +218,30 @@ def run_replay(
     topics = [topic] if topic else list(settings["kafka.topics"])
     if offsets and len(topics) != 1:
         raise ConfigError("--from-offset needs --topic when several kafka.topics are configured")
+    wanted = parse_offsets(offsets) if offsets else None
+    when = parse_time(since) if since else None
+    try:
+        return _replay(settings, topics, beginning, wanted, when, yes, out, wait)
+    except KafkaException as exc:
+        raise StreamCpsError(f"kafka: {exc.args[0] if exc.args else exc}") from exc
+
+
+def _replay(
+    settings: Settings,
+    topics: list[str],
+    beginning: bool,
+    offsets: dict[int, int] | None,
+    since: datetime | None,
+    yes: bool,
+    out: TextIO,
+    wait: float,
+) -> int:
     replayer = Replayer(settings)
     try:
         state = replayer.group_state()
         moves: list[Move] = []
         for name in topics:
-            moves += replayer.plan(
-                name,
-                beginning=beginning,
-                offsets=parse_offsets(offsets) if offsets else None,
-                since=parse_time(since) if since else None,
-            )
+            moves += replayer.plan(name, beginning=beginning, offsets=offsets, since=since)
         live = state.members > 0
         print(
             f"replay for consumer group {replayer.group!r} "

@@ -32,6 +32,7 @@ from stream_cps.stitching.worker import Stitcher
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
+HANDSHAKE_TIMEOUT = 30.0  # also the idle timeout of a connection
 
 
 def envelopes_of(body: bytes) -> list[Envelope]:
@@ -89,11 +90,9 @@ class WebhookServer:
             context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"webhook.cert_file/key_file: cannot load: {exc}") from exc
-        self.httpd = ThreadingHTTPServer(
-            (settings["webhook.host"], settings["webhook.port"]), _handler(self)
+        self.httpd = _TLSServer(
+            (settings["webhook.host"], settings["webhook.port"]), _handler(self), context
         )
-        self.httpd.daemon_threads = True
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
 
     @property
     def port(self) -> int:
@@ -120,6 +119,34 @@ class WebhookServer:
             self._local.conn = conn
         stats = self.applier.apply(conn, envelopes_of(body))
         return stats
+
+
+class _TLSServer(ThreadingHTTPServer):
+    """TLS handshakes happen in the connection's own thread, so a slow or silent client cannot
+    hold up ``accept`` for everyone else."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+    ) -> None:
+        super().__init__(address, handler)
+        self.context = context
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            log.info("webhook: TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            tls.close()
 
 
 def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
