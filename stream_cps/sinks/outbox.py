@@ -43,11 +43,12 @@ class OutboxStore:
             "FROM {ca} WHERE customer_entity_id = ANY(%(ids)s)"
         )
         self._mark = q(
+            # A row that another relay delivered meanwhile (no real lock) stays delivered.
             "UPDATE {outbox} AS o SET attempts = o.attempts + 1, "
             "delivered = CASE WHEN r.outcome = 'delivered' THEN now() END, "
             "parked = (r.outcome = 'parked'), last_error = r.error "
             "FROM unnest(%(seqs)s::bigint[], %(outcomes)s::text[], %(errors)s::text[]) "
-            "AS r(seq, outcome, error) WHERE o.seq = r.seq"
+            "AS r(seq, outcome, error) WHERE o.seq = r.seq AND o.delivered IS NULL"
         )
         self._prune = q(
             # Looks only at the oldest delivered rows (primary key order): bounded work.
