@@ -99,7 +99,9 @@ WITH ev AS MATERIALIZED (
     min(event_time::date) FILTER (WHERE type = 'login' AND payload ? 'first') AS signup_date
   FROM ev GROUP BY eid
 )
-SELECT count(*) FROM (
+-- every attribute must really be computed: a bare count(*) would let the planner drop unused
+-- aggregates and joins
+SELECT count(*), sum(length(attributes::text)) FROM (
   SELECT agg.eid, jsonb_strip_nulls(jsonb_build_object(
     'revenue', revenue, 'avg_price', avg_price, 'max_price', max_price, 'min_price', min_price,
     'items', items, 'first_seen', first_seen, 'last_seen', last_seen,
