@@ -8,7 +8,10 @@ transaction (``calculate`` below).
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -680,3 +683,72 @@ def test_prepare_index_types_attributes_from_their_data_type(
         "avg_basket": "double",
         "last_seen": "date",
     }
+
+
+RELAY_PROCESS = """
+import signal, threading
+from stream_cps import config
+from stream_cps.sinks.relay import run_relay
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+raise SystemExit(run_relay(config.load(), stop))
+"""
+
+
+@pytest.mark.slow
+def test_relay_process_killed_at_random_points_converges(
+    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+) -> None:
+    setup_rules(db)
+    insert(db, [event(f"e{n}", n, email=f"u{n}@x") for n in range(600)])
+    stitch_all(Stitcher(settings), db)
+    calculate(db)
+    env = {
+        **os.environ,
+        "STREAM_CPS_DSN": settings.dsn,
+        "STREAM_CPS_OPENSEARCH_URL": os_settings["opensearch.url"],
+        "STREAM_CPS_OPENSEARCH_INDEX": os_settings["opensearch.index"],
+        "STREAM_CPS_OPENSEARCH_REPLICAS": "0",
+        "STREAM_CPS_OPENSEARCH_BATCH_SIZE": "40",
+        "STREAM_CPS_OPENSEARCH_POLL_INTERVAL": "0.05",
+    }
+    rng = random.Random(11)
+    ids = [r[0] for r in db.execute("SELECT customer_entity_id FROM customer_attributes")]
+    kills = 0
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", RELAY_PROCESS], env=env)
+        try:
+            deadline = time.monotonic() + rng.uniform(1.5, 3.0)
+            while time.monotonic() < deadline:  # changes keep coming while it runs
+                entity = rng.choice(ids)
+                if rng.random() < 0.2:
+                    with db.transaction():
+                        gone = db.execute(
+                            "DELETE FROM customer_attributes WHERE customer_entity_id = %s "
+                            "RETURNING customer_entity_id",
+                            [entity],
+                        ).fetchone()
+                        if gone:
+                            db.execute(
+                                "INSERT INTO cdp_attr.outbox (entity_id, op, version) VALUES "
+                                "(%s, 'delete', nextval('cdp_ps.entity_version_seq'))",
+                                [entity],
+                            )
+                    ids.remove(entity)
+                else:
+                    set_attributes(db, entity, json.dumps({"n": rng.randrange(1000)}))
+                time.sleep(0.005)
+        finally:
+            proc.kill()  # SIGKILL: no clean-up, wherever it was
+            proc.wait(10)
+            kills += 1
+    assert outbox_state(db)[2] > 0, "the killed relays delivered nothing"
+    proc = subprocess.Popen([sys.executable, "-c", RELAY_PROCESS], env=env)
+    try:
+        wait_until(lambda: outbox_state(db)[0] == 0, 60, "the outbox to drain")
+    finally:
+        proc.terminate()
+        assert proc.wait(15) == 0
+    assert kills == 5
+    assert outbox_state(db)[1] == 0
+    assert index_docs(os_settings) == live_entities(db)
