@@ -183,3 +183,23 @@ def test_failing_context_query_keeps_value_and_is_reported(world: World) -> None
     assert world.db.execute("SELECT last_value FROM cdp_ps.entity_version_seq").fetchone() == (
         1,
     )
+
+
+def test_percent_and_braces_in_sql_fragments(world: World) -> None:
+    world.attribute(
+        "pages",
+        {"type": "list", "value": "payload #>> '{page,path}'",
+         "filter": "payload #>> '{page,path}' LIKE '/p%'"},
+    )
+    world.attribute(
+        "like_count",
+        custom("SELECT count(*) AS value FROM base WHERE payload->>'c' LIKE 'r%'"),
+        "int",
+    )
+    a = world.entity([
+        ev({"page": {"path": "/pricing"}, "c": "red"}, 1),
+        ev({"page": {"path": "/about"}, "c": "rose"}, 2),
+        ev({"page": {"path": "/p%25"}, "c": "blue"}, 3),
+    ])
+    world.run()
+    assert world.attrs(a) == {"pages": ["/p%25", "/pricing"], "like_count": 2}

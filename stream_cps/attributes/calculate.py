@@ -92,15 +92,16 @@ class BatchCalculator:
         ids = [entity_id for entity_id, _ in entities]
         self._batch_len = len(ids)
         self._ensure_events_table(conn)
+        # our own statements run outside the sandbox: its timeout is for admin-written SQL
+        self._load_events(conn, ids)
+        counts = dict(
+            conn.execute(
+                sql.SQL("SELECT entity_id, count(*)::int FROM {} GROUP BY entity_id").format(
+                    EVENTS
+                )
+            ).fetchall()
+        )
         with sandbox.read_only(conn, self._timeout_ms):
-            self._load_events(conn, ids)
-            counts = dict(
-                conn.execute(
-                    sql.SQL("SELECT entity_id, count(*)::int FROM {} GROUP BY entity_id").format(
-                        EVENTS
-                    )
-                ).fetchall()
-            )
             results = self._compute(conn, plan.attributes, ids)
         stored = self._store(conn, entities, counts, results, plan.invalid_ids)
         self._record(conn, results.failures)
