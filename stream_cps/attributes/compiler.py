@@ -1,10 +1,11 @@
 """Compile definitions into set-based SQL over a batch of entities.
 
-Every attribute becomes one CTE producing ``(entity_id, j jsonb)`` for all entities of the batch,
-reading the batch's events from a temporary table (see ``calculate``). Several CTEs can share one
-statement (the fast path) or run alone (to isolate a failing definition). Admin-written fragments
-are embedded as SQL with ``%`` doubled, since the statements carry parameters; list filters and
-attribute ids are parameters.
+Every attribute computes ``j jsonb`` per entity for all entities of the batch at once, reading
+the batch's events from a temporary table (see ``calculate``): attributes without set-returning
+expressions share one scan and one GROUP BY (the row form), the others are a CTE each. Any set
+of attributes forms one statement (the fast path), and one attribute can run alone (to isolate a
+failing definition). Admin-written fragments are embedded as SQL with ``%`` doubled, since the
+statements carry parameters; list filters and attribute ids are parameters.
 """
 
 from __future__ import annotations
