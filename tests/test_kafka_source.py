@@ -216,13 +216,13 @@ def test_kill_9_and_restart_loses_nothing_and_doubles_nothing(
     rng = random.Random(4)
     log = tmp_path / "service.log"
     sent = 0
-    for trial in range(2):
+    for trial in range(3):
         process = _start_process(settings, log)
         try:
-            chunk = rows[sent : sent + 750]
+            chunk = rows[sent : sent + 500]
             produce(bootstrap, topic, events_of(chunk))
             sent += len(chunk)
-            target = count(db, "SELECT count(*) FROM cdp_ce.customer_events") + rng.randint(50, 500)
+            target = count(db, "SELECT count(*) FROM cdp_ce.customer_events") + rng.randint(20, 400)
             wait_until(
                 lambda t=target: count(db, "SELECT count(*) FROM cdp_ce.customer_events") >= t,
                 60,
