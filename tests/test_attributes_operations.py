@@ -277,3 +277,16 @@ def test_run_forever_stops_and_calculates(world: World, settings: config.Setting
         thread.join(10)
     assert not thread.is_alive()
     assert world.attrs(a) == {"s": 4}
+
+
+def test_modified_later_than_the_calculation_start_is_not_due_again(world: World) -> None:
+    """The stitcher stamps modified with clock_timestamp(), which may be later than the start of
+    the transaction that calculates that very change."""
+    world.attribute("s", SUM, "int")
+    a = world.entity([ev({"n": 1}, 1)])
+    world.db.execute(
+        "UPDATE customer_attributes SET modified = clock_timestamp() + interval '1 minute'"
+    )
+    assert world.run() == 1
+    assert world.run() == 0
+    assert state(world, a)[0]

@@ -9,6 +9,9 @@ One READ COMMITTED transaction per batch:
 3. the savepoint is rolled back (it wrote nothing that must stay) and the results are stored
    with ``WHERE modified = <the value read>``, so an entity the stitcher changed meanwhile stays
    due; each stored entity gets a new version and an outbox ``upsert`` in the same transaction.
+   ``calculated`` is ``greatest(now(), modified read)``: the stitcher stamps ``modified`` with
+   ``clock_timestamp()``, which can be later than this transaction's start even for the change
+   we computed, and that entity must not look due again.
 """
 
 from __future__ import annotations
@@ -253,7 +256,7 @@ class BatchCalculator:
                 "SELECT jsonb_object_agg(k, ca.attributes -> k) "
                 "FROM unnest(string_to_array(r.keep_csv, chr(31))) AS k "
                 "WHERE ca.attributes ? k), '{{}}'::jsonb) END, "
-                "calculated = now(), customer_events_count = r.cnt, "
+                "calculated = greatest(now(), r.modified), customer_events_count = r.cnt, "
                 "version = nextval({seq}::regclass) FROM r "
                 "WHERE ca.customer_entity_id = r.id AND ca.modified = r.modified "
                 "RETURNING ca.customer_entity_id, ca.version) "
