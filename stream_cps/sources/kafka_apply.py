@@ -78,7 +78,7 @@ class ApplyStats:
 
     messages: int = 0
     events_new: int = 0
-    events_seen: int = 0  # redelivered ids already in the table
+    events_seen: int = 0  # redelivered ids: already in the table, or twice in the batch
     changefeed_rows: int = 0
     echoes: int = 0  # changefeed rows that carry stitched already (our own writes)
     deletes: int = 0
@@ -124,9 +124,11 @@ class Applier:
         stats = _classify(envelopes)
         events: dict[str, tuple[CustomerEvent, Envelope]] = {}
         stitch_ids: dict[str, None] = {}
+        received = 0
         for envelope in envelopes:
             decoded = envelope.decoded
             if isinstance(decoded, CustomerEvent):
+                received += 1
                 events.setdefault(decoded.id, (decoded, envelope))
             elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
                 stitch_ids[decoded.event_id] = None
@@ -134,7 +136,7 @@ class Applier:
         with conn.transaction():
             inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
             stats.events_new = inserted
-            stats.events_seen = len(events) - inserted - len(failed)
+            stats.events_seen = received - inserted - len(failed)
             for event_id, reason in failed.items():
                 stats.dead_letters.append(dataclasses.replace(events[event_id][1], reason=reason))
             self._record_dead(conn, stats.dead_letters)
