@@ -290,3 +290,67 @@ def test_modified_later_than_the_calculation_start_is_not_due_again(world: World
     assert world.run() == 1
     assert world.run() == 0
     assert state(world, a)[0]
+
+
+def test_stitching_is_not_blocked_while_a_batch_is_computed(
+    world: World, settings: config.Settings
+) -> None:
+    """Rows are locked only by the final UPDATE of a batch, never while it is computed."""
+    world.attribute("slow", {"type": "custom", "query": "SELECT 1 AS value FROM pg_sleep(1.5)"},
+                    "int")
+    a = world.entity([ev({"n": 1}, 1)])
+    worker_conn = psycopg.connect(settings.dsn, autocommit=True)
+    thread = threading.Thread(target=world.worker.run_pass, args=(worker_conn,))
+    thread.start()
+    try:
+        with psycopg.connect(settings.dsn, autocommit=True) as stitcher:
+            stitcher.execute("SET statement_timeout = '500ms'")
+            for _ in range(50):  # wait until the batch is running
+                busy = stitcher.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep%' "
+                    "AND pid <> pg_backend_pid()"
+                ).fetchone()
+                if busy and busy[0]:
+                    break
+                threading.Event().wait(0.05)
+            stitcher.execute(
+                "UPDATE customer_attributes SET modified = clock_timestamp() "
+                "WHERE customer_entity_id = %s",
+                [a],
+            )  # fails with a timeout if the calculation held the row
+    finally:
+        thread.join()
+        worker_conn.close()
+    assert world.attrs(a) == {}  # changed meanwhile: not stored, still due
+    assert world.run() == 1
+
+
+def test_run_forever_survives_a_lost_connection(world: World, settings: config.Settings) -> None:
+    world.attribute("s", SUM, "int")
+    a = world.entity([ev({"n": 1}, 1)])
+    stop = threading.Event()
+    thread = threading.Thread(target=world.worker.run_forever, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: world.attrs(a) == {"s": 1})
+        killed = world.db.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'stream-cps attributes'"
+        ).fetchone()
+        assert killed == (1,)
+        b = world.entity([ev({"n": 2}, 1)])
+        wait_for(lambda: world.attrs(b) == {"s": 2})
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def wait_for(condition: Any, seconds: float = 15.0) -> None:
+    pause = threading.Event()
+    for _ in range(int(seconds / 0.1)):
+        if condition():
+            return
+        pause.wait(0.1)
+    raise AssertionError("condition not met in time")
