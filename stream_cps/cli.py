@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", parents=[common], help="create or upgrade the schema")
     init.set_defaults(handler=_cmd_init)
 
+    relay = sub.add_parser(
+        "relay", parents=[common], help="only deliver outbox commands to OpenSearch, until stopped"
+    )
+    relay.set_defaults(handler=_cmd_relay)
+
     run = sub.add_parser("run", parents=[common], help="stitch and calculate until stopped")
     run.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
     run.add_argument("--batch-size", type=int, dest="batch_size")
@@ -116,7 +121,20 @@ def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
             SlotSource(settings).ensure(conn)
         except SchemaError as exc:
             print(f"replication not set up yet: {exc}", file=sys.stderr)
+        if settings["opensearch.url"]:
+            from stream_cps.sinks.relay import prepare_index
+
+            prepare_index(settings, conn)
+            print(f"OpenSearch index {settings['opensearch.index']} ready")
     return 0
+
+
+def _cmd_relay(settings: config.Settings, _args: argparse.Namespace) -> int:
+    from stream_cps.sinks.relay import run_relay
+
+    if not settings["opensearch.url"]:
+        raise ConfigError("opensearch.url: required by `stream-cps relay`")
+    return run_relay(settings, stop_on_signals())
 
 
 def stop_on_signals() -> threading.Event:
