@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import ssl
 import threading
 from datetime import UTC, datetime
@@ -73,7 +74,7 @@ def envelopes_of(body: bytes) -> list[Envelope]:
 
 
 class WebhookServer:
-    """A threading HTTPS server; each handler thread keeps its own database connection."""
+    """A threading HTTPS server; database connections are pooled across requests."""
 
     def __init__(self, settings: Settings) -> None:
         cert, key = settings["webhook.cert_file"], settings["webhook.key_file"]
@@ -84,7 +85,7 @@ class WebhookServer:
             )
         self.settings = settings
         self.applier = Applier(settings.schemas, Stitcher(settings))
-        self._local = threading.local()
+        self._idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(cert, key)
@@ -111,14 +112,29 @@ class WebhookServer:
             self.httpd.shutdown()
             self.httpd.server_close()
             thread.join(timeout=5)
+            self.close_connections()
 
     def handle(self, body: bytes) -> ApplyStats:
-        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
+        """Apply one request body; connections are reused across requests and threads."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
             conn = connect(self.settings.dsn, role="webhook", autocommit=True)
-            self._local.conn = conn
-        stats = self.applier.apply(conn, envelopes_of(body))
+        try:
+            stats = self.applier.apply(conn, envelopes_of(body))
+        finally:
+            if conn.closed or conn.broken:
+                conn.close()
+            else:
+                self._idle.put(conn)
         return stats
+
+    def close_connections(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
 
 class _TLSServer(ThreadingHTTPServer):
