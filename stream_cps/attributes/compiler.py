@@ -358,7 +358,8 @@ def _row_aggregate(d: Definition, row_form: bool = False) -> str:
         CalcType.FIRST: first,
         CalcType.LAST: last,
         CalcType.VALUE: first,
-        CalcType.NUM_OF_UNIQUE: "count(DISTINCT {v})",
+        # no value at all: absent, like every other type (not 0)
+        CalcType.NUM_OF_UNIQUE: "nullif(count(DISTINCT {v}), 0)",
     }
     return templates[d.type]
 
