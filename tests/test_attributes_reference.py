@@ -34,10 +34,12 @@ event = st.fixed_dictionaries(
         "n": number,
         "c": st.one_of(st.none(), st.sampled_from(["a", "b", "c", "d"])),
         "w": st.integers(1, 3),
+        "tags": st.lists(st.sampled_from(["x", "y", "z"]), max_size=3),
     }
 )
 entity = st.lists(event, min_size=0, max_size=8)
 
+SRF_TYPES = ["first", "last", "most_frequent", "least_frequent", "list", "num_of_unique"]
 TYPES = ["sum", "avg", "min", "max", "first", "last", "most_frequent", "least_frequent", "list",
          "num_of_unique"]
 
@@ -46,8 +48,8 @@ def as_int(value: Any) -> int:
     return int(Decimal(str(value)).quantize(Decimal(1), rounding=ROUND_HALF_UP))
 
 
-def model(kind: str, rows: list[tuple[tuple[int, str], Any, int]]) -> Any:
-    """rows: ((minute, event id), value, weight), values already in their domain."""
+def model(kind: str, rows: list[tuple[tuple[Any, ...], Any, int]]) -> Any:
+    """rows: (order key, value, weight), values already in their domain."""
     rows = [r for r in rows if r[1] is not None]
     if not rows:
         return None
@@ -82,6 +84,11 @@ def define(world: World) -> None:
             world.attribute(f"c_{kind}", {"type": kind, "value": "payload->>'c'", **extra})
         world.attribute(f"n_{kind}", {"type": kind, "value": "payload->'n'", **extra}, "int")
     world.attribute("n_avg", {"type": "avg", "value": "payload->>'n'"}, "float")
+    for kind in SRF_TYPES:  # set-returning values: the general (CTE) form
+        world.attribute(f"t_{kind}", {"type": kind,
+                                      "value": "jsonb_array_elements_text(payload->'tags')"})
+    world.attribute("c_outer", {"type": "list", "value": "payload->>'c'",
+                                "outer_value": "upper(value)", "outer_filter": "value <> 'a'"})
 
 
 @settings(max_examples=40, deadline=None,
@@ -95,7 +102,8 @@ def test_worker_matches_the_model(world: World, entities: list[list[dict[str, An
     for events in entities:
         rows = [(e, f"x{next(_ids):08d}") for e in events]
         entity_id = world.entity([
-            ev({"n": e["n"], "c": e["c"], "w": e["w"]}, e["minute"], id=event_id)
+            ev({"n": e["n"], "c": e["c"], "w": e["w"], "tags": e["tags"]}, e["minute"],
+               id=event_id)
             for e, event_id in rows
         ])
         made.append((entity_id, rows))
@@ -121,6 +129,14 @@ def test_worker_matches_the_model(world: World, entities: list[list[dict[str, An
         # distinct values are compared as text: 2 and "2.0" are two values
         raw = [(k, None if e["n"] is None else str(e["n"]), w) for k, e, w in keys]
         expected["n_num_of_unique"] = model("num_of_unique", raw)
+        # several values per event: ordered by (time, event id, value)
+        tags = [((e["minute"], i, t), t, 1) for e, i in rows for t in e["tags"]]
+        for kind in SRF_TYPES:
+            expected[f"t_{kind}"] = model(kind, tags)
+        if expected["t_num_of_unique"] is not None:
+            expected["t_num_of_unique"] = str(expected["t_num_of_unique"])
+        outer = [(k, e["c"].upper(), w) for k, e, w in keys if e["c"] not in (None, "a")]
+        expected["c_outer"] = model("list", outer)
         expected = {k: v for k, v in expected.items() if v is not None}
         assert got.keys() == expected.keys()
         for key, value in expected.items():
