@@ -27,7 +27,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from stream_cps import config
-from stream_cps.attributes.compiler import statement
+from stream_cps.attributes.statement import statement
 from stream_cps.attributes.worker import CalculationWorker
 from stream_cps.db import embedded, schema
 

@@ -28,8 +28,9 @@ import psycopg
 from psycopg import sql
 
 from stream_cps.attributes import sandbox
-from stream_cps.attributes.compiler import EVENTS, EVENTS_TABLE, CompiledAttribute, statement
+from stream_cps.attributes.compiler import EVENTS, EVENTS_TABLE, CompiledAttribute
 from stream_cps.attributes.plan import Plan
+from stream_cps.attributes.statement import statement
 from stream_cps.config import Schemas
 
 log = logging.getLogger(__name__)

@@ -2,16 +2,16 @@
 
 Every attribute computes ``j jsonb`` per entity for all entities of the batch at once, reading
 the batch's events from a temporary table (see ``calculate``): attributes without set-returning
-expressions share one scan and one GROUP BY (the row form), the others are a CTE each. Any set
-of attributes forms one statement (the fast path), and one attribute can run alone (to isolate a
-failing definition). Admin-written fragments are embedded as SQL with ``%`` doubled, since the
+expressions share one scan and one GROUP BY (the row form), the others are a CTE each; ``statement``
+puts any set of them into one statement (the fast path), or one alone (to isolate a failing
+definition). Admin-written fragments are embedded as SQL with ``%`` doubled, since the
 statements carry parameters; list filters and attribute ids are parameters.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -362,93 +362,3 @@ def _row_aggregate(d: Definition, row_form: bool = False) -> str:
         CalcType.NUM_OF_UNIQUE: "nullif(count(DISTINCT {v}), 0)",
     }
     return templates[d.type]
-
-
-def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, dict[str, Any]]:
-    """One statement computing ``attributes`` for the batch: rows (entity_id, attributes)."""
-    params: dict[str, Any] = {}
-    ctes: list[sql.Composable] = []
-    parts: list[sql.Composable] = []
-    row_form = [a for a in attributes if a.laterals is not None]
-    if row_form:
-        columns = sql.SQL(", ").join(
-            sql.SQL("{o}.v AS {v}, {o}.w AS {w}").format(
-                o=sql.Identifier(f"o{a.index}"),
-                v=sql.Identifier(f"v{a.index}"),
-                w=sql.Identifier(f"w{a.index}"),
-            )
-            for a in row_form
-        )
-        ctes.append(
-            sql.SQL(
-                "event_rows AS (SELECT e.entity_id, e.id, e.event_time, {columns} FROM {events} "
-                "AS e {laterals} WHERE {mine})"
-            ).format(
-                columns=columns,
-                events=EVENTS,
-                laterals=sql.SQL(" ").join(a.laterals for a in row_form if a.laterals),
-                mine=MINE,
-            )
-        )
-    grouped = [a for a in row_form if a.aggregate is not None]
-    if grouped:
-        ctes.append(
-            sql.SQL(
-                "grouped AS (SELECT entity_id, jsonb_strip_nulls({}) AS o FROM event_rows "
-                "GROUP BY entity_id)"
-            ).format(_object(grouped))
-        )
-        parts.append(sql.SQL("grouped"))
-    for compiled in attributes:
-        key = f"k{compiled.index}"
-        params.update(compiled.params)
-        params[key] = compiled.attribute_id
-        name = sql.Identifier(f"attr_{compiled.index}")
-        if compiled.aggregate is not None:
-            continue
-        if compiled.frequency is not None:
-            body: sql.Composable = _frequency(compiled)
-        else:
-            assert compiled.body is not None
-            body = compiled.body
-        ctes.append(
-            sql.SQL(
-                "{} AS (SELECT entity_id, jsonb_build_object({}::text, j) AS o FROM ({}) AS a "
-                "WHERE j IS NOT NULL)"
-            ).format(name, sql.Placeholder(key), body)
-        )
-        parts.append(name)
-    # one object per entity and CTE, joined on the entity: no regrouping of key/value rows
-    joins = sql.SQL(" ").join(
-        sql.SQL("LEFT JOIN {} ON {}.entity_id = b.entity_id").format(p, p) for p in parts
-    )
-    merged = sql.SQL(" || ").join(
-        sql.SQL("coalesce({}.o, '{{}}'::jsonb)").format(p) for p in parts
-    )
-    query = sql.SQL(
-        "WITH {ctes} SELECT b.entity_id, ({merged})::text "
-        "FROM unnest({ids}::text[]) AS b(entity_id) {joins}"
-    ).format(ctes=sql.SQL(", ").join(ctes), merged=merged, ids=IDS, joins=joins)
-    return query, params
-
-
-def _object(attributes: Sequence[CompiledAttribute]) -> sql.Composable:
-    """jsonb_build_object over the row-form attributes, in pieces (functions take 100 args)."""
-    pieces: list[sql.Composable] = []
-    for start in range(0, len(attributes), 40):
-        pairs = sql.SQL(", ").join(
-            sql.SQL("{}::text, {}").format(sql.Placeholder(f"k{a.index}"), a.aggregate)
-            for a in attributes[start : start + 40]
-        )
-        pieces.append(sql.SQL("jsonb_build_object({})").format(pairs))
-    return sql.SQL(" || ").join(pieces)
-
-
-def _frequency(a: CompiledAttribute) -> sql.Composed:
-    v, w = sql.Identifier(f"v{a.index}"), sql.Identifier(f"w{a.index}")
-    pick = sql.SQL("(array_agg(v ORDER BY w {}, v))[1]").format(sql.SQL(a.frequency or "DESC"))
-    return sql.SQL(
-        "SELECT entity_id, {j} AS j FROM (SELECT entity_id, {v} AS v, sum({w}) AS w "
-        "FROM event_rows WHERE {v} IS NOT NULL AND {w} IS NOT NULL GROUP BY entity_id, {v}) "
-        "AS f GROUP BY entity_id"
-    ).format(j=Compiler.to_json(pick, a.definition), v=v, w=w)
