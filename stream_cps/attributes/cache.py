@@ -58,8 +58,8 @@ class CacheRefresher:
         attr = self._schemas.attr
         return conn.execute(
             sql.SQL(
-                "SELECT (SELECT count(*) FROM {a} WHERE modified IS NULL) "
-                "+ (SELECT count(*) FROM {v} WHERE modified IS NULL), "
+                "SELECT EXISTS (SELECT FROM {a} WHERE modified IS NULL) "
+                "OR EXISTS (SELECT FROM {v} WHERE modified IS NULL), "
                 "(SELECT NOT EXISTS (SELECT FROM {a}) AND EXISTS (SELECT FROM {ca})), "
                 "extract(epoch FROM now() - (SELECT min(modified) FROM {a}))"
             ).format(

@@ -21,6 +21,11 @@ CREATE TABLE IF NOT EXISTS {attr}.attribute_definitions_state (
     changed timestamptz NOT NULL DEFAULT now()
 );
 
+-- The worker looks for the guide's "force cache update" (modified = NULL) every pass; the value
+-- counts can be large.
+CREATE INDEX IF NOT EXISTS cached_attribute_values_counts_forced_idx
+    ON {attr}.cached_attribute_values_counts (attribute_id) WHERE modified IS NULL;
+
 -- Custom queries read context values as `public.context` (the guide's examples); when the CDP
 -- schema is not public, give them that name too.
 DO $do$
