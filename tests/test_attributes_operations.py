@@ -354,3 +354,26 @@ def wait_for(condition: Any, seconds: float = 15.0) -> None:
             return
         pause.wait(0.1)
     raise AssertionError("condition not met in time")
+
+
+def test_cancelled_batch_is_retried_not_fatal(
+    world: World, settings: config.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pg_cancel_backend on one of the worker's own statements: the pass goes on."""
+    world.attribute("s", SUM, "int")
+    a = world.entity([ev({"n": 3}, 1)])
+    original = calculate.BatchCalculator._load_events
+    calls = 0
+
+    def cancelled_once(self: Any, conn: Any, ids: list[str]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            conn.execute("SET LOCAL statement_timeout = '10ms'")
+            conn.execute("SELECT pg_sleep(1)")
+        original(self, conn, ids)
+
+    monkeypatch.setattr(calculate.BatchCalculator, "_load_events", cancelled_once)
+    assert world.run() == 0
+    assert world.run() == 1
+    assert world.attrs(a) == {"s": 3}

@@ -28,8 +28,15 @@ from stream_cps.db.connect import connect
 
 log = logging.getLogger(__name__)
 
-# Deadlock or serialization conflict with the stitcher: the batch is simply tried again.
-_RETRY_BATCH = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+# Deadlock or serialization conflict with the stitcher, or an operator's pg_cancel_backend (or
+# a server-wide statement/lock timeout) hitting one of our own statements: the batch is simply
+# tried again at the next pass.
+_RETRY_BATCH = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+)
 
 
 class CalculationWorker:
@@ -143,7 +150,7 @@ class CalculationWorker:
                     return 0, 0
                 outcome = self._calculator.run(conn, plan, entities)
         except _RETRY_BATCH as exc:
-            log.info("attribute batch conflicted with stitching (%s); will retry", exc)
+            log.warning("attribute batch interrupted (%s); will retry", exc)
             return 0, 0
         self._calculated.add(outcome.stored)
         if outcome.failures:
