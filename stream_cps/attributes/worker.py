@@ -100,7 +100,11 @@ class CalculationWorker:
         poll = float(self._settings["attributes.poll_interval"])
         while not stop.is_set():
             started = time.monotonic()
-            done = self.run_pass(conn)
+            try:
+                done = self.run_pass(conn)
+            except _RETRY_BATCH as exc:  # e.g. a context or cache refresh cancelled
+                log.warning("attribute pass interrupted (%s); will retry", exc)
+                done = 0
             if done:
                 elapsed = time.monotonic() - started
                 log.info(
