@@ -144,7 +144,8 @@ class BatchCalculator:
         self._alone.add(attr.attribute_id)
         aid = attr.attribute_id
         if rows.definition_level or len(ids) == 1:
-            # wrong whatever the data: reported once per definition, not per batch or entity
+            # SQL that is wrong whatever the data is reported once per definition, not per
+            # batch or entity; a data error of a one-entity batch names that entity
             results.failed[aid].update(ids)
             if not rows.definition_level:
                 results.failures.append(Failure(aid, ids[0], rows.message))
