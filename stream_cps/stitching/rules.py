@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.adapt import PyFormat
 
 from stream_cps.config import Schemas
 from stream_cps.errors import DefinitionError
@@ -177,7 +178,7 @@ def _query(
     ).format(
         events=sql.Identifier(schemas.ce, "customer_events"),
         lateral=lateral,
-        ids=sql.Placeholder("ids"),
+        ids=sql.Placeholder("ids", PyFormat.BINARY),  # binary: no per-element quoting
     )
     return query, params
 

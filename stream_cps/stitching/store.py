@@ -47,45 +47,45 @@ class StitchStore:
         self.purge_entities = q(
             "DELETE FROM {ca} WHERE modified IS NULL RETURNING customer_entity_id"
         )
-        self.free_identifiers = q("DELETE FROM {ie} WHERE entity_id = ANY(%(ids)s)")
+        self.free_identifiers = q("DELETE FROM {ie} WHERE entity_id = ANY(%(ids)b)")
         self.outbox_deletes = q(
             "INSERT INTO {outbox} (entity_id, op, version) "
-            "SELECT id, 'delete', nextval({seq}) FROM unnest(%(ids)s::text[]) AS d(id)"
+            "SELECT id, 'delete', nextval({seq}) FROM unnest(%(ids)b::text[]) AS d(id)"
         )
         self.unstitched = q(
-            "SELECT id FROM {ce} WHERE stitched IS NULL ORDER BY id LIMIT %(limit)s"
+            "SELECT id FROM {ce} WHERE stitched IS NULL ORDER BY id LIMIT %(limit)b"
         )
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         self.lock_lookup = q(
             "SELECT ie.identifier, ie.entity_id, ca.first_event_time, ca.first_event_id "
             "FROM {ie} ie JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
-            "WHERE ie.identifier = ANY(%(idents)s) ORDER BY ca.customer_entity_id "
+            "WHERE ie.identifier = ANY(%(idents)b) ORDER BY ca.customer_entity_id "
             "FOR UPDATE OF ca"
         )
         self.absorb = q(
-            "DELETE FROM {ca} WHERE customer_entity_id = ANY(%(old)s) "
+            "DELETE FROM {ca} WHERE customer_entity_id = ANY(%(old)b) "
             "RETURNING customer_entity_id, identifiers"
         )
         self.repoint = q(
             "UPDATE {ie} AS ie SET entity_id = m.new_id "
-            "FROM unnest(%(old)s::text[], %(new)s::text[]) AS m(old_id, new_id) "
+            "FROM unnest(%(old)b::text[], %(new)b::text[]) AS m(old_id, new_id) "
             "WHERE ie.entity_id = m.old_id"
         )
         self.alias_insert = q(
             "INSERT INTO {al} (old_id, new_id, reason) "
-            "SELECT * FROM unnest(%(old)s::text[], %(new)s::text[], %(why)s::text[]) "
+            "SELECT * FROM unnest(%(old)b::text[], %(new)b::text[], %(why)b::text[]) "
             "ON CONFLICT (old_id) DO UPDATE SET new_id = excluded.new_id, "
             "reason = excluded.reason, created = now()"
         )
         self.alias_compress = q(
             "UPDATE {al} AS al SET new_id = m.new_id "
-            "FROM unnest(%(old)s::text[], %(new)s::text[]) AS m(old_id, new_id) "
+            "FROM unnest(%(old)b::text[], %(new)b::text[]) AS m(old_id, new_id) "
             "WHERE al.new_id = m.old_id"
         )
-        self.alias_live = q("DELETE FROM {al} WHERE old_id = ANY(%(ids)s)")
+        self.alias_live = q("DELETE FROM {al} WHERE old_id = ANY(%(ids)b)")
         self.claim = q(
             "INSERT INTO {ie} (identifier, entity_id) "
-            "SELECT * FROM unnest(%(idents)s::text[], %(owners)s::text[]) "
+            "SELECT * FROM unnest(%(idents)b::text[], %(owners)b::text[]) "
             "ON CONFLICT (identifier) DO UPDATE SET entity_id = excluded.entity_id"
         )
         # modified is the statement's clock, not the transaction's start: when this batch had
@@ -99,8 +99,8 @@ class StitchStore:
             "INSERT INTO {ca} AS ca (customer_entity_id, identifiers, modified, "
             "first_event_time, first_event_id, version) "
             "SELECT k.id, k.idents::text[], clock_timestamp(), k.t, k.e, nextval({seq}) "
-            "FROM unnest(%(ids)s::text[], %(idents)s::text[], %(times)s::timestamptz[], "
-            "%(firsts)s::text[]) AS k(id, idents, t, e) "
+            "FROM unnest(%(ids)b::text[], %(idents)b::text[], %(times)b::timestamptz[], "
+            "%(firsts)b::text[]) AS k(id, idents, t, e) "
             "ON CONFLICT (customer_entity_id) DO UPDATE SET "
             "identifiers = CASE WHEN cardinality(excluded.identifiers) = 0 THEN ca.identifiers "
             "ELSE ARRAY(SELECT x FROM unnest(ca.identifiers || excluded.identifiers) AS u(x) "
@@ -110,11 +110,11 @@ class StitchStore:
         )
         self.mark_events = q(
             "UPDATE {ce} AS ev SET stitched = clock_timestamp(), identifiers = k.idents::text[] "
-            "FROM unnest(%(ids)s::text[], %(idents)s::text[]) AS k(id, idents) WHERE ev.id = k.id"
+            "FROM unnest(%(ids)b::text[], %(idents)b::text[]) AS k(id, idents) WHERE ev.id = k.id"
         )
         self.record_errors = q(
             "INSERT INTO {err} (attribute_id, event_id, message) "
-            "SELECT * FROM unnest(%(attrs)s::text[], %(events)s::text[], %(msgs)s::text[])"
+            "SELECT * FROM unnest(%(attrs)b::text[], %(events)b::text[], %(msgs)b::text[])"
         )
 
     # -- purge -------------------------------------------------------------------------------
