@@ -214,11 +214,16 @@ def load(
     for key in ("stitching.slot_name", "stitching.publication"):
         if not re.match(r"^[a-z0-9_]{1,63}$", values[key]):
             raise ConfigError(f"{key}: use lower-case letters, digits and _ only")
-    for key in ("stitching.batch_size", "attributes.batch_size", "kafka.batch_size"):
+    at_least_one = (
+        "stitching.batch_size",
+        "attributes.batch_size",
+        "attributes.statement_timeout_ms",  # 0 would switch the timeout off silently
+        "kafka.batch_size",
+        "opensearch.batch_size",
+    )
+    for key in at_least_one:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
-    if values["opensearch.batch_size"] < 1:
-        raise ConfigError("opensearch.batch_size: must be at least 1")
     return Settings(values)
 
 

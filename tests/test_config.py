@@ -99,3 +99,11 @@ def test_docs_list_every_setting() -> None:
     for key in config.FIELDS:
         assert f"`{key}`" in docs, key
         assert f"`{config.env_var(key)}`" in docs, key
+
+
+@pytest.mark.parametrize(
+    "key", ["stitching.batch_size", "attributes.batch_size", "attributes.statement_timeout_ms"]
+)
+def test_sizes_and_timeouts_must_be_positive(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
+        config.load(environ={config.env_var(key): "0"})
