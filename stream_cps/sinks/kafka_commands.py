@@ -11,17 +11,17 @@ import io
 import json
 from collections.abc import Sequence
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import fastavro
 from confluent_kafka import KafkaException, Producer
 
+from stream_cps.avro_schemas import schemas_dir
 from stream_cps.config import Settings
 from stream_cps.errors import ConfigError, Recoverable
 from stream_cps.sinks.commands import Action
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "opensearch_command.avsc"
+SCHEMA_PATH = schemas_dir() / "opensearch_command.avsc"
 
 
 @cache

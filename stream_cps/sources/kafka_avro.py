@@ -21,9 +21,10 @@ from typing import Any
 import fastavro
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from stream_cps.avro_schemas import schemas_dir
 from stream_cps.errors import InvalidInput, Recoverable
 
-SCHEMAS_DIR = Path(__file__).resolve().parents[2] / "schemas"
+SCHEMAS_DIR = schemas_dir()
 READER_FILE = "customer_event.avsc"
 MAGIC = 0
 HEADER = struct.Struct(">bI")
