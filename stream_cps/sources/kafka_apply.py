@@ -23,7 +23,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from stream_cps.config import Schemas
 from stream_cps.sources.kafka_decode import (
@@ -33,7 +32,7 @@ from stream_cps.sources.kafka_decode import (
     Ignored,
     Resolved,
 )
-from stream_cps.stitching.worker import RETRYABLE, BatchResult, Stitcher
+from stream_cps.stitching.worker import BatchResult, Stitcher, conflict_retrying
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +107,7 @@ class Applier:
 
     def apply(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
         """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
-        for attempt in Retrying(
-            retry=retry_if_exception_type(RETRYABLE),
-            wait=wait_exponential_jitter(multiplier=0.02, max=2.0, jitter=0.05),
-            stop=stop_after_attempt(10),
-            reraise=True,
-        ):
+        for attempt in conflict_retrying():
             with attempt:
                 stats = self._once(conn, envelopes)
         self.stitcher.count_metrics(stats.stitch)

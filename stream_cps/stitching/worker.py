@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
 
+def conflict_retrying(attempts: int = 10) -> Retrying:
+    """The one retry policy for transactions that lost a conflict (40001, 40P01): short,
+    jittered, growing waits, then the error surfaces."""
+    return Retrying(
+        retry=retry_if_exception_type(RETRYABLE),
+        wait=wait_exponential_jitter(multiplier=0.02, max=2.0, jitter=0.05),
+        stop=stop_after_attempt(attempts),
+        reraise=True,
+    )
+
+
 @dataclass
 class BatchResult:
     events: int = 0
@@ -71,12 +82,7 @@ class Stitcher:
 
     def stitch(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
         """Stitch those of ``event_ids`` that are still unstitched; retried on conflicts."""
-        for attempt in Retrying(
-            retry=retry_if_exception_type(RETRYABLE),
-            wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.05),
-            stop=stop_after_attempt(8),
-            reraise=True,
-        ):
+        for attempt in conflict_retrying():
             with attempt:
                 return self._stitch_once(conn, event_ids)
         raise AssertionError("unreachable")  # pragma: no cover
