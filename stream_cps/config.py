@@ -76,7 +76,7 @@ FIELDS: dict[str, Field] = {
     "stitching.batch_size": Field(int, 2000, "events stitched per transaction"),
     "stitching.poll_interval": Field(float, 0.05, "seconds between slot polls when idle"),
     "stitching.sweep_interval": Field(
-        float, 5.0, "seconds between sweeps for rows with stitched IS NULL the slot did not carry"
+        float, 1.0, "seconds between sweeps for rows with stitched IS NULL the slot did not carry"
     ),
     "stitching.slot_name": Field(str, "stream_cps", "logical replication slot (pgoutput)"),
     "stitching.publication": Field(str, "stream_cps_events", "publication on customer_events"),

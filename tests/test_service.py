@@ -261,3 +261,25 @@ def test_database_restart_is_survived(tmp_path: Path) -> None:
                 proc.kill()
     finally:
         embedded.destroy(server)
+
+
+def test_rows_reset_without_a_purge_signal_are_restitched(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    """A bare `stitched = NULL` (no modified = NULL first) is found by the sweep."""
+    setup_rules(db)
+    proc = start_service(pg_dsn, tmp_path / "run.log")
+    try:
+        wait_until(lambda: slot_active(db), what="the slot")
+        insert(db, [event("a", 1, email="x@a"), event("b", 2, email="y@a")])
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="first stitching")
+        db.execute(
+            "UPDATE cdp_ps.stitching_attributes_config SET value_expression = "
+            "'upper(payload->>''email'')' WHERE attribute_id = 'email'"
+        )
+        db.execute("UPDATE customer_events SET stitched = NULL, identifiers = NULL WHERE id = 'b'")
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="restitching the reset row")
+        row = db.execute("SELECT identifiers FROM customer_events WHERE id = 'b'").fetchone()
+        assert row == (["email:Y@A"],)
+    finally:
+        stop(proc)

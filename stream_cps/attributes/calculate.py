@@ -238,8 +238,23 @@ class BatchCalculator:
         for aid, entity_ids in results.failed.items():
             for entity_id in entity_ids:
                 failed_by_entity[entity_id].append(aid)
+        # Lock in id order, skipping rows the stitcher holds: it locks in id order too, so the
+        # two never deadlock (a deadlock costs deadlock_timeout, 1 s, of stitching latency),
+        # and a skipped entity is being changed anyway, so it stays due.
+        free = {
+            row[0]
+            for row in conn.execute(
+                sql.SQL(
+                    "SELECT customer_entity_id FROM {} WHERE customer_entity_id = ANY(%s) "
+                    "ORDER BY 1 FOR UPDATE SKIP LOCKED"
+                ).format(sql.Identifier(self._schemas.cdp, "customer_attributes")),
+                [[entity_id for entity_id, _ in entities]],
+            )
+        }
         ids, modified, attrs, event_counts, keep = [], [], [], [], []
         for entity_id, read_modified in entities:
+            if entity_id not in free:
+                continue
             ids.append(entity_id)
             modified.append(read_modified)
             attrs.append(_merge(results.values.get(entity_id, [])))

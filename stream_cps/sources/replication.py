@@ -63,16 +63,29 @@ class SlotSource:
                 f"wal_level is {level[0] if level else '?'}; logical replication needs "
                 "wal_level=logical (postgresql.conf, then restart PostgreSQL)"
             )
-        exists = conn.execute(
-            "SELECT 1 FROM pg_publication WHERE pubname = %s", [self.publication]
+        # Inserts only: every stitched row is an UPDATE of customer_events, and streaming those
+        # back (full rows, payload included) only to ignore them put the service's own WAL in
+        # front of new events (docs/replication.md). Rows reset to stitched = NULL are found by
+        # the sweep, at once when a purge signal is pending (the guide's scripts send one).
+        publication = conn.execute(
+            "SELECT pubinsert, pubupdate OR pubdelete OR pubtruncate FROM pg_publication "
+            "WHERE pubname = %s",
+            [self.publication],
         ).fetchone()
-        if not exists:
+        if not publication:
             conn.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
                     sql.Identifier(self.publication), sql.Identifier(*self.table)
                 )
             )
-            log.info("created publication %s", self.publication)
+            log.info("created publication %s (inserts)", self.publication)
+        elif publication != (True, False):
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert')").format(
+                    sql.Identifier(self.publication)
+                )
+            )
+            log.info("publication %s now carries inserts only", self.publication)
         slot = conn.execute(
             "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", [self.slot]
         ).fetchone()
