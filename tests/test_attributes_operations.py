@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -182,7 +183,9 @@ def test_concurrent_modification_keeps_entity_due(
 
 
 def test_stitcher_holding_the_row_lock(world: World, settings: config.Settings) -> None:
-    """A stitch transaction that commits while our UPDATE waits for it: the row stays due."""
+    """A stitch transaction holds the row: calculation skips it without waiting (it locks with
+    SKIP LOCKED, so it cannot deadlock with the stitcher), the row stays due, and it is
+    calculated once the stitch has committed."""
     world.attribute("s", SUM, "int")
     a = world.entity([ev({"n": 1}, 1)])
     stitcher = psycopg.connect(settings.dsn)
@@ -191,12 +194,15 @@ def test_stitcher_holding_the_row_lock(world: World, settings: config.Settings) 
         "WHERE customer_entity_id = %s",
         [a],
     )
-    timer = threading.Timer(1.0, stitcher.commit)
+    timer = threading.Timer(3.0, stitcher.commit)
     timer.start()
     try:
         worker_conn = psycopg.connect(settings.dsn, autocommit=True)
         world.worker._max_batches = 1
+        started = time.monotonic()
         assert world.worker.run_pass(worker_conn) == 0
+        assert time.monotonic() - started < 2.5  # did not wait for the stitcher's commit
+        timer.join()
         assert world.worker.run_pass(worker_conn) == 1
         assert world.attrs(a) == {"s": 1}
         worker_conn.close()
