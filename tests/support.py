@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,18 @@ def unstitched(conn: psycopg.Connection[Any]) -> int:
         "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NULL"
     ).fetchone()
     return int(row[0]) if row else -1
+
+
+@contextmanager
+def service_process(dsn: str, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`stream-cps run` for the block; killed at the end if the block did not stop it."""
+    proc = start_service(dsn, log, **env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 def start_service(dsn: str, log: Path, **env: str) -> subprocess.Popen[bytes]:

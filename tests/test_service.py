@@ -21,6 +21,7 @@ from tests.support import (
     expected,
     insert,
     observed,
+    service_process,
     setup_rules,
     start_service,
     unstitched,
@@ -44,8 +45,7 @@ def test_streaming_inserts_are_stitched_and_sigterm_exits_cleanly(
     db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
 ) -> None:
     setup_rules(db)
-    proc = start_service(pg_dsn, tmp_path / "run.log")
-    try:
+    with service_process(pg_dsn, tmp_path / "run.log") as proc:
         wait_until(lambda: slot_active(db), what="the slot")
         for n in range(200):
             insert(db, [event(f"e{n}", n % 37, email=f"p{n % 23}@x", cookie=f"c{n % 31}")])
@@ -56,9 +56,6 @@ def test_streaming_inserts_are_stitched_and_sigterm_exits_cleanly(
         started = time.monotonic()
         assert stop(proc) == 0
         assert time.monotonic() - started < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     log = (tmp_path / "run.log").read_text()
     assert "stitched 200 events" in log
 
@@ -84,8 +81,7 @@ def test_kill_9_at_random_points_loses_and_doubles_nothing(
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         _ = trial
-    proc = start_service(pg_dsn, log)
-    try:
+    with service_process(pg_dsn, log) as proc:
         for chunk in chunks:
             insert(db, chunk)
         wait_until(lambda: unstitched(db) == 0, timeout=60, what="stitching after restarts")
@@ -97,9 +93,6 @@ def test_kill_9_at_random_points_loses_and_doubles_nothing(
         ).fetchall()
         assert doubled == []
         assert stop(proc) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_standby_takes_over_when_active_process_dies(
@@ -188,17 +181,15 @@ def test_signals_stop_within_seconds_while_busy(
     db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path, sig: int
 ) -> None:
     db.execute(generator.config_sql(Schemas()))
-    proc = start_service(pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="50")
-    try:
+    with service_process(
+        pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="50"
+    ) as proc:
         wait_until(lambda: slot_active(db), what="the slot")
         insert(db, list(generator.events(seed=8, persons=200, per_person=5)))
         time.sleep(0.3)
         started = time.monotonic()
         assert stop(proc, sig) == 0
         assert time.monotonic() - started < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert os.path.exists(tmp_path / "run.log")
 
 
@@ -207,8 +198,9 @@ def test_burst_while_attributes_are_calculated_keeps_service_up(
 ) -> None:
     """Calculation updates the rows stitching writes; stitching must wait, never fail."""
     db.execute(generator.config_sql(Schemas()))
-    proc = start_service(pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="2000")
-    try:
+    with service_process(
+        pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="2000"
+    ) as proc:
         wait_until(lambda: slot_active(db), what="the slot")
         rows = list(generator.events(seed=21, persons=2500, per_person=8))
         for start in range(0, len(rows), 2000):
@@ -226,9 +218,6 @@ def test_burst_while_attributes_are_calculated_keeps_service_up(
         assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
         assert observed(db) == expected(db)
         assert stop(proc) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_database_restart_is_survived(tmp_path: Path) -> None:
@@ -240,8 +229,7 @@ def test_database_restart_is_survived(tmp_path: Path) -> None:
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             schema.migrate(conn, Schemas())
             setup_rules(conn)
-        proc = start_service(server.dsn, tmp_path / "run.log")
-        try:
+        with service_process(server.dsn, tmp_path / "run.log") as proc:
             with psycopg.connect(server.dsn, autocommit=True) as conn:
                 wait_until(lambda: slot_active(conn), what="the slot")
                 insert(conn, [event("before", 1, email="x@a")])
@@ -256,9 +244,6 @@ def test_database_restart_is_survived(tmp_path: Path) -> None:
             assert proc.poll() is None
             assert "database unavailable" in (tmp_path / "run.log").read_text()
             assert stop(proc) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
     finally:
         embedded.destroy(server)
 
