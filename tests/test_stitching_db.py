@@ -245,3 +245,19 @@ def test_batch_boundaries_do_not_change_the_result(
     stitcher = Stitcher(settings.replace(**{"stitching.batch_size": batch_size}))
     stitch_all(stitcher, db)
     assert observed(db) == expected(db)
+
+
+def test_rule_failing_on_some_events_of_a_large_batch_isolates_exactly_those(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    setup_rules(db, [("num", "pv", "((payload->>'n')::int)::text")])
+    bad = {"e07", "e20", "e33"}
+    rows = [event(f"e{k:02d}", k, n="x" if f"e{k:02d}" in bad else str(k)) for k in range(40)]
+    insert(db, rows)
+    stitch_all(Stitcher(settings), db)
+    failed = {r[0] for r in db.execute("SELECT event_id FROM cdp_ps.stitching_errors")}
+    assert failed == bad
+    identifiers = dict(db.execute("SELECT id, identifiers FROM customer_events").fetchall())
+    for k in range(40):
+        eid = f"e{k:02d}"
+        assert identifiers[eid] == ([] if eid in bad else [f"num:{k}"])
