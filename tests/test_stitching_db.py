@@ -252,7 +252,7 @@ def test_rule_failing_on_some_events_of_a_large_batch_isolates_exactly_those(
 ) -> None:
     setup_rules(db, [("num", "pv", "((payload->>'n')::int)::text")])
     bad = {"e07", "e20", "e33"}
-    rows = [event(f"e{k:02d}", k, n="x" if f"e{k:02d}" in bad else str(k)) for k in range(40)]
+    rows = [event(f"e{k:02d}", k, n="x" if f"e{k:02d}" in bad else str(k + 1)) for k in range(40)]
     insert(db, rows)
     stitch_all(Stitcher(settings), db)
     failed = {r[0] for r in db.execute("SELECT event_id FROM cdp_ps.stitching_errors")}
@@ -260,4 +260,4 @@ def test_rule_failing_on_some_events_of_a_large_batch_isolates_exactly_those(
     identifiers = dict(db.execute("SELECT id, identifiers FROM customer_events").fetchall())
     for k in range(40):
         eid = f"e{k:02d}"
-        assert identifiers[eid] == ([] if eid in bad else [f"num:{k}"])
+        assert identifiers[eid] == ([] if eid in bad else [f"num:{k + 1}"])
