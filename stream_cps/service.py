@@ -170,6 +170,7 @@ class StitchingService:
 
     def _record(self, result: BatchResult) -> None:
         self.progress.add(result)
+        self.progress.maybe_log()  # also during long sweeps (a restitch of everything)
 
     def _register_lag_gauge(self) -> None:
         def observe(_options: Any) -> list[Any]:
