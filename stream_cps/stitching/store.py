@@ -1,7 +1,8 @@
 """All SQL of the stitching state: read what a batch touches, write what its plan decided.
 
-Every statement is set-based (arrays in, one round trip per step) and keeps to the subset that
-CockroachDB also speaks: unnest, ON CONFLICT, RETURNING, nextval.
+Every statement is set-based (arrays in, one round trip per step) and is meant to stay in the
+subset CockroachDB also speaks (unnest, ON CONFLICT, RETURNING, nextval, FOR UPDATE OF,
+clock_timestamp, array casts); that is documented, not verified here (no CockroachDB server).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from stream_cps.stitching.rules import RuleFailure
 
 @dataclass(frozen=True)
 class Written:
+    """What one batch changed, for progress lines and metrics."""
+
     events: int
     created: int
     merged: int
