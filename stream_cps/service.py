@@ -87,6 +87,15 @@ class StitchingService:
     def run(self) -> Progress:
         telemetry.setup(self.settings.values)
         self._register_lag_gauge()
+        s = self.settings
+        log.info(
+            "starting: slot %s (%s), publication %s, schemas %s, batches of %d",
+            s["stitching.slot_name"],
+            s["stitching.replication"],
+            s["stitching.publication"],
+            s.schemas,
+            s["stitching.batch_size"],
+        )
         threads: list[threading.Thread] = []
         backoff = RECONNECT_MIN
         try:
