@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def start(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
-    """Start attribute calculation, and the relay when ``opensearch.url`` is set."""
-    from stream_cps.attributes.worker import CalculationWorker
+    """Start attribute calculation (unless ``attributes.enabled`` is off), and the relay when
+    ``opensearch.url`` is set."""
+    jobs: list[tuple[str, Callable[[threading.Event], None]]] = []
+    if settings["attributes.enabled"]:
+        from stream_cps.attributes.worker import CalculationWorker
 
-    jobs: list[tuple[str, Callable[[threading.Event], None]]] = [
-        ("attributes", CalculationWorker(settings).run_forever)
-    ]
+        jobs.append(("attributes", CalculationWorker(settings).run_forever))
     if settings["opensearch.url"]:
         from stream_cps.sinks.relay import Relay
 

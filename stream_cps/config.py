@@ -85,6 +85,9 @@ FIELDS: dict[str, Field] = {
         choices=("stream", "peek"),
     ),
     "stitching.standby_poll": Field(float, 2.0, "seconds a standby waits between takeover tries"),
+    "attributes.enabled": Field(
+        bool, True, "this process calculates attributes (turn off on all but one Kafka member)"
+    ),
     "attributes.batch_size": Field(int, 500, "entities calculated per transaction"),
     "attributes.statement_timeout_ms": Field(
         int, 10000, "statement timeout for admin-written attribute SQL"

@@ -268,3 +268,23 @@ def test_rows_reset_without_a_purge_signal_are_restitched(
         assert row == (["email:Y@A"],)
     finally:
         stop(proc)
+
+
+def test_calculation_can_be_left_to_another_process(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    """attributes.enabled = false: this process stitches, another one calculates."""
+    db.execute(generator.config_sql(Schemas()))
+    with service_process(
+        pg_dsn, tmp_path / "run.log", STREAM_CPS_ATTRIBUTES_ENABLED="false"
+    ) as proc:
+        wait_until(lambda: slot_active(db), what="the slot")
+        insert(db, list(generator.events(seed=4, persons=20, per_person=3)))
+        wait_until(lambda: unstitched(db) == 0, timeout=10, what="stitching")
+        time.sleep(1.0)  # several calculation poll intervals
+        calculated = db.execute(
+            "SELECT count(*) FILTER (WHERE calculated IS NOT NULL), count(*) "
+            "FROM customer_attributes"
+        ).fetchone()
+        assert calculated is not None and calculated[0] == 0 < calculated[1]
+        assert stop(proc) == 0
