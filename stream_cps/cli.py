@@ -158,8 +158,9 @@ def _cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
         from stream_cps import background
         from stream_cps.sources.kafka_consumer import KafkaStitchingService
 
-        # Every member calculates and relays: there is no lease on this path (it must run on
-        # CockroachDB too); concurrent calculators may compute an entity twice, never wrongly.
+        # Every member calculates (unless attributes.enabled is off) and relays: there is no
+        # lease on this path (it must run on CockroachDB too); concurrent calculators may
+        # compute an entity twice, never wrongly.
         threads = background.start(settings, stop)
         try:
             KafkaStitchingService(settings, stop).run()
