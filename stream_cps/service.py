@@ -41,7 +41,6 @@ class Progress:
     purged: int = 0
     rule_failures: int = 0
     lag_bytes: int = 0
-    started: float = field(default_factory=time.monotonic)
     _last_log: float = field(default_factory=time.monotonic)
     _last_events: int = 0
 

@@ -13,7 +13,6 @@ from opentelemetry import metrics, trace
 
 # Spans: one per batch, one per stage inside it.
 SPAN_STITCH_BATCH = "stitch.batch"
-SPAN_STITCH_READ = "stitch.read"
 SPAN_STITCH_EXTRACT = "stitch.extract"
 SPAN_STITCH_GROUP = "stitch.group"
 SPAN_STITCH_WRITE = "stitch.write"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -124,13 +123,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def kill(server: EmbeddedPostgres) -> None:
-    """SIGKILL the postmaster: a crash, for tests of recovery."""
-    pid_file = server.datadir / "postmaster.pid"
-    if pid_file.exists():
-        os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
 
 
 def _prepare_permissions(datadir: Path) -> None:

@@ -305,5 +305,3 @@ class SlotLease:
             self.conn.close()
         self.conn = None
 
-
-__all__ = ["SlotBatch", "SlotLease", "SlotSource", "format_lsn"]

@@ -39,7 +39,7 @@ class StitchStore:
             "ie": sql.Identifier(schemas.ps, "identifier_entities"),
             "al": sql.Identifier(schemas.ps, "entity_aliases"),
             "err": sql.Identifier(schemas.ps, "stitching_errors"),
-            "seq": sql.Literal(f"{_quote(schemas.ps)}.entity_version_seq"),
+            "seq": sql.Literal(sql.Identifier(schemas.ps, "entity_version_seq").as_string()),
             "outbox": sql.Identifier(schemas.attr, "outbox"),
         }
 
@@ -232,6 +232,3 @@ def array_literal(values: Iterable[str]) -> str:
     quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
     return "{" + ",".join(quoted) + "}"
 
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
