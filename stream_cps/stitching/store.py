@@ -55,8 +55,15 @@ class StitchStore:
             "INSERT INTO {outbox} (entity_id, op, version) "
             "SELECT id, 'delete', nextval({seq}) FROM unnest(%(ids)b::text[]) AS d(id)"
         )
-        self.unstitched = q(
-            "SELECT id FROM {ce} WHERE stitched IS NULL ORDER BY id LIMIT %(limit)b"
+        # Earliest first (the partial index on (event_time, id)): entities are then founded by
+        # their first event instead of being re-keyed when it turns up later.
+        self.unstitched_first = q(
+            "SELECT event_time, id FROM {ce} WHERE stitched IS NULL "
+            "ORDER BY event_time, id LIMIT %(limit)b"
+        )
+        self.unstitched_after = q(
+            "SELECT event_time, id FROM {ce} WHERE stitched IS NULL "
+            "AND (event_time, id) > (%(time)s, %(id)s) ORDER BY event_time, id LIMIT %(limit)b"
         )
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         self.lock_lookup = q(
@@ -85,7 +92,11 @@ class StitchStore:
             "FROM unnest(%(old)b::text[], %(new)b::text[]) AS m(old_id, new_id) "
             "WHERE al.new_id = m.old_id"
         )
-        self.alias_live = q("DELETE FROM {al} WHERE old_id = ANY(%(ids)b)")
+        # A join, not ``= ANY``: on a small aliases table the planner picks a sequential scan
+        # and tests every row against the whole array (44 ms per 5,000-entity batch).
+        self.alias_live = q(
+            "DELETE FROM {al} AS al USING unnest(%(ids)b::text[]) AS d(id) WHERE al.old_id = d.id"
+        )
         self.claim = q(
             "INSERT INTO {ie} (identifier, entity_id) "
             "SELECT * FROM unnest(%(idents)b::text[], %(owners)b::text[]) "
@@ -135,8 +146,16 @@ class StitchStore:
         row = conn.execute(self.has_purge).fetchone()
         return bool(row and row[0])
 
-    def unstitched_ids(self, conn: psycopg.Connection[Any], limit: int) -> list[str]:
-        return [r[0] for r in conn.execute(self.unstitched, {"limit": limit}).fetchall()]
+    def unstitched_keys(
+        self, conn: psycopg.Connection[Any], limit: int, after: EventKey | None
+    ) -> list[EventKey]:
+        """Up to ``limit`` unstitched events after ``after`` in (event_time, id) order."""
+        if after is None:
+            rows = conn.execute(self.unstitched_first, {"limit": limit}).fetchall()
+        else:
+            params = {"limit": limit, "time": after[0], "id": after[1]}
+            rows = conn.execute(self.unstitched_after, params).fetchall()
+        return [(r[0], str(r[1])) for r in rows]
 
     # -- read --------------------------------------------------------------------------------
 

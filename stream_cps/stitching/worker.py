@@ -70,6 +70,7 @@ class Stitcher:
         self.schemas = settings.schemas
         self.store = StitchStore(self.schemas)
         self.rulebook = rules.RuleBook(self.schemas)
+        self._sweep_after: grouping.EventKey | None = None
         meter = telemetry.meter()
         self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)
         self._merged = meter.create_counter(telemetry.METRIC_ENTITIES_MERGED)
@@ -88,9 +89,17 @@ class Stitcher:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def sweep(self, conn: psycopg.Connection[Any]) -> BatchResult:
-        """Stitch one batch of rows with ``stitched IS NULL`` whatever carried them."""
-        ids = self.store.unstitched_ids(conn, self.settings["stitching.batch_size"])
-        return self.stitch(conn, ids)
+        """Stitch the next batch of rows with ``stitched IS NULL``, whatever carried them.
+
+        A pass walks the backlog in (event_time, id) order with a cursor, so rows already
+        passed are not scanned again; a short batch ends the pass and the next call starts
+        over (rows that arrived behind the cursor are found then). Returns 0 events once a
+        fresh pass finds nothing.
+        """
+        limit = self.settings["stitching.batch_size"]
+        keys = self.store.unstitched_keys(conn, limit, self._sweep_after)
+        self._sweep_after = keys[-1] if len(keys) == limit else None
+        return self.stitch(conn, [event_id for _, event_id in keys])
 
     def _stitch_once(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
