@@ -3,7 +3,9 @@
 Only what the stitcher needs is decoded: relation descriptions, and the new tuple of inserts and
 updates (deletes and truncates are recognised and skipped). Values arrive in text format; an
 unchanged TOASTed value (``u``) is reported as ``UNCHANGED`` because updates do not resend it, and
-the stitcher reads the row itself anyway.
+the stitcher reads the row itself anyway. A decoder can be told which columns it needs: the
+others (the payload above all) are stepped over without being copied or decoded, which was most
+of the service's decoding time in a burst.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 UNCHANGED: Final = object()
+_INT16, _INT32, _INT64 = struct.Struct("!h"), struct.Struct("!i"), struct.Struct("!q")
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,10 @@ class DecodeError(ValueError):
 class Decoder:
     """Stateful: relation messages describe the oids that later row messages use."""
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: frozenset[str] | None = None) -> None:
+        """``wanted``: the columns to put in ``RowChange.values`` (default: all of them)."""
         self.relations: dict[int, Relation] = {}
+        self.wanted = wanted
 
     def decode(self, data: bytes) -> RowChange | Commit | Relation | None:
         if not data:
@@ -104,18 +109,24 @@ class Decoder:
                 f"{relation.name}: {count} columns, relation has {len(relation.columns)}"
             )
         values: dict[str, object] = {}
+        wanted = self.wanted
         for column in relation.columns:
             kind = reader.byte()
             if kind == b"n":
-                values[column] = None
+                value: object = None
             elif kind == b"u":
-                values[column] = UNCHANGED
+                value = UNCHANGED
             elif kind in (b"t", b"b"):
                 size = reader.int32()
+                if wanted is not None and column not in wanted:
+                    reader.skip(size)
+                    continue
                 raw = reader.take(size)
-                values[column] = raw.decode("utf-8") if kind == b"t" else raw
+                value = raw.decode("utf-8") if kind == b"t" else raw
             else:
                 raise DecodeError(f"unknown tuple column kind {kind!r}")
+            if wanted is None or column in wanted:
+                values[column] = value
         return values
 
 
@@ -132,17 +143,29 @@ class _Reader:
         self.pos = end
         return chunk
 
+    def skip(self, size: int) -> None:
+        if self.pos + size > len(self.data):
+            raise DecodeError("message truncated")
+        self.pos += size
+
     def byte(self) -> bytes:
         return self.take(1)
 
+    def _unpack(self, fmt: struct.Struct) -> int:
+        if self.pos + fmt.size > len(self.data):
+            raise DecodeError("message truncated")
+        value = fmt.unpack_from(self.data, self.pos)[0]
+        self.pos += fmt.size
+        return int(value)
+
     def int16(self) -> int:
-        return int(struct.unpack("!h", self.take(2))[0])
+        return self._unpack(_INT16)
 
     def int32(self) -> int:
-        return int(struct.unpack("!i", self.take(4))[0])
+        return self._unpack(_INT32)
 
     def int64(self) -> int:
-        return int(struct.unpack("!q", self.take(8))[0])
+        return self._unpack(_INT64)
 
     def cstring(self) -> str:
         end = self.data.find(b"\0", self.pos)

@@ -36,6 +36,10 @@ from stream_cps.sources.pgoutput import Commit, Decoder, RowChange, format_lsn, 
 log = logging.getLogger(__name__)
 
 
+# All the stitcher takes from a change: the row is re-read anyway (TOAST, replays).
+NEEDED_COLUMNS = frozenset({"id", "stitched"})
+
+
 @dataclass
 class SlotBatch:
     """Unstitched event ids carried by whole transactions, and where to acknowledge to."""
@@ -53,7 +57,7 @@ class SlotSource:
         self.slot = settings["stitching.slot_name"]
         self.publication = settings["stitching.publication"]
         self.table = (settings.schemas.ce, "customer_events")
-        self.decoder = Decoder()
+        self.decoder = Decoder(NEEDED_COLUMNS)
 
     def ensure(self, conn: psycopg.Connection[Any]) -> None:
         """Create the publication and the slot if missing (autocommit connection)."""
@@ -204,7 +208,7 @@ class StreamReader(SlotSource):
             time.sleep(0.2)
         self.repl = repl
         self.open_txn = {}
-        self.decoder = Decoder()
+        self.decoder = Decoder(NEEDED_COLUMNS)
         log.info("streaming slot %s", self.slot)
 
     def poll(self, conn: psycopg.Connection[Any], max_changes: int, wait: float) -> SlotBatch:
