@@ -104,3 +104,14 @@ def test_events_without_identifiers_join_no_entity() -> None:
     result = plan([StitchEvent("lonely", T0, ())], {}, {})
     assert result.components == []
     assert result.unidentified == ["lonely"]
+
+
+@given(st.text(max_size=80))
+def test_entity_id_is_the_rfc4122_uuid5_of_the_first_event(event_id: str) -> None:
+    import uuid
+
+    from stream_cps.stitching.grouping import ENTITY_NAMESPACE
+
+    expected = uuid.uuid5(ENTITY_NAMESPACE, event_id)
+    assert entity_id_for(event_id) == str(expected)
+    assert uuid.UUID(entity_id_for(event_id)).version == 5

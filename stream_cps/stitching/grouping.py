@@ -9,20 +9,29 @@ absorbed into it (and remembered as an alias by the store).
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 # Fixed namespace: entity ids must be the same on every machine and in every release.
 ENTITY_NAMESPACE = uuid.UUID("6f1c7a52-3d0e-4d2a-9b1e-5c0a7e2f9d41")
+_NAMESPACE_BYTES = ENTITY_NAMESPACE.bytes
 
 EventKey = tuple[datetime, str]
 
 
 def entity_id_for(first_event_id: str) -> str:
-    """The id of the entity whose earliest event is ``first_event_id``."""
-    return str(uuid.uuid5(ENTITY_NAMESPACE, first_event_id))
+    """The id of the entity whose earliest event is ``first_event_id``: RFC 4122 uuid5 text,
+    equal to ``str(uuid.uuid5(ENTITY_NAMESPACE, first_event_id))`` (a test holds it to that)
+    without building UUID objects, which was a tenth of the grouping time."""
+    raw = bytearray(hashlib.sha1(_NAMESPACE_BYTES + first_event_id.encode()).digest()[:16])
+    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class Component:
     existing: set[str] = field(default_factory=set)
     new_identifiers: set[str] = field(default_factory=set)
 
-    @property
+    @cached_property
     def absorbed(self) -> list[str]:
         """Existing entities whose id is not the derived one: merged away or re-keyed."""
         return sorted(e for e in self.existing if e != self.entity_id)
@@ -76,24 +85,6 @@ class BatchPlan:
         return sum(1 for c in self.components if not c.existing)
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, node: str) -> str:
-        parent = self.parent.setdefault(node, node)
-        if parent == node:
-            return node
-        root = self.find(parent)
-        self.parent[node] = root
-        return root
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-
 def plan(
     events: Iterable[StitchEvent],
     owner: Mapping[str, str],
@@ -103,25 +94,46 @@ def plan(
 
     ``owner`` maps each already-known identifier of the batch to its entity; ``first_keys``
     gives the earliest (event_time, event id) of each of those entities.
+
+    The union-find runs over identifiers and existing entities only (an event joins its
+    identifiers; an owned identifier joins its entity): entity nodes get a NUL prefix, which
+    no PostgreSQL text (so no identifier) can contain.
     """
-    uf = _UnionFind()
-    batch = [ev for ev in events]
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        root = parent.get(node, node)
+        if root == node:
+            return node
+        while True:
+            up = parent.get(root, root)
+            if up == root:
+                break
+            root = up
+        while node != root:  # path compression
+            parent[node], node = root, parent[node]
+        return root
+
+    batch = list(events)
     unidentified = [ev.id for ev in batch if not ev.identifiers]
     for ev in batch:
-        if not ev.identifiers:
+        idents = ev.identifiers
+        if not idents:
             continue
-        node = "e\0" + ev.id
-        uf.find(node)
-        for ident in ev.identifiers:
-            uf.union(node, "i\0" + ident)
+        head = find(idents[0])
+        for ident in idents:
             entity = owner.get(ident)
-            if entity is not None:
-                uf.union(node, "x\0" + entity)
+            for node in (ident, None if entity is None else "\0" + entity):
+                if node is None:
+                    continue
+                root = find(node)
+                if root != head:
+                    parent[root] = head
     groups: dict[str, Component] = {}
     for ev in batch:
         if not ev.identifiers:
             continue
-        root = uf.find("e\0" + ev.id)
+        root = find(ev.identifiers[0])
         comp = groups.get(root)
         if comp is None:
             comp = groups[root] = Component(entity_id="", first_key=ev.key)
@@ -133,8 +145,10 @@ def plan(
             else:
                 comp.existing.add(entity)
     for comp in groups.values():
-        keys = [ev.key for ev in comp.events] + [first_keys[e] for e in comp.existing]
-        comp.first_key = min(keys)
-        comp.entity_id = entity_id_for(comp.first_key[1])
+        first = min(ev.key for ev in comp.events)
+        for entity in comp.existing:
+            first = min(first, first_keys[entity])
+        comp.first_key = first
+        comp.entity_id = entity_id_for(first[1])
     ordered = sorted(groups.values(), key=lambda c: c.entity_id)
     return BatchPlan(ordered, unidentified)
