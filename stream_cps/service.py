@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 
 from stream_cps import background, telemetry
+from stream_cps.backlog import Backlog
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
@@ -82,6 +83,7 @@ class StitchingService:
         self.stitcher = Stitcher(settings)
         self.source = reader(settings)
         self.lease = SlotLease(settings)
+        self.backlog = Backlog()
 
     def run(self) -> Progress:
         telemetry.setup(self.settings.values)
@@ -106,11 +108,14 @@ class StitchingService:
                         break
                     # Only an active process calculates and relays: a standby would duplicate.
                     if self.with_background and not threads:
-                        threads = background.start(self.settings, self.stop)
-                    with connect(self.settings.dsn, role="stitching", autocommit=True) as conn:
+                        threads = background.start(self.settings, self.stop, self.backlog)
+                    with (
+                        connect(self.settings.dsn, role="stitching", autocommit=True) as conn,
+                        connect(self.settings.dsn, role="read-ahead", autocommit=True) as reader,
+                    ):
                         self.source.ensure(conn)
                         backoff = RECONNECT_MIN
-                        self._loop(conn)
+                        self._loop(conn, reader)
                 except (psycopg.OperationalError, Recoverable) as exc:
                     # An always-on consumer outlives restarts and failovers of its database.
                     log.warning("database unavailable (%s); retrying in %.1f s", exc, backoff)
@@ -137,7 +142,7 @@ class StitchingService:
             self.stop.wait(self.settings["stitching.standby_poll"])
         return False
 
-    def _loop(self, conn: psycopg.Connection[Any]) -> None:
+    def _loop(self, conn: psycopg.Connection[Any], reader: psycopg.Connection[Any]) -> None:
         batch_size = self.settings["stitching.batch_size"]
         poll = self.settings["stitching.poll_interval"]
         sweep_every = self.settings["stitching.sweep_interval"]
@@ -151,6 +156,8 @@ class StitchingService:
                 last_lease_check = time.monotonic()
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
                 batch = self.source.poll(conn, batch_size, poll)
+            if not batch.event_ids:
+                self.backlog.report(False)
             for start in range(0, len(batch.event_ids), batch_size):
                 self._record(
                     self.stitcher.stitch(conn, batch.event_ids[start : start + batch_size])
@@ -163,20 +170,26 @@ class StitchingService:
             if time.monotonic() - last_sweep > sweep_every or self.stitcher.store.pending_purge(
                 conn
             ):
-                self._sweep(conn)
+                self._sweep(conn, reader)
                 last_sweep = time.monotonic()
                 self.progress.lag_bytes = self.source.lag_bytes(conn)
             self.progress.maybe_log()
 
-    def _sweep(self, conn: psycopg.Connection[Any]) -> None:
-        """Stitch everything still unstitched, batch by batch (and run pending purges)."""
+    def _sweep(self, conn: psycopg.Connection[Any], reader: psycopg.Connection[Any]) -> None:
+        """Stitch everything still unstitched, pass after pass (and run pending purges): a
+        pass that stitched something is followed by another, for rows that arrived behind its
+        cursor."""
         while not self.stop.is_set():
-            result = self.stitcher.sweep(conn)
-            self._record(result)
-            if result.events == 0:
+            stitched = 0
+            for result in self.stitcher.sweep_pass(conn, reader, self.stop):
+                self._record(result)
+                stitched += result.events
+            if stitched == 0:
                 return
 
     def _record(self, result: BatchResult) -> None:
+        # A full batch means more is waiting: calculation holds back (stream_cps/backlog.py).
+        self.backlog.report(result.events >= self.settings["stitching.batch_size"])
         self.progress.add(result)
         self.progress.maybe_log()  # also during long sweeps (a restitch of everything)
 

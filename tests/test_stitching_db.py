@@ -261,3 +261,39 @@ def test_rule_failing_on_some_events_of_a_large_batch_isolates_exactly_those(
     for k in range(40):
         eid = f"e{k:02d}"
         assert identifiers[eid] == ([] if eid in bad else [f"num:{k + 1}"])
+
+
+def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(pg_server: Any) -> None:
+    """The service's sweep (next batch read on a second connection while the current one is
+    written) ends where the one-connection sweep ends, across many small batches."""
+    import threading
+
+    rows = list(generator.events(seed=13, persons=40, per_person=6))
+    snapshots = []
+    for mode in ("plain", "read-ahead"):
+        name = f"sweep_{mode.replace('-', '_')}_{random.randrange(1 << 30)}"
+        with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={name}"
+        local = config.load(flags={"dsn": dsn, "stitching.batch_size": 9}, environ={})
+        with (
+            psycopg.connect(dsn, autocommit=True) as conn,
+            psycopg.connect(dsn, autocommit=True) as reader,
+        ):
+            schema.migrate(conn, local.schemas)
+            conn.execute(generator.config_sql(local.schemas))
+            stitcher = Stitcher(local)
+            for start in range(0, len(rows), 120):  # more arrives between passes
+                insert(conn, rows[start : start + 120])
+                if mode == "plain":
+                    stitch_all(stitcher, conn)
+                    continue
+                results = list(stitcher.sweep_pass(conn, reader, threading.Event()))
+                assert len(results) > 1  # several batches, read ahead
+                assert sum(r.events for r in results) == len(rows[start : start + 120])
+            assert observed(conn) == expected(conn)
+            assert conn.execute(
+                "SELECT count(*) FROM customer_events WHERE stitched IS NULL"
+            ).fetchone() == (0,)
+            snapshots.append(snapshot(conn))
+    assert snapshots[0] == snapshots[1]

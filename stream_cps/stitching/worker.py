@@ -15,11 +15,14 @@ or SERIALIZABLE and retry serialization failures (``RETRYABLE``).
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 from tenacity import (
     Retrying,
     retry_if_exception_type,
@@ -49,6 +52,15 @@ def conflict_retrying(attempts: int = 10) -> Retrying:
     )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch read and normalised, ready to be grouped against the state (``apply``)."""
+
+    event_ids: list[str]
+    events: list[grouping.StitchEvent]
+    failures: list[rules.RuleFailure]
+
+
 @dataclass
 class BatchResult:
     events: int = 0
@@ -62,7 +74,7 @@ class BatchResult:
 class Stitcher:
     """Stitches batches of event ids against the database state.
 
-    Takes autocommit connections: each batch opens its own REPEATABLE READ transaction.
+    Takes autocommit connections: each batch opens its own READ COMMITTED transaction.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -85,8 +97,11 @@ class Stitcher:
         """Stitch those of ``event_ids`` that are still unstitched; retried on conflicts."""
         for attempt in conflict_retrying():
             with attempt:
-                return self._stitch_once(conn, event_ids)
-        raise AssertionError("unreachable")  # pragma: no cover
+                conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+                with conn.transaction():
+                    result = self.stitch_in_transaction(conn, event_ids)
+        self.count_metrics(result)
+        return result
 
     def sweep(self, conn: psycopg.Connection[Any]) -> BatchResult:
         """Stitch the next batch of rows with ``stitched IS NULL``, whatever carried them.
@@ -101,10 +116,49 @@ class Stitcher:
         self._sweep_after = keys[-1] if len(keys) == limit else None
         return self.stitch(conn, [event_id for _, event_id in keys])
 
-    def _stitch_once(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
-        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        with conn.transaction():
-            result = self.stitch_in_transaction(conn, event_ids)
+    def sweep_pass(
+        self,
+        conn: psycopg.Connection[Any],
+        reader: psycopg.Connection[Any],
+        stop: threading.Event,
+    ) -> Iterator[BatchResult]:
+        """One whole pass over the backlog, reading ahead on a second connection.
+
+        While batch N is grouped and written on ``conn``, a helper thread finds batch N+1 and
+        evaluates its rules on ``reader`` (autocommit): the two cores work at once instead of
+        taking turns. Batches of one pass are disjoint (the cursor), so reading ahead never
+        sees rows that the batch in flight is stitching; the next pass starts only after the
+        last batch committed. Reading before locking is the order every batch keeps anyway
+        (module docstring), so purge signals are handled exactly as in ``stitch``.
+        """
+        limit = self.settings["stitching.batch_size"]
+
+        def read(after: grouping.EventKey | None) -> tuple[list[grouping.EventKey], Prepared]:
+            keys = self.store.unstitched_keys(reader, limit, after)
+            return keys, self.prepare(reader, [event_id for _, event_id in keys])
+
+        with ThreadPoolExecutor(1, thread_name_prefix="stitch-read-ahead") as pool:
+            ahead = pool.submit(read, None)
+            while True:
+                keys, prepared = ahead.result()
+                more = len(keys) == limit and not stop.is_set()
+                if more:
+                    ahead = pool.submit(read, keys[-1])
+                yield self.stitch_prepared(conn, prepared)
+                if not more:
+                    return
+
+    def stitch_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
+        """Group and write events read beforehand, in a transaction of its own."""
+        for attempt in conflict_retrying():
+            with attempt:
+                conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+                with (
+                    conn.transaction(),
+                    telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span,
+                ):
+                    span.set_attribute("events.requested", len(prepared.event_ids))
+                    result = self.apply(conn, prepared)
         self.count_metrics(result)
         return result
 
@@ -117,39 +171,49 @@ class Stitcher:
         consumer inserts the events it stitches) call this within their transaction; they own
         the isolation level and the retry on serialization failures (``RETRYABLE``).
         """
+        with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
+            span.set_attribute("events.requested", len(event_ids))
+            return self.apply(conn, self.prepare(conn, event_ids))
+
+    def prepare(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> Prepared:
+        """Evaluate the rules for those of ``event_ids`` still unstitched, and normalise."""
+        ruleset = self.rulebook.refresh(conn)
+        extracted = rules.Extracted({}, [])
+        if event_ids:
+            with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
+                extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
+        events = [
+            grouping.StitchEvent(
+                event_id, event_time, tuple(identifiers_of(pairs, ruleset.blocklist))
+            )
+            for event_id, (event_time, pairs) in extracted.events.items()
+        ]
+        return Prepared(event_ids, events, extracted.failures)
+
+    def apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
+        """Lock, purge, group and write, in the caller's transaction."""
         tracer = telemetry.tracer()
         result = BatchResult()
-        with tracer.start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
-            span.set_attribute("events.requested", len(event_ids))
-            ruleset = self.rulebook.refresh(conn)
-            extracted = rules.Extracted({}, [])
-            if event_ids:
-                with tracer.start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
-                    extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
-            events = [
-                grouping.StitchEvent(
-                    event_id, event_time, tuple(identifiers_of(pairs, ruleset.blocklist))
-                )
-                for event_id, (event_time, pairs) in extracted.events.items()
-            ]
-            touched = sorted({i for ev in events for i in ev.identifiers})
-            with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
-                owner, keys = self.store.lock_owners(conn, touched)
-                result.purged = self.store.purge(conn)
-            if events:
-                with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
-                    gone = set(result.purged)
-                    owner = {i: e for i, e in owner.items() if e not in gone}
-                    plan = grouping.plan(events, owner, keys)
-                with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
-                    written = self.store.write(conn, plan, events, extracted.failures)
-                result.events = written.events
-                result.created = written.created
-                result.merges = written.merged
-                result.absorbed = written.absorbed
-                result.rule_failures = len(extracted.failures)
-            span.set_attribute("events.stitched", result.events)
-            span.set_attribute("entities.merged", result.merges)
+        events = prepared.events
+        touched = sorted({i for ev in events for i in ev.identifiers})
+        with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
+            owner, keys = self.store.lock_owners(conn, touched)
+            result.purged = self.store.purge(conn)
+        if events:
+            with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
+                gone = set(result.purged)
+                owner = {i: e for i, e in owner.items() if e not in gone}
+                plan = grouping.plan(events, owner, keys)
+            with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
+                written = self.store.write(conn, plan, events, prepared.failures)
+            result.events = written.events
+            result.created = written.created
+            result.merges = written.merged
+            result.absorbed = written.absorbed
+            result.rule_failures = len(prepared.failures)
+        span = trace.get_current_span()
+        span.set_attribute("events.stitched", result.events)
+        span.set_attribute("entities.merged", result.merges)
         return result
 
     def count_metrics(self, result: BatchResult) -> None:
