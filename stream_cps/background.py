@@ -11,19 +11,22 @@ import logging
 import threading
 from collections.abc import Callable
 
+from stream_cps.backlog import Backlog
 from stream_cps.config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def start(settings: Settings, stop: threading.Event) -> list[threading.Thread]:
+def start(
+    settings: Settings, stop: threading.Event, backlog: Backlog | None = None
+) -> list[threading.Thread]:
     """Start attribute calculation (unless ``attributes.enabled`` is off), and the relay when
-    ``opensearch.url`` is set."""
+    ``opensearch.url`` is set. Calculation defers to ``backlog`` when one is given."""
     jobs: list[tuple[str, Callable[[threading.Event], None]]] = []
     if settings["attributes.enabled"]:
         from stream_cps.attributes.worker import CalculationWorker
 
-        jobs.append(("attributes", CalculationWorker(settings).run_forever))
+        jobs.append(("attributes", CalculationWorker(settings, backlog=backlog).run_forever))
     if settings["opensearch.url"]:
         from stream_cps.sinks.relay import Relay
 

@@ -93,6 +93,9 @@ FIELDS: dict[str, Field] = {
         int, 10000, "statement timeout for admin-written attribute SQL"
     ),
     "attributes.poll_interval": Field(float, 0.5, "seconds between looks for due entities"),
+    "attributes.max_defer": Field(
+        float, 5.0, "longest wait of calculation while stitching works through a backlog"
+    ),
     "attributes.context_max_age_hours": Field(
         float, 24.0, "context values older than this are refreshed before calculation"
     ),

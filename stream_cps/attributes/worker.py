@@ -23,6 +23,7 @@ from stream_cps.attributes import context
 from stream_cps.attributes.cache import CacheRefresher
 from stream_cps.attributes.calculate import BatchCalculator
 from stream_cps.attributes.plan import Plan, PlanLoader
+from stream_cps.backlog import Backlog
 from stream_cps.config import Settings
 from stream_cps.db.connect import connect
 
@@ -42,8 +43,11 @@ _RETRY_BATCH = (
 class CalculationWorker:
     """Calculates attributes of due entities; safe to call ``run_pass`` from tests."""
 
-    def __init__(self, settings: Settings, max_batches: int = 20) -> None:
+    def __init__(
+        self, settings: Settings, max_batches: int = 20, backlog: Backlog | None = None
+    ) -> None:
         self._settings = settings
+        self._backlog = backlog
         self._schemas = settings.schemas
         self._batch_size = int(settings["attributes.batch_size"])
         self._timeout_ms = int(settings["attributes.statement_timeout_ms"])
@@ -98,7 +102,10 @@ class CalculationWorker:
 
     def _serve(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
         poll = float(self._settings["attributes.poll_interval"])
+        max_defer = float(self._settings["attributes.max_defer"])
         while not stop.is_set():
+            if self._backlog is not None:
+                self._backlog.wait_until_clear(stop, max_defer)
             started = time.monotonic()
             try:
                 done = self.run_pass(conn)
