@@ -137,7 +137,7 @@ def extract(
     """Evaluate every rule against the unstitched events among ``event_ids``, in one query."""
     try:
         with conn.transaction():
-            rows = conn.execute(*_query(schemas, rules, event_ids)).fetchall()
+            rows = conn.execute(*_by_ids(schemas, rules, event_ids)).fetchall()
         return _collect(rows, rules, [])
     except psycopg.errors.QueryCanceled:
         raise
@@ -146,10 +146,57 @@ def extract(
     return _isolate(conn, schemas, rules, event_ids)
 
 
-def _query(
+def extract_next(
+    conn: psycopg.Connection[Any],
+    schemas: Schemas,
+    rules: Sequence[Rule],
+    limit: int,
+    after: tuple[datetime, str] | None,
+) -> Extracted | None:
+    """Evaluate every rule against the next ``limit`` unstitched events after ``after`` in
+    (event_time, id) order, finding and reading them in the same query (the sweep's read).
+
+    Returns None when a rule failed: the caller then names the events and uses ``extract``,
+    which isolates the failing (rule, event) pairs.
+    """
+    source = sql.SQL(
+        "SELECT * FROM {events} WHERE stitched IS NULL {after} "
+        "ORDER BY event_time, id LIMIT {limit}"
+    ).format(
+        events=sql.Identifier(schemas.ce, "customer_events"),
+        after=sql.SQL("AND (event_time, id) > (%(after_time)s, %(after_id)s)")
+        if after
+        else sql.SQL(""),
+        limit=sql.Placeholder("limit"),
+    )
+    params: dict[str, object] = {"limit": limit}
+    if after:
+        params["after_time"], params["after_id"] = after
+    try:
+        with conn.transaction():
+            rows = conn.execute(*_query(schemas, rules, source, params)).fetchall()
+    except psycopg.errors.QueryCanceled:
+        raise
+    except psycopg.Error:
+        return None
+    return _collect(rows, rules, [])
+
+
+def _by_ids(
     schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
 ) -> tuple[sql.Composed, dict[str, object]]:
-    params: dict[str, object] = {"ids": event_ids}
+    source = sql.SQL("SELECT * FROM {events} WHERE id = ANY({ids}) AND stitched IS NULL").format(
+        events=sql.Identifier(schemas.ce, "customer_events"),
+        ids=sql.Placeholder("ids", PyFormat.BINARY),  # binary: no per-element quoting
+    )
+    return _query(schemas, rules, source, {"ids": event_ids})
+
+
+def _query(
+    schemas: Schemas, rules: Sequence[Rule], source: sql.Composable, params: dict[str, object]
+) -> tuple[sql.Composed, dict[str, object]]:
+    """Every rule as one arm of a LATERAL UNION ALL over the events ``source`` selects."""
+    params = dict(params)
     parts = []
     for n, rule in enumerate(rules):
         params[f"s{n}"], params[f"t{n}"], params[f"v{n}"] = rule.source_id, rule.type, rule.version
@@ -172,14 +219,9 @@ def _query(
         else sql.SQL("SELECT NULL::int AS rule, NULL::text AS value WHERE false")
     )
     query = sql.SQL(
-        "SELECT ev.id, ev.event_time, x.rule, x.value FROM {events} ev "
-        "LEFT JOIN LATERAL ({lateral}) x ON true "
-        "WHERE ev.id = ANY({ids}) AND ev.stitched IS NULL"
-    ).format(
-        events=sql.Identifier(schemas.ce, "customer_events"),
-        lateral=lateral,
-        ids=sql.Placeholder("ids", PyFormat.BINARY),  # binary: no per-element quoting
-    )
+        "SELECT ev.id, ev.event_time, x.rule, x.value FROM ({source}) ev "
+        "LEFT JOIN LATERAL ({lateral}) x ON true"
+    ).format(source=source, lateral=lateral)
     return query, params
 
 
@@ -204,12 +246,12 @@ def _isolate(
     for rule in rules:
         try:
             with conn.transaction():
-                conn.execute(*_query(schemas, [rule], event_ids)).fetchall()
+                conn.execute(*_by_ids(schemas, [rule], event_ids)).fetchall()
             good_rules.append(rule)
         except psycopg.Error:
             bad_rules.append(rule)
     with conn.transaction():
-        rows = list(conn.execute(*_query(schemas, good_rules, event_ids)).fetchall())
+        rows = list(conn.execute(*_by_ids(schemas, good_rules, event_ids)).fetchall())
     extracted = _collect(rows, good_rules, failures)
     for rule in bad_rules:
         for event_id, value in _split_until_clean(conn, schemas, rule, event_ids, failures):
@@ -229,7 +271,7 @@ def _split_until_clean(
     that fails on k of n events costs about k * log2(n) queries, not n."""
     try:
         with conn.transaction():
-            rows = conn.execute(*_query(schemas, [rule], event_ids)).fetchall()
+            rows = conn.execute(*_by_ids(schemas, [rule], event_ids)).fetchall()
         return [(str(r[0]), r[3]) for r in rows if r[2] is not None]
     except psycopg.Error as exc:
         if len(event_ids) == 1:

@@ -111,10 +111,8 @@ class Stitcher:
         over (rows that arrived behind the cursor are found then). Returns 0 events once a
         fresh pass finds nothing.
         """
-        limit = self.settings["stitching.batch_size"]
-        keys = self.store.unstitched_keys(conn, limit, self._sweep_after)
-        self._sweep_after = keys[-1] if len(keys) == limit else None
-        return self.stitch(conn, [event_id for _, event_id in keys])
+        prepared, self._sweep_after = self.read_next(conn, self._sweep_after)
+        return self.stitch_prepared(conn, prepared)
 
     def sweep_pass(
         self,
@@ -131,22 +129,37 @@ class Stitcher:
         last batch committed. Reading before locking is the order every batch keeps anyway
         (module docstring), so purge signals are handled exactly as in ``stitch``.
         """
-        limit = self.settings["stitching.batch_size"]
-
-        def read(after: grouping.EventKey | None) -> tuple[list[grouping.EventKey], Prepared]:
-            keys = self.store.unstitched_keys(reader, limit, after)
-            return keys, self.prepare(reader, [event_id for _, event_id in keys])
-
         with ThreadPoolExecutor(1, thread_name_prefix="stitch-read-ahead") as pool:
-            ahead = pool.submit(read, None)
+            ahead = pool.submit(self.read_next, reader, None)
             while True:
-                keys, prepared = ahead.result()
-                more = len(keys) == limit and not stop.is_set()
+                prepared, after = ahead.result()
+                more = after is not None and not stop.is_set()
                 if more:
-                    ahead = pool.submit(read, keys[-1])
+                    ahead = pool.submit(self.read_next, reader, after)
                 yield self.stitch_prepared(conn, prepared)
                 if not more:
                     return
+
+    def read_next(
+        self, conn: psycopg.Connection[Any], after: grouping.EventKey | None
+    ) -> tuple[Prepared, grouping.EventKey | None]:
+        """The sweep's next batch after ``after``, read and normalised, and the cursor to
+        continue from (None when this batch ends the pass).
+
+        One query finds the events and evaluates the rules; if a rule fails, the events are
+        named first and ``rules.extract`` isolates the failing (rule, event) pairs.
+        """
+        limit = self.settings["stitching.batch_size"]
+        ruleset = self.rulebook.refresh(conn)
+        with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
+            extracted = rules.extract_next(conn, self.schemas, ruleset.rules, limit, after)
+            if extracted is None:
+                keys = self.store.unstitched_keys(conn, limit, after)
+                extracted = rules.extract(conn, self.schemas, ruleset.rules, [k[1] for k in keys])
+            else:
+                keys = sorted((t, event_id) for event_id, (t, _) in extracted.events.items())
+        prepared = self._normalise(list(extracted.events), extracted, ruleset)
+        return prepared, (keys[-1] if len(keys) == limit else None)
 
     def stitch_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Group and write events read beforehand, in a transaction of its own."""
@@ -182,6 +195,12 @@ class Stitcher:
         if event_ids:
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
                 extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
+        return self._normalise(event_ids, extracted, ruleset)
+
+    @staticmethod
+    def _normalise(
+        event_ids: list[str], extracted: rules.Extracted, ruleset: rules.RuleSet
+    ) -> Prepared:
         events = [
             grouping.StitchEvent(
                 event_id, event_time, tuple(identifiers_of(pairs, ruleset.blocklist))
