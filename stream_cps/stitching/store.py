@@ -20,6 +20,22 @@ from stream_cps.stitching.rules import RuleFailure
 
 
 @dataclass(frozen=True)
+class EventMarks:
+    """The parameters of marking a batch's events stitched, built ahead of the transaction."""
+
+    ids: list[str]
+    literals: list[str]  # each event's identifiers as array text (ragged: one text per event)
+
+    @classmethod
+    def of(cls, events: Iterable[StitchEvent]) -> EventMarks:
+        ids, literals = [], []
+        for ev in events:
+            ids.append(ev.id)
+            literals.append(array_literal(ev.identifiers))
+        return cls(ids, literals)
+
+
+@dataclass(frozen=True)
 class Written:
     """What one batch changed, for progress lines and metrics."""
 
@@ -180,14 +196,24 @@ class StitchStore:
 
     # -- write -------------------------------------------------------------------------------
 
-    def write(
-        self,
-        conn: psycopg.Connection[Any],
-        plan: BatchPlan,
-        events: list[StitchEvent],
-        failures: list[RuleFailure],
-    ) -> Written:
-        """Apply a plan: absorb, claim identifiers, upsert survivors, mark events stitched."""
+    def mark(
+        self, conn: psycopg.Connection[Any], marks: EventMarks, failures: list[RuleFailure]
+    ) -> None:
+        """Mark events stitched with their identifiers; record the rule failures met."""
+        if marks.ids:
+            conn.execute(self.mark_events, {"ids": marks.ids, "idents": marks.literals})
+        if failures:
+            conn.execute(
+                self.record_errors,
+                {
+                    "attrs": [f.attribute_id for f in failures],
+                    "events": [f.event_id for f in failures],
+                    "msgs": [f.message for f in failures],
+                },
+            )
+
+    def write(self, conn: psycopg.Connection[Any], plan: BatchPlan, events: int) -> Written:
+        """Apply a plan: absorb, claim identifiers, upsert survivors."""
         old, new, why = [], [], []
         for comp in plan.components:
             for absorbed in comp.absorbed:
@@ -226,24 +252,7 @@ class StitchStore:
                 self.upsert_entities,
                 {"ids": ids, "idents": added, "times": times, "firsts": firsts},
             )
-        if events:
-            conn.execute(
-                self.mark_events,
-                {
-                    "ids": [ev.id for ev in events],
-                    "idents": [array_literal(ev.identifiers) for ev in events],
-                },
-            )
-        if failures:
-            conn.execute(
-                self.record_errors,
-                {
-                    "attrs": [f.attribute_id for f in failures],
-                    "events": [f.event_id for f in failures],
-                    "msgs": [f.message for f in failures],
-                },
-            )
-        return Written(len(events), plan.created, plan.merges, len(old))
+        return Written(events, plan.created, plan.merges, len(old))
 
 
 def array_literal(values: Iterable[str]) -> str:

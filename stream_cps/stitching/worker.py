@@ -34,7 +34,7 @@ from stream_cps import telemetry
 from stream_cps.config import Settings
 from stream_cps.stitching import grouping, rules
 from stream_cps.stitching.normalize import identifiers_of
-from stream_cps.stitching.store import StitchStore
+from stream_cps.stitching.store import EventMarks, StitchStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Prepared:
     event_ids: list[str]
     events: list[grouping.StitchEvent]
     failures: list[rules.RuleFailure]
+    marks: EventMarks
 
 
 @dataclass
@@ -207,7 +208,7 @@ class Stitcher:
             )
             for event_id, (event_time, pairs) in extracted.events.items()
         ]
-        return Prepared(event_ids, events, extracted.failures)
+        return Prepared(event_ids, events, extracted.failures, EventMarks.of(events))
 
     def apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Lock, purge, group and write, in the caller's transaction."""
@@ -219,12 +220,16 @@ class Stitcher:
             owner, keys = self.store.lock_owners(conn, touched)
             result.purged = self.store.purge(conn)
         if events:
-            with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
-                gone = set(result.purged)
-                owner = {i: e for i, e in owner.items() if e not in gone}
-                plan = grouping.plan(events, owner, keys)
-            with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
-                written = self.store.write(conn, plan, events, prepared.failures)
+            # Pipeline mode: marking the events (the largest statement, independent of the
+            # plan) runs in PostgreSQL while Python groups; the entity writes follow it.
+            with conn.pipeline():
+                self.store.mark(conn, prepared.marks, prepared.failures)
+                with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
+                    gone = set(result.purged)
+                    owner = {i: e for i, e in owner.items() if e not in gone}
+                    plan = grouping.plan(events, owner, keys)
+                with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
+                    written = self.store.write(conn, plan, len(events))
             result.events = written.events
             result.created = written.created
             result.merges = written.merged
