@@ -4,7 +4,7 @@
 
 Baseline and subject run in the same script on the same server (machines here are noisy):
 1. COPY the generated events into a plain table of customer_events' shape: the speed at which
-   PostgreSQL can take the rows in at all.
+   PostgreSQL can take the rows in at all (median of three).
 2. COPY the same events into customer_events while `stream-cps run` is up, and time until the
    last one is stitched (logical replication -> extract -> group -> write). Reported as
    events/s and as a fraction of (1).
@@ -13,9 +13,9 @@ Baseline and subject run in the same script on the same server (machines here ar
    small transactions for N seconds and report p50/p99 of ``stitched - created``.
 4. The contract floor: with no service running, COPY the same events into customer_events and
    write the very ``stitched``/``identifiers`` values the service wrote, in batches of the same
-   size, with one set-based UPDATE each. The contract makes every stitcher do at least this
-   much (fill both columns of every row, keep the table's indexes), so "COPY + stitch / floor"
-   is how close the stitcher comes to the least any stitcher could do.
+   size, with one set-based UPDATE each (median of three). The contract makes every stitcher do
+   at least this much (fill both columns of every row, keep the table's indexes), so
+   "COPY + stitch / floor" is how close the stitcher comes to the least any stitcher could do.
 
 The script waits for "all stitched" with a cheap EXISTS probe every 50 ms: a ``count(*)`` every
 20 ms cost PostgreSQL more CPU than some stitching steps, on the same two cores.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,12 +121,17 @@ def reset(conn: psycopg.Connection[Any]) -> None:
     )
 
 
-def copy_baseline(conn: psycopg.Connection[Any], rows: list[Any]) -> float:
-    conn.execute("CREATE TABLE plain_events (LIKE cdp_ce.customer_events INCLUDING DEFAULTS)")
-    started = time.perf_counter()
-    with conn.cursor() as cur:
-        generator.copy_events(cur, sql.Identifier("plain_events"), rows)
-    return time.perf_counter() - started
+def copy_baseline(conn: psycopg.Connection[Any], rows: list[Any], repeat: int = 3) -> float:
+    """Median of ``repeat`` COPYs into a fresh plain table (one COPY of 0.3 s is noisy)."""
+    timings = []
+    for _ in range(repeat):
+        conn.execute("DROP TABLE IF EXISTS plain_events")
+        conn.execute("CREATE TABLE plain_events (LIKE cdp_ce.customer_events INCLUDING DEFAULTS)")
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            generator.copy_events(cur, sql.Identifier("plain_events"), rows)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
 
 
 def service(
@@ -184,8 +190,10 @@ def contract_floor(
     rows: list[Any],
     written: list[tuple[str, list[str]]],
     batch_size: int,
+    repeat: int = 3,
 ) -> float:
-    """COPY + the one UPDATE per event any stitcher must make (no service running)."""
+    """Median of ``repeat`` runs of COPY + the one UPDATE per event any stitcher must make
+    (no service running)."""
     update = sql.SQL(
         "UPDATE {} AS ev SET stitched = clock_timestamp(), identifiers = k.idents::text[] "
         "FROM unnest(%b::text[], %b::text[]) AS k(id, idents) WHERE ev.id = k.id"
@@ -193,15 +201,19 @@ def contract_floor(
     by_id = dict(written)
     ids = [str(row[0]) for row in rows]
     literals = [array_literal(by_id.get(event_id, [])) for event_id in ids]
-    started = time.perf_counter()
-    with conn.cursor() as cur:
-        generator.copy_events(cur, EVENTS, rows)
-    for start in range(0, len(ids), batch_size):
-        with conn.transaction():
-            conn.execute(
-                update, (ids[start : start + batch_size], literals[start : start + batch_size])
-            )
-    return time.perf_counter() - started
+    timings = []
+    for _ in range(repeat):
+        conn.execute(sql.SQL("TRUNCATE {}").format(EVENTS))
+        started = time.perf_counter()
+        with conn.cursor() as cur:
+            generator.copy_events(cur, EVENTS, rows)
+        for start in range(0, len(ids), batch_size):
+            with conn.transaction():
+                conn.execute(
+                    update, (ids[start : start + batch_size], literals[start : start + batch_size])
+                )
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
 
 
 def steady_latency(conn: psycopg.Connection[Any], rate: int, seconds: float) -> tuple[float, float]:
