@@ -158,12 +158,16 @@ class StitchingService:
                 batch = self.source.poll(conn, batch_size, poll)
             if not batch.event_ids:
                 self.backlog.report(False)
-            for start in range(0, len(batch.event_ids), batch_size):
-                self._record(
-                    self.stitcher.stitch(conn, batch.event_ids[start : start + batch_size])
-                )
-                if self.stop.is_set():
-                    return  # not acknowledged: replayed and skipped on restart
+            if len(batch.event_ids) >= batch_size:
+                # A backlog: the sweep takes it (these rows included, they are committed and
+                # unstitched) earliest first and reading ahead, instead of in insertion order;
+                # replayed rows it already stitched cost one empty query, not a lookup each.
+                self._sweep(conn, reader)
+                last_sweep = time.monotonic()
+            else:
+                self._record(self.stitcher.stitch(conn, batch.event_ids))
+            if self.stop.is_set():
+                return  # not acknowledged: replayed and skipped on restart
             if batch.ack_lsn:
                 with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_ACK):
                     self.source.ack(conn, batch.ack_lsn)

@@ -288,3 +288,27 @@ def test_calculation_can_be_left_to_another_process(
         ).fetchone()
         assert calculated is not None and calculated[0] == 0 < calculated[1]
         assert stop(proc) == 0
+
+
+def test_a_burst_is_handed_to_the_sweep_and_stitched_earliest_first(
+    db: psycopg.Connection[Any], pg_dsn: str, tmp_path: Path
+) -> None:
+    """One transaction of many batches arrives in shuffled time order; the stream hands it to
+    the read-ahead sweep, which takes it by event_time, so no entity is ever re-keyed."""
+    db.execute(generator.config_sql(Schemas()))
+    rows = list(generator.events(seed=31, persons=90, per_person=8))  # shuffled times
+    with service_process(
+        pg_dsn, tmp_path / "run.log", STREAM_CPS_STITCHING_BATCH_SIZE="40"
+    ) as proc:
+        wait_until(lambda: slot_active(db), what="the slot")
+        with db.transaction():
+            insert(db, rows)
+        wait_until(lambda: unstitched(db) == 0, timeout=60, what="stitching the burst")
+        assert observed(db) == expected(db)
+        reasons = dict(
+            db.execute(
+                "SELECT reason, count(*) FROM cdp_ps.entity_aliases GROUP BY reason"
+            ).fetchall()
+        )
+        assert reasons.get("rekey", 0) == 0, reasons
+        assert stop(proc) == 0
