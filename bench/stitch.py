@@ -39,8 +39,8 @@ from psycopg import sql
 
 from stream_cps.config import Schemas
 from stream_cps.db import embedded, schema
+from stream_cps.db.arrays import array_literal
 from stream_cps.sample import generator
-from stream_cps.stitching.store import array_literal
 
 SCHEMAS = Schemas()
 EVENTS = sql.Identifier(SCHEMAS.ce, "customer_events")

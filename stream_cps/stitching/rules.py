@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.adapt import PyFormat
 
 from stream_cps.config import Schemas
+from stream_cps.db.arrays import TextArray
 from stream_cps.errors import DefinitionError
 from stream_cps.stitching.normalize import SEPARATOR, Blocklist
 
@@ -187,9 +188,9 @@ def _by_ids(
 ) -> tuple[sql.Composed, dict[str, object]]:
     source = sql.SQL("SELECT * FROM {events} WHERE id = ANY({ids}) AND stitched IS NULL").format(
         events=sql.Identifier(schemas.ce, "customer_events"),
-        ids=sql.Placeholder("ids", PyFormat.BINARY),  # binary: no per-element quoting
+        ids=sql.Placeholder("ids", PyFormat.BINARY),
     )
-    return _query(schemas, rules, source, {"ids": event_ids})
+    return _query(schemas, rules, source, {"ids": TextArray(event_ids)})
 
 
 def _query(

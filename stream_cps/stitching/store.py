@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from stream_cps.config import Schemas
+from stream_cps.db.arrays import TextArray, array_texts
 from stream_cps.stitching.grouping import BatchPlan, EventKey, StitchEvent
 from stream_cps.stitching.rules import RuleFailure
 
@@ -28,11 +29,8 @@ class EventMarks:
 
     @classmethod
     def of(cls, events: Iterable[StitchEvent]) -> EventMarks:
-        ids, literals = [], []
-        for ev in events:
-            ids.append(ev.id)
-            literals.append(array_literal(ev.identifiers))
-        return cls(ids, literals)
+        batch = list(events)
+        return cls([ev.id for ev in batch], array_texts([ev.identifiers for ev in batch]))
 
 
 @dataclass(frozen=True)
@@ -154,8 +152,8 @@ class StitchStore:
         OpenSearch deletes (the guide's clean-up routine)."""
         ids = [r[0] for r in conn.execute(self.purge_entities).fetchall()]
         if ids:
-            conn.execute(self.free_identifiers, {"ids": ids})
-            conn.execute(self.outbox_deletes, {"ids": ids})
+            conn.execute(self.free_identifiers, {"ids": TextArray(ids)})
+            conn.execute(self.outbox_deletes, {"ids": TextArray(ids)})
         return ids
 
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
@@ -188,7 +186,7 @@ class StitchStore:
         if not identifiers:
             return owner, keys
         for ident, entity, first_time, first_id in conn.execute(
-            self.lock_lookup, {"idents": identifiers}
+            self.lock_lookup, {"idents": TextArray(identifiers)}
         ).fetchall():
             owner[ident] = entity
             keys[entity] = (first_time, first_id)
@@ -201,7 +199,10 @@ class StitchStore:
     ) -> None:
         """Mark events stitched with their identifiers; record the rule failures met."""
         if marks.ids:
-            conn.execute(self.mark_events, {"ids": marks.ids, "idents": marks.literals})
+            conn.execute(
+                self.mark_events,
+                {"ids": TextArray(marks.ids), "idents": TextArray(marks.literals)},
+            )
         if failures:
             conn.execute(
                 self.record_errors,
@@ -222,12 +223,17 @@ class StitchStore:
                 why.append(comp.absorb_reason)
         absorbed_identifiers: dict[str, list[str]] = {}
         if old:
-            for entity, idents in conn.execute(self.absorb, {"old": old}).fetchall():
+            for entity, idents in conn.execute(self.absorb, {"old": TextArray(old)}).fetchall():
                 absorbed_identifiers[entity] = list(idents)
-            conn.execute(self.repoint, {"old": old, "new": new})
-            conn.execute(self.alias_compress, {"old": old, "new": new})
-            conn.execute(self.alias_insert, {"old": old, "new": new, "why": why})
-            conn.execute(self.outbox_deletes, {"ids": old})
+            conn.execute(self.repoint, {"old": TextArray(old), "new": TextArray(new)})
+            conn.execute(
+                self.alias_compress, {"old": TextArray(old), "new": TextArray(new)}
+            )
+            conn.execute(
+                self.alias_insert,
+                {"old": TextArray(old), "new": TextArray(new), "why": TextArray(why)},
+            )
+            conn.execute(self.outbox_deletes, {"ids": TextArray(old)})
 
         claim_idents, claim_owners = [], []
         ids, added, times, firsts = [], [], [], []
@@ -241,22 +247,24 @@ class StitchStore:
             if comp.entity_id not in comp.existing:
                 new_to_entity.update(comp.event_identifiers)
             ids.append(comp.entity_id)
-            added.append(array_literal(sorted(new_to_entity)))
+            added.append(sorted(new_to_entity))
             times.append(comp.first_key[0])
             firsts.append(comp.first_key[1])
         if claim_idents:
-            conn.execute(self.claim, {"idents": claim_idents, "owners": claim_owners})
+            conn.execute(
+                self.claim,
+                {"idents": TextArray(claim_idents), "owners": TextArray(claim_owners)},
+            )
         if ids:
-            conn.execute(self.alias_live, {"ids": ids})
+            conn.execute(self.alias_live, {"ids": TextArray(ids)})
             conn.execute(
                 self.upsert_entities,
-                {"ids": ids, "idents": added, "times": times, "firsts": firsts},
+                {
+                    "ids": TextArray(ids),
+                    "idents": TextArray(array_texts(added)),
+                    "times": times,
+                    "firsts": TextArray(firsts),
+                },
             )
         return Written(events, plan.created, plan.merges, len(old))
-
-
-def array_literal(values: Iterable[str]) -> str:
-    """PostgreSQL array text for a parameter (every element quoted, so any text is safe)."""
-    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
-    return "{" + ",".join(quoted) + "}"
 
