@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import cached_property
 
 # Fixed namespace: entity ids must be the same on every machine and in every release.
 ENTITY_NAMESPACE = uuid.UUID("6f1c7a52-3d0e-4d2a-9b1e-5c0a7e2f9d41")
@@ -57,10 +56,8 @@ class Component:
     existing: set[str] = field(default_factory=set)
     new_identifiers: set[str] = field(default_factory=set)
 
-    @cached_property
-    def absorbed(self) -> list[str]:
-        """Existing entities whose id is not the derived one: merged away or re-keyed."""
-        return sorted(e for e in self.existing if e != self.entity_id)
+    # Existing entities whose id is not the derived one: merged away or re-keyed (set by plan).
+    absorbed: list[str] = field(default_factory=list)
 
     @property
     def absorb_reason(self) -> str:
@@ -122,11 +119,14 @@ def plan(
             continue
         head = find(idents[0])
         for ident in idents:
+            # Most identifiers are seen for the first time: no lookup chain to follow.
+            root = ident if ident not in parent else find(ident)
+            if root != head:
+                parent[root] = head
             entity = owner.get(ident)
-            for node in (ident, None if entity is None else "\0" + entity):
-                if node is None:
-                    continue
-                root = find(node)
+            if entity is not None:
+                node = "\0" + entity
+                root = node if node not in parent else find(node)
                 if root != head:
                     parent[root] = head
     groups: dict[str, Component] = {}
@@ -145,10 +145,13 @@ def plan(
             else:
                 comp.existing.add(entity)
     for comp in groups.values():
-        first = min(ev.key for ev in comp.events)
+        events_of = comp.events
+        first = events_of[0].key if len(events_of) == 1 else min(ev.key for ev in events_of)
         for entity in comp.existing:
             first = min(first, first_keys[entity])
         comp.first_key = first
         comp.entity_id = entity_id_for(first[1])
+        if comp.existing:
+            comp.absorbed = sorted(e for e in comp.existing if e != comp.entity_id)
     ordered = sorted(groups.values(), key=lambda c: c.entity_id)
     return BatchPlan(ordered, unidentified)

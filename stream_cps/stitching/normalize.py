@@ -36,6 +36,11 @@ class Blocklist:
 
     extra_global: frozenset[str] = frozenset()
     per_attribute: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # (attribute id, raw value) -> identifier or None: the same cookie or email recurs across a
+    # person's events, and a dict lookup is a fraction of normalising and checking again.
+    _seen: dict[tuple[str, str | None], str | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @classmethod
     def from_rows(cls, rows: Iterable[tuple[str | None, str]]) -> Blocklist:
@@ -64,11 +69,27 @@ def identifier(attribute_id: str, value: str) -> str:
     return f"{attribute_id}{SEPARATOR}{value}"
 
 
+_SEEN_LIMIT = 200_000
+
+
 def identifiers_of(pairs: Iterable[tuple[str, str | None]], blocklist: Blocklist) -> list[str]:
     """Sorted, de-duplicated identifiers from raw (attribute id, value) pairs."""
     found = set()
-    for attribute_id, raw in pairs:
-        value = normalize(raw)
-        if value is not None and not blocklist.blocks(attribute_id, value):
-            found.add(identifier(attribute_id, value))
+    seen = blocklist._seen
+    for pair in pairs:
+        try:
+            ident = seen[pair]
+        except KeyError:
+            attribute_id, raw = pair
+            value = normalize(raw)
+            ident = (
+                None
+                if value is None or blocklist.blocks(attribute_id, value)
+                else identifier(attribute_id, value)
+            )
+            if len(seen) >= _SEEN_LIMIT:
+                seen.clear()
+            seen[pair] = ident
+        if ident is not None:
+            found.add(ident)
     return sorted(found)
