@@ -1,10 +1,12 @@
-"""One stitching batch = one transaction: extract, lock, purge, group, write.
+"""One stitching batch: read (extract, normalise), then one transaction: lock, purge, group, write.
 
-The order inside the batch is what makes the guide's restitch scripts (``modified = NULL`` first,
-then ``stitched = NULL``) right with no wait between them: the events are read first, then the
+The order is what makes the guide's restitch scripts (``modified = NULL`` first, then
+``stitched = NULL``) right with no wait between them: the events are read first, then the
 entities they touch are locked (``FOR UPDATE``), then purge signals are applied. Any purge signal
 committed before the events were reset is therefore seen by the purge, and one committed later
-waits for the batch's commit and is applied by the next batch.
+waits for the batch's commit and is applied by the next batch. The read happens inside the
+transaction (``stitch``, the Kafka path) or earlier on another connection (the sweep reads its
+next batch ahead); either way it precedes the lock.
 
 The replication service is the only stitcher of its database (the lease), so it runs at READ
 COMMITTED: concurrent attribute calculation then makes it wait on a row lock, never fail.
