@@ -156,14 +156,16 @@ def _cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     if args.source == "kafka":
         from stream_cps import background
+        from stream_cps.backlog import Backlog
         from stream_cps.sources.kafka_consumer import KafkaStitchingService
 
         # Every member calculates (unless attributes.enabled is off) and relays: there is no
         # lease on this path (it must run on CockroachDB too); concurrent calculators may
         # compute an entity twice, never wrongly.
-        threads = background.start(settings, stop)
+        backlog = Backlog()
+        threads = background.start(settings, stop, backlog)
         try:
-            KafkaStitchingService(settings, stop).run()
+            KafkaStitchingService(settings, stop, backlog).run()
         finally:
             stop.set()
             background.join(threads)

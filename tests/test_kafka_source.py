@@ -29,6 +29,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_cps import config
+from stream_cps.backlog import Backlog
 from stream_cps.db import schema
 from stream_cps.sample import generator
 from stream_cps.sources.kafka_consumer import KafkaStitchingService
@@ -89,10 +90,12 @@ def kafka_env(
 
 
 @contextmanager
-def member(settings: config.Settings) -> Iterator[KafkaStitchingService]:
+def member(
+    settings: config.Settings, backlog: Backlog | None = None
+) -> Iterator[KafkaStitchingService]:
     """A consumer group member running in a thread until the block ends."""
     stop = threading.Event()
-    service = KafkaStitchingService(settings, stop)
+    service = KafkaStitchingService(settings, stop, backlog)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -561,3 +564,28 @@ def test_kafka_run_calculates_attributes_of_what_it_stitched(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0, log.read_text()[-3000:]
+
+
+class RecordingBacklog(Backlog):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reports: list[bool] = []
+
+    def report(self, busy: bool) -> None:
+        self.reports.append(busy)
+        super().report(busy)
+
+
+def test_member_reports_a_backlog_while_polls_come_back_full(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """Calculation in the same process holds back while this member is behind."""
+    settings, topic = kafka_env
+    rows = sample(300, seed=17)
+    produce(settings["kafka.bootstrap_servers"], topic, events_of(rows))
+    backlog = RecordingBacklog()
+    with member(settings.replace(**{"kafka.batch_size": 40}), backlog):
+        wait_until(lambda: all_stitched(db, len(rows)), 60, "all events stitched")
+        wait_until(lambda: not backlog.busy, 30, "the backlog reported cleared")
+    assert True in backlog.reports  # full polls while the topic was ahead
+    assert backlog.reports[-1] is False

@@ -32,6 +32,7 @@ from psycopg import sql
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from stream_cps import telemetry
+from stream_cps.backlog import Backlog
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
@@ -153,9 +154,12 @@ def to_envelope(msg: Message, message_format: str, avro: SchemaResolver) -> Enve
 class KafkaStitchingService:
     """Runs until ``stop`` is set; any number of processes may share the group."""
 
-    def __init__(self, settings: Settings, stop: threading.Event) -> None:
+    def __init__(
+        self, settings: Settings, stop: threading.Event, backlog: Backlog | None = None
+    ) -> None:
         self.settings = settings
         self.stop = stop
+        self.backlog = backlog
         self.member = f"stream-cps-{socket.gethostname()}-{os.getpid()}"
         self.progress = KafkaProgress()
         self.stitcher = Stitcher(settings)
@@ -208,6 +212,9 @@ class KafkaStitchingService:
         while not self.stop.is_set():
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
                 polled = consumer.consume(num_messages=batch_size, timeout=timeout)
+            if self.backlog is not None:
+                # A full poll means more is waiting: calculation holds back (backlog.py).
+                self.backlog.report(len(polled) >= batch_size)
             batch = [m for m in polled if self._usable(m)]
             if batch:
                 envelopes = [to_envelope(m, message_format, self.avro) for m in batch]
