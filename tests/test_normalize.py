@@ -49,3 +49,15 @@ def test_table_blocklist_global_and_per_attribute() -> None:
 def test_identifiers_sorted_and_unique() -> None:
     pairs = [("b", "2"), ("a", "1"), ("b", " 2 "), ("a", None)]
     assert identifiers_of(pairs, Blocklist()) == ["a:1", "b:2"]
+
+
+def test_identifiers_of_caches_per_blocklist_and_answers_alike() -> None:
+    from stream_cps.stitching.normalize import Blocklist, identifiers_of
+
+    pairs = [("email", " A@x "), ("cookie", "None"), ("id", "12.00"), ("id", "x" * 300)]
+    plain = Blocklist()
+    first = identifiers_of(pairs, plain)
+    assert first == identifiers_of(pairs, plain)  # second answer from the cache
+    assert first == ["email:A@x", "id:12", "id:" + "x" * 300]
+    stricter = Blocklist.from_rows([("email", "a@x")])
+    assert identifiers_of(pairs, stricter) == ["id:12", "id:" + "x" * 300]

@@ -69,7 +69,7 @@ def identifier(attribute_id: str, value: str) -> str:
     return f"{attribute_id}{SEPARATOR}{value}"
 
 
-_SEEN_LIMIT = 200_000
+_SEEN_LIMIT, _SEEN_MAX_VALUE = 200_000, 256
 
 
 def identifiers_of(pairs: Iterable[tuple[str, str | None]], blocklist: Blocklist) -> list[str]:
@@ -87,9 +87,10 @@ def identifiers_of(pairs: Iterable[tuple[str, str | None]], blocklist: Blocklist
                 if value is None or blocklist.blocks(attribute_id, value)
                 else identifier(attribute_id, value)
             )
-            if len(seen) >= _SEEN_LIMIT:
-                seen.clear()
-            seen[pair] = ident
+            if raw is None or len(raw) <= _SEEN_MAX_VALUE:  # bounded memory: short values only
+                if len(seen) >= _SEEN_LIMIT:
+                    seen.clear()
+                seen[pair] = ident
         if ident is not None:
             found.add(ident)
     return sorted(found)
