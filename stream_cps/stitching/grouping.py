@@ -119,14 +119,9 @@ def plan(
             continue
         head = find(idents[0])
         for ident in idents:
-            # Most identifiers are seen for the first time: no lookup chain to follow.
-            root = ident if ident not in parent else find(ident)
-            if root != head:
-                parent[root] = head
             entity = owner.get(ident)
-            if entity is not None:
-                node = "\0" + entity
-                root = node if node not in parent else find(node)
+            for node in (ident,) if entity is None else (ident, "\0" + entity):
+                root = find(node)
                 if root != head:
                     parent[root] = head
     groups: dict[str, Component] = {}

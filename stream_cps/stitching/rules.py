@@ -153,12 +153,12 @@ def extract_next(
     rules: Sequence[Rule],
     limit: int,
     after: tuple[datetime, str] | None,
-) -> Extracted | None:
+) -> Extracted:
     """Evaluate every rule against the next ``limit`` unstitched events after ``after`` in
     (event_time, id) order, finding and reading them in the same query (the sweep's read).
 
-    Returns None when a rule failed: the caller then names the events and uses ``extract``,
-    which isolates the failing (rule, event) pairs.
+    When a rule fails, the events are named first and the failing (rule, event) pairs are
+    isolated as in ``extract``.
     """
     source = sql.SQL(
         "SELECT * FROM {events} WHERE stitched IS NULL {after} "
@@ -176,11 +176,14 @@ def extract_next(
     try:
         with conn.transaction():
             rows = conn.execute(*_query(schemas, rules, source, params)).fetchall()
+        return _collect(rows, rules, [])
     except psycopg.errors.QueryCanceled:
         raise
     except psycopg.Error:
-        return None
-    return _collect(rows, rules, [])
+        log.warning("rule evaluation failed for the next %d unstitched events; isolating", limit)
+    with conn.transaction():
+        found = conn.execute(sql.SQL("SELECT id FROM ({}) ev").format(source), params).fetchall()
+    return _isolate(conn, schemas, rules, [str(r[0]) for r in found])
 
 
 def _by_ids(

@@ -69,16 +69,6 @@ class StitchStore:
             "INSERT INTO {outbox} (entity_id, op, version) "
             "SELECT id, 'delete', nextval({seq}) FROM unnest(%(ids)b::text[]) AS d(id)"
         )
-        # Earliest first (the partial index on (event_time, id)): entities are then founded by
-        # their first event instead of being re-keyed when it turns up later.
-        self.unstitched_first = q(
-            "SELECT event_time, id FROM {ce} WHERE stitched IS NULL "
-            "ORDER BY event_time, id LIMIT %(limit)b"
-        )
-        self.unstitched_after = q(
-            "SELECT event_time, id FROM {ce} WHERE stitched IS NULL "
-            "AND (event_time, id) > (%(time)s, %(id)s) ORDER BY event_time, id LIMIT %(limit)b"
-        )
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         self.lock_lookup = q(
             "SELECT ie.identifier, ie.entity_id, ca.first_event_time, ca.first_event_id "
@@ -159,17 +149,6 @@ class StitchStore:
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute(self.has_purge).fetchone()
         return bool(row and row[0])
-
-    def unstitched_keys(
-        self, conn: psycopg.Connection[Any], limit: int, after: EventKey | None
-    ) -> list[EventKey]:
-        """Up to ``limit`` unstitched events after ``after`` in (event_time, id) order."""
-        if after is None:
-            rows = conn.execute(self.unstitched_first, {"limit": limit}).fetchall()
-        else:
-            params = {"limit": limit, "time": after[0], "id": after[1]}
-            rows = conn.execute(self.unstitched_after, params).fetchall()
-        return [(r[0], str(r[1])) for r in rows]
 
     # -- read --------------------------------------------------------------------------------
 

@@ -149,18 +149,13 @@ class Stitcher:
         """The sweep's next batch after ``after``, read and normalised, and the cursor to
         continue from (None when this batch ends the pass).
 
-        One query finds the events and evaluates the rules; if a rule fails, the events are
-        named first and ``rules.extract`` isolates the failing (rule, event) pairs.
+        One query finds the events and evaluates the rules (``rules.extract_next``).
         """
         limit = self.settings["stitching.batch_size"]
         ruleset = self.rulebook.refresh(conn)
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
             extracted = rules.extract_next(conn, self.schemas, ruleset.rules, limit, after)
-            if extracted is None:
-                keys = self.store.unstitched_keys(conn, limit, after)
-                extracted = rules.extract(conn, self.schemas, ruleset.rules, [k[1] for k in keys])
-            else:
-                keys = sorted((t, event_id) for event_id, (t, _) in extracted.events.items())
+        keys = sorted((t, event_id) for event_id, (t, _) in extracted.events.items())
         prepared = self._normalise(list(extracted.events), extracted, ruleset)
         return prepared, (keys[-1] if len(keys) == limit else None)
 
