@@ -41,29 +41,50 @@ DEFINITIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "first_seen": ("datetime", {"type": "first", "value": "event_time"}),
     "last_seen": ("datetime", {"type": "last", "value": "event_time"}),
     "first_source": ("string", {"type": "first", "value": "source_id"}),
-    "last_url": ("string", {"type": "last", "value": f"{P}->>'url'",
-                            "types": ["page_view"]}),
-    "fav_category": ("string", {"type": "most_frequent", "value": f"{P}->>'category'",
-                                "weight": f"({P}->>'quantity')::int"}),
+    "last_url": ("string", {"type": "last", "value": f"{P}->>'url'", "types": ["page_view"]}),
+    "fav_category": (
+        "string",
+        {
+            "type": "most_frequent",
+            "value": f"{P}->>'category'",
+            "weight": f"({P}->>'quantity')::int",
+        },
+    ),
     "rare_category": ("string", {"type": "least_frequent", "value": f"{P}->>'category'"}),
     "categories": ("string", {"type": "list", "value": f"{P}->>'category'"}),
     "tags": ("string", {"type": "list", "value": f"jsonb_array_elements_text({P}->'tags')"}),
-    "n_tags": ("int", {"type": "num_of_unique", "value": f"{P}->'tags'",
-                       "outer_value": "jsonb_array_elements_text(value)"}),
+    "n_tags": (
+        "int",
+        {
+            "type": "num_of_unique",
+            "value": f"{P}->'tags'",
+            "outer_value": "jsonb_array_elements_text(value)",
+        },
+    ),
     "n_sources": ("int", {"type": "num_of_unique", "value": "source_id"}),
     "newsletter": ("bool", {"type": "max", "value": f"{P}->>'newsletter'"}),
-    "country": ("string", {"type": "value", "value": f"{P}->>'country'",
-                           "sources": ["crm"]}),
-    "signup_date": ("date", {"type": "min", "value": "event_time", "types": ["login"],
-                             "filter": f"{P} ? 'first'"}),
-    "purchase_count": ("int", {"type": "custom",
-                               "query": "SELECT count(*) AS value FROM purchases"}),
-    "engagement": ("float", {"type": "custom", "query":
-                             "SELECT round(count(*)::numeric / (SELECT value::numeric FROM "
-                             "public.context WHERE key = 'avg_events'), 3) AS value FROM base"}),
+    "country": ("string", {"type": "value", "value": f"{P}->>'country'", "sources": ["crm"]}),
+    "signup_date": (
+        "date",
+        {"type": "min", "value": "event_time", "types": ["login"], "filter": f"{P} ? 'first'"},
+    ),
+    "purchase_count": (
+        "int",
+        {"type": "custom", "query": "SELECT count(*) AS value FROM purchases"},
+    ),
+    "engagement": (
+        "float",
+        {
+            "type": "custom",
+            "query": "SELECT round(count(*)::numeric / (SELECT value::numeric FROM "
+            "public.context WHERE key = 'avg_events'), 3) AS value FROM base",
+        },
+    ),
 }
-META = ("purchases", "SELECT id, (payload->>'price')::numeric AS price FROM base "
-        "WHERE type = 'purchase'")
+META = (
+    "purchases",
+    "SELECT id, (payload->>'price')::numeric AS price FROM base WHERE type = 'purchase'",
+)
 CONTEXT = ("avg_events", "SELECT avg(customer_events_count) AS value FROM customer_attributes")
 
 HAND_COMPUTED = """
@@ -109,9 +130,7 @@ SELECT agg.eid, jsonb_strip_nulls(jsonb_build_object(
 """
 # Every attribute must really be computed: a bare count(*) would let the planner drop the
 # unused aggregates and joins.
-HAND_WRITTEN = (
-    f"SELECT count(*), sum(length(attributes::text)) FROM ({HAND_COMPUTED}) AS computed"
-)
+HAND_WRITTEN = f"SELECT count(*), sum(length(attributes::text)) FROM ({HAND_COMPUTED}) AS computed"
 
 
 def populate(conn: psycopg.Connection[Any], entities: int, events_per_entity: int) -> int:
@@ -198,19 +217,28 @@ def generated_statement(
 def cross_check(conn: psycopg.Connection[Any]) -> str:
     """Do the worker's stored values equal the hand-written statement's, entity by entity?"""
     hand = dict(conn.execute(HAND_COMPUTED).fetchall())
-    stored = dict(conn.execute(
-        "SELECT customer_entity_id, attributes FROM public.customer_attributes"
-    ).fetchall())
+    stored = dict(
+        conn.execute(
+            "SELECT customer_entity_id, attributes FROM public.customer_attributes"
+        ).fetchall()
+    )
     differ = [
-        entity for entity, values in hand.items()
-        if {k: v for k, v in stored[entity].items() if k in DEFINITIONS and
-            DEFINITIONS[k][1]["type"] != "custom"} != values
+        entity
+        for entity, values in hand.items()
+        if {
+            k: v
+            for k, v in stored[entity].items()
+            if k in DEFINITIONS and DEFINITIONS[k][1]["type"] != "custom"
+        }
+        != values
     ]
     if not differ:
         return f"cross-check: all {len(hand)} entities equal to the hand-written results"
     entity = differ[0]
-    return (f"cross-check: {len(differ)} of {len(hand)} entities differ, e.g. {entity}: "
-            f"hand {hand[entity]} vs worker {stored[entity]}")
+    return (
+        f"cross-check: {len(differ)} of {len(hand)} entities differ, e.g. {entity}: "
+        f"hand {hand[entity]} vs worker {stored[entity]}"
+    )
 
 
 def best_of(n: int, run: Callable[[], object]) -> float:
@@ -242,8 +270,10 @@ def main() -> None:
             entities = populate(conn, args.entities, args.events_per_entity)
             define(conn)
             events = conn.execute("SELECT count(*) FROM cdp_ce.customer_events").fetchone()
-            print(f"data: {entities} entities, {events[0] if events else 0} events, "
-                  f"{len(DEFINITIONS)} definitions")
+            print(
+                f"data: {entities} entities, {events[0] if events else 0} events, "
+                f"{len(DEFINITIONS)} definitions"
+            )
 
             hand = best_of(args.repeat, lambda: conn.execute(HAND_WRITTEN).fetchone())
             print(f"hand-written statement: {hand:.2f} s ({entities / hand:.0f} entities/s)")
@@ -263,20 +293,26 @@ def main() -> None:
             for _ in range(args.repeat):
                 recalculate()
             elapsed = min(timings)
-            print(f"CalculationWorker: {done} entities in {elapsed:.2f} s "
-                  f"({done / elapsed:.0f} entities/s; runs: "
-                  f"{', '.join(f'{t:.2f}' for t in timings)} s)")
+            print(
+                f"CalculationWorker: {done} entities in {elapsed:.2f} s "
+                f"({done / elapsed:.0f} entities/s; runs: "
+                f"{', '.join(f'{t:.2f}' for t in timings)} s)"
+            )
             errors = conn.execute("SELECT count(*) FROM cdp_attr.attribute_errors").fetchone()
             sample = conn.execute(
                 "SELECT attributes FROM public.customer_attributes "
                 "ORDER BY customer_events_count DESC LIMIT 1"
             ).fetchone()
-            print(f"errors: {errors[0] if errors else '?'}; heaviest entity: "
-                  f"{json.dumps(sample[0] if sample else None)[:300]}")
+            print(
+                f"errors: {errors[0] if errors else '?'}; heaviest entity: "
+                f"{json.dumps(sample[0] if sample else None)[:300]}"
+            )
             generated = best_of(args.repeat, lambda: generated_statement(conn, worker, settings))
-            print(f"generated SQL for the 18 predefined, all entities in one batch: "
-                  f"{generated:.2f} s ({entities / generated:.0f} entities/s; "
-                  f"hand-written / generated = {hand / generated:.2f})")
+            print(
+                f"generated SQL for the 18 predefined, all entities in one batch: "
+                f"{generated:.2f} s ({entities / generated:.0f} entities/s; "
+                f"hand-written / generated = {hand / generated:.2f})"
+            )
             print(f"ratio (worker / hand-written): {hand / elapsed:.2f} (target >= 0.3)")
             print(cross_check(conn))
     finally:

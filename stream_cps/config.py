@@ -81,7 +81,9 @@ FIELDS: dict[str, Field] = {
     "stitching.slot_name": Field(str, "stream_cps", "logical replication slot (pgoutput)"),
     "stitching.publication": Field(str, "stream_cps_events", "publication on customer_events"),
     "stitching.replication": Field(
-        str, "stream", "how the slot is read: a replication stream, or SQL peek + advance",
+        str,
+        "stream",
+        "how the slot is read: a replication stream, or SQL peek + advance",
         choices=("stream", "peek"),
     ),
     "stitching.standby_poll": Field(float, 2.0, "seconds a standby waits between takeover tries"),

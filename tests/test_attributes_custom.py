@@ -20,11 +20,13 @@ def world(db: psycopg.Connection[Any], settings: config.Settings) -> World:
 
 
 def two_entities(world: World) -> tuple[str, str]:
-    a = world.entity([
-        ev({"n": 5, "c": "red"}, 1, type="purchase"),
-        ev({"n": 3, "c": "blue"}, 2, source="app"),
-        ev({"n": None, "c": "red"}, 3, type="purchase"),
-    ])
+    a = world.entity(
+        [
+            ev({"n": 5, "c": "red"}, 1, type="purchase"),
+            ev({"n": 3, "c": "blue"}, 2, source="app"),
+            ev({"n": None, "c": "red"}, 3, type="purchase"),
+        ]
+    )
     b = world.entity([ev({"n": 10, "c": "green"}, 1, type="purchase")])
     return a, b
 
@@ -180,26 +182,29 @@ def test_failing_context_query_keeps_value_and_is_reported(world: World) -> None
     assert errors["context:bad"] == "division by zero"
     assert "more than one row" in errors["context:two"]
     assert "read-only transaction" in errors["context:writer"]
-    assert world.db.execute("SELECT last_value FROM cdp_ps.entity_version_seq").fetchone() == (
-        1,
-    )
+    assert world.db.execute("SELECT last_value FROM cdp_ps.entity_version_seq").fetchone() == (1,)
 
 
 def test_percent_and_braces_in_sql_fragments(world: World) -> None:
     world.attribute(
         "pages",
-        {"type": "list", "value": "payload #>> '{page,path}'",
-         "filter": "payload #>> '{page,path}' LIKE '/p%'"},
+        {
+            "type": "list",
+            "value": "payload #>> '{page,path}'",
+            "filter": "payload #>> '{page,path}' LIKE '/p%'",
+        },
     )
     world.attribute(
         "like_count",
         custom("SELECT count(*) AS value FROM base WHERE payload->>'c' LIKE 'r%'"),
         "int",
     )
-    a = world.entity([
-        ev({"page": {"path": "/pricing"}, "c": "red"}, 1),
-        ev({"page": {"path": "/about"}, "c": "rose"}, 2),
-        ev({"page": {"path": "/p%25"}, "c": "blue"}, 3),
-    ])
+    a = world.entity(
+        [
+            ev({"page": {"path": "/pricing"}, "c": "red"}, 1),
+            ev({"page": {"path": "/about"}, "c": "rose"}, 2),
+            ev({"page": {"path": "/p%25"}, "c": "blue"}, 3),
+        ]
+    )
     world.run()
     assert world.attrs(a) == {"pages": ["/p%25", "/pricing"], "like_count": 2}

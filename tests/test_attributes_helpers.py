@@ -87,15 +87,26 @@ class World:
             self.db.execute(
                 "INSERT INTO cdp_ce.customer_events (id, source_id, type, version, event_time, "
                 "payload, stitched, identifiers) VALUES (%s, %s, %s, %s, %s, %s, now(), %s)",
-                [e["id"], e["source_id"], e["type"], e["version"], e["event_time"],
-                 Jsonb(e["payload"]), [identifier]],
+                [
+                    e["id"],
+                    e["source_id"],
+                    e["type"],
+                    e["version"],
+                    e["event_time"],
+                    Jsonb(e["payload"]),
+                    [identifier],
+                ],
             )
         first = min(rows, key=lambda e: (e["event_time"], e["id"])) if rows else None
         self.db.execute(
             "INSERT INTO public.customer_attributes (customer_entity_id, identifiers, modified, "
             "first_event_time, first_event_id) VALUES (%s, %s, now(), %s, %s)",
-            [entity_id, [identifier], first["event_time"] if first else T0,
-             first["id"] if first else "none"],
+            [
+                entity_id,
+                [identifier],
+                first["event_time"] if first else T0,
+                first["id"] if first else "none",
+            ],
         )
         return entity_id
 
@@ -105,8 +116,15 @@ class World:
             self.db.execute(
                 "INSERT INTO cdp_ce.customer_events (id, source_id, type, version, event_time, "
                 "payload, stitched, identifiers) VALUES (%s, %s, %s, %s, %s, %s, now(), %s)",
-                [e["id"], e["source_id"], e["type"], e["version"], e["event_time"],
-                 Jsonb(e["payload"]), [f"email:{entity_id}"]],
+                [
+                    e["id"],
+                    e["source_id"],
+                    e["type"],
+                    e["version"],
+                    e["event_time"],
+                    Jsonb(e["payload"]),
+                    [f"email:{entity_id}"],
+                ],
             )
         self.touch(entity_id)
 

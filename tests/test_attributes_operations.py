@@ -82,8 +82,10 @@ def test_guide_recalculate_all_and_one(world: World, settings: config.Settings) 
     # change the events behind the worker's back: only a forced recalculation sees it
     world.db.execute("UPDATE cdp_ce.customer_events SET payload = '{\"n\": 100}'")
     assert world.run() == 0
-    psql(settings, f"UPDATE customer_attributes SET calculated = NULL "
-                   f"WHERE customer_entity_id = '{a}'")
+    psql(
+        settings,
+        f"UPDATE customer_attributes SET calculated = NULL WHERE customer_entity_id = '{a}'",
+    )
     assert world.run() == 1
     assert (world.attrs(a), world.attrs(b)) == ({"s": 100}, {"s": 2})
     psql(settings, "UPDATE customer_attributes SET calculated = NULL;")
@@ -109,8 +111,9 @@ def test_definition_change_applies_to_every_entity_without_restart(world: World)
 
 def test_meta_attribute_change_reloads(world: World) -> None:
     world.meta("m", "SELECT 1 AS x FROM base")
-    world.attribute("m_count", {"type": "custom", "query": "SELECT count(*) AS value FROM m"},
-                    "int")
+    world.attribute(
+        "m_count", {"type": "custom", "query": "SELECT count(*) AS value FROM m"}, "int"
+    )
     a = world.entity([ev({}, 1), ev({}, 2)])
     world.run()
     assert world.attrs(a) == {"m_count": 2}
@@ -190,8 +193,7 @@ def test_stitcher_holding_the_row_lock(world: World, settings: config.Settings) 
     a = world.entity([ev({"n": 1}, 1)])
     stitcher = psycopg.connect(settings.dsn)
     stitcher.execute(
-        "UPDATE customer_attributes SET modified = clock_timestamp() "
-        "WHERE customer_entity_id = %s",
+        "UPDATE customer_attributes SET modified = clock_timestamp() WHERE customer_entity_id = %s",
         [a],
     )
     timer = threading.Timer(3.0, stitcher.commit)
@@ -220,18 +222,18 @@ def test_cache_refresh(world: World, settings: config.Settings, caplog: Any) -> 
     world.entity([ev({"c": "red", "t": ["b"]}, 1)])
     world.entity([ev({"c": "blue"}, 1)])
     world.run()  # empty caches with entities: filled at once
-    per_attribute = dict(world.db.execute(
-        "SELECT attribute_id, count FROM cdp_attr."
-        "cached_attributes_counts_customers_per_attribute"
-    ).fetchall())
+    per_attribute = dict(
+        world.db.execute(
+            "SELECT attribute_id, count FROM cdp_attr."
+            "cached_attributes_counts_customers_per_attribute"
+        ).fetchall()
+    )
     assert per_attribute == {"color": 3, "tags": 2, "never": 0}
     values = world.db.execute(
         "SELECT attribute_id, value, count FROM cdp_attr.cached_attribute_values_counts "
         "ORDER BY 1, 2"
     ).fetchall()
-    assert values == [
-        ("color", "blue", 1), ("color", "red", 2), ("tags", "a", 1), ("tags", "b", 2)
-    ]
+    assert values == [("color", "blue", 1), ("color", "red", 2), ("tags", "a", 1), ("tags", "b", 2)]
     assert any(r.message.startswith("CACHE:") for r in caplog.records)
     world.entity([ev({"c": "blue"}, 1)])
     world.run()
@@ -240,8 +242,10 @@ def test_cache_refresh(world: World, settings: config.Settings, caplog: Any) -> 
     ).fetchone()
     assert count == (1,)  # not due yet (interval 300 s)
     caplog.clear()
-    psql(settings, "UPDATE cdp_attr.cached_attributes_counts_customers_per_attribute "
-                   "SET modified = NULL;")
+    psql(
+        settings,
+        "UPDATE cdp_attr.cached_attributes_counts_customers_per_attribute SET modified = NULL;",
+    )
     world.run()
     count = world.db.execute(
         "SELECT count FROM cdp_attr.cached_attribute_values_counts WHERE value = 'blue'"
@@ -302,8 +306,9 @@ def test_stitching_is_not_blocked_while_a_batch_is_computed(
     world: World, settings: config.Settings
 ) -> None:
     """Rows are locked only by the final UPDATE of a batch, never while it is computed."""
-    world.attribute("slow", {"type": "custom", "query": "SELECT 1 AS value FROM pg_sleep(1.5)"},
-                    "int")
+    world.attribute(
+        "slow", {"type": "custom", "query": "SELECT 1 AS value FROM pg_sleep(1.5)"}, "int"
+    )
     a = world.entity([ev({"n": 1}, 1)])
     worker_conn = psycopg.connect(settings.dsn, autocommit=True)
     thread = threading.Thread(target=world.worker.run_pass, args=(worker_conn,))

@@ -40,8 +40,18 @@ event = st.fixed_dictionaries(
 entity = st.lists(event, min_size=0, max_size=8)
 
 SRF_TYPES = ["first", "last", "most_frequent", "least_frequent", "list", "num_of_unique"]
-TYPES = ["sum", "avg", "min", "max", "first", "last", "most_frequent", "least_frequent", "list",
-         "num_of_unique"]
+TYPES = [
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "first",
+    "last",
+    "most_frequent",
+    "least_frequent",
+    "list",
+    "num_of_unique",
+]
 
 
 def as_int(value: Any) -> int:
@@ -85,14 +95,23 @@ def define(world: World) -> None:
         world.attribute(f"n_{kind}", {"type": kind, "value": "payload->'n'", **extra}, "int")
     world.attribute("n_avg", {"type": "avg", "value": "payload->>'n'"}, "float")
     for kind in SRF_TYPES:  # set-returning values: the general (CTE) form
-        world.attribute(f"t_{kind}", {"type": kind,
-                                      "value": "jsonb_array_elements_text(payload->'tags')"})
-    world.attribute("c_outer", {"type": "list", "value": "payload->>'c'",
-                                "outer_value": "upper(value)", "outer_filter": "value <> 'a'"})
+        world.attribute(
+            f"t_{kind}", {"type": kind, "value": "jsonb_array_elements_text(payload->'tags')"}
+        )
+    world.attribute(
+        "c_outer",
+        {
+            "type": "list",
+            "value": "payload->>'c'",
+            "outer_value": "upper(value)",
+            "outer_filter": "value <> 'a'",
+        },
+    )
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(entities=st.lists(entity, min_size=1, max_size=4))
 def test_worker_matches_the_model(world: World, entities: list[list[dict[str, Any]]]) -> None:
     world.db.execute("DELETE FROM customer_attributes")
@@ -101,11 +120,16 @@ def test_worker_matches_the_model(world: World, entities: list[list[dict[str, An
     made = []
     for events in entities:
         rows = [(e, f"x{next(_ids):08d}") for e in events]
-        entity_id = world.entity([
-            ev({"n": e["n"], "c": e["c"], "w": e["w"], "tags": e["tags"]}, e["minute"],
-               id=event_id)
-            for e, event_id in rows
-        ])
+        entity_id = world.entity(
+            [
+                ev(
+                    {"n": e["n"], "c": e["c"], "w": e["w"], "tags": e["tags"]},
+                    e["minute"],
+                    id=event_id,
+                )
+                for e, event_id in rows
+            ]
+        )
         made.append((entity_id, rows))
     assert world.run() == len(made)
     for entity_id, rows in made:

@@ -33,16 +33,15 @@ def test_write_attempts_are_refused(world: World) -> None:
     world.attribute("good", GOOD, "int")
     world.attribute("evil_custom", custom("SELECT public.evil() AS value"), "int")
     world.attribute("evil_value", {"type": "max", "value": "public.evil()"}, "int")
-    world.attribute(
-        "seq", {"type": "max", "value": "nextval('cdp_ps.entity_version_seq')"}, "int"
-    )
+    world.attribute("seq", {"type": "max", "value": "nextval('cdp_ps.entity_version_seq')"}, "int")
     world.attribute(
         "escape", custom("SELECT set_config('transaction_read_only', 'off', true) AS value")
     )
     world.attribute(
         "dml_cte",
-        custom("WITH x AS (DELETE FROM public.sources RETURNING 1) SELECT count(*) AS value "
-               "FROM x"),
+        custom(
+            "WITH x AS (DELETE FROM public.sources RETURNING 1) SELECT count(*) AS value FROM x"
+        ),
     )
     a = world.entity([ev({"n": 1}, 1)])
     b = world.entity([ev({"n": 2}, 1)])
@@ -69,8 +68,10 @@ def test_timeout(world: World, settings: config.Settings) -> None:
     world.attribute("good", GOOD, "int")
     world.attribute(
         "slow",
-        custom("SELECT count(*) AS value FROM base "
-               "WHERE payload->>'slow' IS NULL OR pg_sleep(3)::text = ''"),
+        custom(
+            "SELECT count(*) AS value FROM base "
+            "WHERE payload->>'slow' IS NULL OR pg_sleep(3)::text = ''"
+        ),
         "int",
     )
     a = world.entity([ev({"n": 1}, 1)])
@@ -78,9 +79,7 @@ def test_timeout(world: World, settings: config.Settings) -> None:
     assert world.run() == 2
     assert world.attrs(a) == {"good": 1, "slow": 1}
     assert world.attrs(slow) == {"good": 2}
-    assert world.errors() == [
-        ("slow", slow, "canceling statement due to statement timeout")
-    ]
+    assert world.errors() == [("slow", slow, "canceling statement due to statement timeout")]
 
 
 def test_timeout_for_everyone_is_not_retried_per_entity_forever(

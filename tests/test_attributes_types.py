@@ -27,6 +27,7 @@ from tests.test_attributes_helpers import World, ev
 def world(db: psycopg.Connection[Any], settings: config.Settings) -> World:
     return World(db, settings)
 
+
 EVENTS = [
     ev({"n": 5, "c": "red", "tags": ["a", "b"], "w": 1}, 1, id="e1"),
     ev({"n": 3, "c": "blue", "tags": ["b"], "w": 3}, 2, id="e2", source="app"),
@@ -69,8 +70,12 @@ CASES: list[tuple[str, dict[str, Any], str, Any]] = [
     ("list", {"type": "list", "value": C}, "string", ["blue", "green", "red"]),
     ("num_of_unique_c", {"type": "num_of_unique", "value": C}, "int", 3),
     # weights: red 1+1=2, blue 3, green 2
-    ("most_frequent_weighted", {"type": "most_frequent", "value": C, "weight": W}, "string",
-     "blue"),
+    (
+        "most_frequent_weighted",
+        {"type": "most_frequent", "value": C, "weight": W},
+        "string",
+        "blue",
+    ),
     (
         "least_frequent_weighted_tie",
         {"type": "least_frequent", "value": C, "weight": W},
@@ -105,28 +110,61 @@ CASES: list[tuple[str, dict[str, Any], str, Any]] = [
     ("first_srf_sorts_within_event", {"type": "first", "value": TAGS}, "string", "a"),
     ("last_srf", {"type": "last", "value": TAGS}, "string", "b"),  # e2 is the last with tags
     # outer_value / outer_filter
-    ("outer_value", {"type": "list", "value": C, "outer_value": "upper(value)"}, "string",
-     ["BLUE", "GREEN", "RED"]),
-    ("outer_value_srf", {"type": "list", "value": "payload->'tags'",
-                         "outer_value": "jsonb_array_elements_text(value)"}, "string", ["a", "b"]),
-    ("outer_filter", {"type": "most_frequent", "value": C, "outer_filter": "value <> 'red'"},
-     "string", "blue"),
-    ("outer_filter_before_outer_value",
-     {"type": "list", "value": C, "outer_value": "upper(value)", "outer_filter": "value > 'c'"},
-     "string", ["GREEN", "RED"]),
+    (
+        "outer_value",
+        {"type": "list", "value": C, "outer_value": "upper(value)"},
+        "string",
+        ["BLUE", "GREEN", "RED"],
+    ),
+    (
+        "outer_value_srf",
+        {
+            "type": "list",
+            "value": "payload->'tags'",
+            "outer_value": "jsonb_array_elements_text(value)",
+        },
+        "string",
+        ["a", "b"],
+    ),
+    (
+        "outer_filter",
+        {"type": "most_frequent", "value": C, "outer_filter": "value <> 'red'"},
+        "string",
+        "blue",
+    ),
+    (
+        "outer_filter_before_outer_value",
+        {"type": "list", "value": C, "outer_value": "upper(value)", "outer_filter": "value > 'c'"},
+        "string",
+        ["GREEN", "RED"],
+    ),
     # event filters
     ("sources", {"type": "sum", "value": N, "sources": ["web"]}, "int", 12),
     ("types", {"type": "sum", "value": N, "types": ["purchase"]}, "int", 7),
     ("versions", {"type": "value", "value": C, "versions": ["2-0-0"]}, "string", "red"),
     ("version_alias", {"type": "list", "value": C, "version": ["2-0-0"]}, "string", ["red"]),
     ("filter", {"type": "sum", "value": N, "filter": "(payload->>'w')::int > 1"}, "int", 10),
-    ("all_filters", {"type": "list", "value": C, "sources": ["web", "app"], "types": [],
-                     "filter": "payload ? 'tags'"}, "string", ["blue", "red"]),
+    (
+        "all_filters",
+        {
+            "type": "list",
+            "value": C,
+            "sources": ["web", "app"],
+            "types": [],
+            "filter": "payload ? 'tags'",
+        },
+        "string",
+        ["blue", "red"],
+    ),
     # data types
     ("string_from_jsonb_number", {"type": "min", "value": "payload->'n'"}, "string", "3"),
     ("int_from_jsonb", {"type": "max", "value": "payload->'n'"}, "int", 7),
-    ("datetime_from_event_time", {"type": "last", "value": "event_time"}, "datetime",
-     "2024-01-01T00:04:00+00:00"),
+    (
+        "datetime_from_event_time",
+        {"type": "last", "value": "event_time"},
+        "datetime",
+        "2024-01-01T00:04:00+00:00",
+    ),
     ("date_from_event_time", {"type": "first", "value": "event_time"}, "date", "2024-01-01"),
     ("bool_max", {"type": "max", "value": "(payload->>'w')::int > 2"}, "bool", True),
     ("bool_min", {"type": "min", "value": "(payload->>'w')::int > 2"}, "bool", False),
@@ -135,8 +173,10 @@ CASES: list[tuple[str, dict[str, Any], str, Any]] = [
     ("absent_list", {"type": "list", "value": "payload->>'nope'"}, "string", None),
 ]
 
-@pytest.mark.parametrize(("name", "definition", "data_type", "expected"), CASES,
-                         ids=[c[0] for c in CASES])
+
+@pytest.mark.parametrize(
+    ("name", "definition", "data_type", "expected"), CASES, ids=[c[0] for c in CASES]
+)
 def test_predefined_type(
     world: World, name: str, definition: dict[str, Any], data_type: str, expected: Any
 ) -> None:
@@ -161,8 +201,17 @@ def test_all_cases_in_one_statement(world: World) -> None:
 
 
 DATA = [
-    ev({"i": "3.0", "f": "2.5", "d": "2024-03-05", "t": "2024-03-05T10:00:00+02:00",
-        "b": "true", "e": ""}, 1),
+    ev(
+        {
+            "i": "3.0",
+            "f": "2.5",
+            "d": "2024-03-05",
+            "t": "2024-03-05T10:00:00+02:00",
+            "b": "true",
+            "e": "",
+        },
+        1,
+    ),
     ev({"i": 1, "f": 0.25, "d": "2024-03-04", "t": "2024-03-05 07:00:00Z", "b": False}, 2),
 ]
 
@@ -180,8 +229,11 @@ DATA = [
         ({"type": "list", "value": "payload->'b'"}, "bool", [False, True]),
         ({"type": "list", "value": "payload->>'e'"}, "int", None),  # '' is no number
         ({"type": "list", "value": "payload->>'e'"}, "string", [""]),
-        ({"type": "value", "value": "payload->>'d'", "filter": "payload ? 'e'"}, "date",
-         "2024-03-05"),
+        (
+            {"type": "value", "value": "payload->>'d'", "filter": "payload ? 'e'"},
+            "date",
+            "2024-03-05",
+        ),
     ],
 )
 def test_data_types(
@@ -200,7 +252,9 @@ def test_two_entities_do_not_mix(world: World) -> None:
     assert world.attrs(a) == {"s": 3, "l": ["a", "b"]}
     assert world.attrs(b) == {"s": 10, "l": ["z"]}
     assert world.attrs(empty) == {}
-    counts = dict(world.db.execute(
-        "SELECT customer_entity_id, customer_events_count FROM customer_attributes"
-    ).fetchall())
+    counts = dict(
+        world.db.execute(
+            "SELECT customer_entity_id, customer_events_count FROM customer_attributes"
+        ).fetchall()
+    )
     assert counts == {a: 2, b: 1, empty: 1}

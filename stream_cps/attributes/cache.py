@@ -98,7 +98,8 @@ class CacheRefresher:
                 )
                 log.info(
                     "CACHE: customers per attribute: %d attributes in %.2f s",
-                    cur.rowcount, time.monotonic() - started,
+                    cur.rowcount,
+                    time.monotonic() - started,
                 )
             values_started = time.monotonic()
             with conn.transaction():
@@ -125,7 +126,8 @@ class CacheRefresher:
                 )
                 log.info(
                     "CACHE: attribute value counts: %d values in %.2f s",
-                    cur.rowcount, time.monotonic() - values_started,
+                    cur.rowcount,
+                    time.monotonic() - values_started,
                 )
         self._last_refresh = time.monotonic()
         log.info("CACHE: done in %.2f s", time.monotonic() - started)

@@ -100,9 +100,7 @@ class BatchCalculator:
         self._load_events(conn, ids)
         counts = dict(
             conn.execute(
-                sql.SQL("SELECT entity_id, count(*)::int FROM {} GROUP BY entity_id").format(
-                    EVENTS
-                )
+                sql.SQL("SELECT entity_id, count(*)::int FROM {} GROUP BY entity_id").format(EVENTS)
             ).fetchall()
         )
         with sandbox.read_only(conn, self._timeout_ms):
@@ -198,16 +196,14 @@ class BatchCalculator:
         conn.execute(
             sql.SQL(
                 "CREATE TEMP TABLE {name} ON COMMIT DELETE ROWS AS SELECT "
-                "''::text COLLATE \"C\" AS entity_id, id::text COLLATE \"C\" AS id, "
+                '\'\'::text COLLATE "C" AS entity_id, id::text COLLATE "C" AS id, '
                 "source_id, type, version, event_time, payload FROM {ce} WITH NO DATA"
             ).format(
                 name=sql.Identifier(EVENTS_TABLE),
                 ce=sql.Identifier(self._schemas.ce, "customer_events"),
             )
         )
-        conn.execute(
-            sql.SQL("CREATE INDEX ON {} (entity_id)").format(sql.Identifier(EVENTS_TABLE))
-        )
+        conn.execute(sql.SQL("CREATE INDEX ON {} (entity_id)").format(sql.Identifier(EVENTS_TABLE)))
 
     def _load_events(self, conn: psycopg.Connection[Any], ids: list[str]) -> None:
         conn.execute(
@@ -281,9 +277,7 @@ class BatchCalculator:
                 "SELECT customer_entity_id, 'upsert', version FROM u"
             ).format(
                 ca=sql.Identifier(self._schemas.cdp, "customer_attributes"),
-                seq=sql.Literal(
-                    sql.Identifier(self._schemas.ps, "entity_version_seq").as_string()
-                ),
+                seq=sql.Literal(sql.Identifier(self._schemas.ps, "entity_version_seq").as_string()),
                 outbox=sql.Identifier(self._schemas.attr, "outbox"),
             ),
             {

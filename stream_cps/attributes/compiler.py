@@ -98,14 +98,17 @@ class Compiler:
         assert d.value is not None
         weight = frag(d.weight) if d.weight else sql.SQL("1")
         probes = [
-            sql.SQL("SELECT CASE WHEN true THEN {} END, CASE WHEN true THEN {} END "
-                    "FROM {} WHERE false").format(frag(d.value), weight, ce)
+            sql.SQL(
+                "SELECT CASE WHEN true THEN {} END, CASE WHEN true THEN {} END FROM {} WHERE false"
+            ).format(frag(d.value), weight, ce)
         ]
         outer = [frag(x) for x in (d.outer_value, d.outer_weight, d.outer_filter) if x]
         for expr in outer:
             probes.append(
-                sql.SQL("SELECT CASE WHEN true THEN {} END FROM (SELECT {} AS value "
-                        "FROM {} WHERE false) AS t").format(expr, frag(d.value), ce)
+                sql.SQL(
+                    "SELECT CASE WHEN true THEN {} END FROM (SELECT {} AS value "
+                    "FROM {} WHERE false) AS t"
+                ).format(expr, frag(d.value), ce)
             )
         return probes
 
@@ -150,9 +153,7 @@ class Compiler:
         v, w = sql.Identifier(f"v{index}"), sql.Identifier(f"w{index}")
         if d.type in (CalcType.MOST_FREQUENT, CalcType.LEAST_FREQUENT):
             direction = "DESC" if d.type is CalcType.MOST_FREQUENT else "ASC"
-            return CompiledAttribute(
-                d, index, params, laterals=laterals, frequency=direction
-            )
+            return CompiledAttribute(d, index, params, laterals=laterals, frequency=direction)
         if d.weighted:
             f = sql.SQL("FILTER (WHERE {} IS NOT NULL AND {} IS NOT NULL)").format(v, w)
         else:
@@ -249,9 +250,7 @@ class Compiler:
                 "SELECT entity_id, {j} AS j FROM (SELECT entity_id, v, sum(w) AS w FROM ({clean}) "
                 "AS c GROUP BY entity_id, v) AS f GROUP BY entity_id"
             ).format(
-                j=self.to_json(
-                    sql.SQL("(array_agg(v ORDER BY w {}, v))[1]").format(direction), d
-                ),
+                j=self.to_json(sql.SQL("(array_agg(v ORDER BY w {}, v))[1]").format(direction), d),
                 clean=clean,
             )
         if d.type in (CalcType.LIST, CalcType.NUM_OF_UNIQUE):

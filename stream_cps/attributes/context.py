@@ -74,9 +74,9 @@ def _refresh_one(
                 [key],
             )
             conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (attribute_id, message) VALUES (%s, %s)"
-                ).format(sql.Identifier(schemas.attr, "attribute_errors")),
+                sql.SQL("INSERT INTO {} (attribute_id, message) VALUES (%s, %s)").format(
+                    sql.Identifier(schemas.attr, "attribute_errors")
+                ),
                 [f"context:{key}", outcome.message],
             )
             return

@@ -62,7 +62,9 @@ class PlanLoader:
         self._plan = Plan(fingerprint, tuple(compiled), tuple(invalid), changed)
         log.info(
             "loaded %d attribute definitions (%d invalid, %d meta attributes)",
-            len(compiled), len(invalid), len(meta_rows),
+            len(compiled),
+            len(invalid),
+            len(meta_rows),
         )
         return self._plan
 

@@ -73,9 +73,7 @@ def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, di
     joins = sql.SQL(" ").join(
         sql.SQL("LEFT JOIN {} ON {}.entity_id = b.entity_id").format(p, p) for p in parts
     )
-    merged = sql.SQL(" || ").join(
-        sql.SQL("coalesce({}.o, '{{}}'::jsonb)").format(p) for p in parts
-    )
+    merged = sql.SQL(" || ").join(sql.SQL("coalesce({}.o, '{{}}'::jsonb)").format(p) for p in parts)
     query = sql.SQL(
         "WITH {ctes} SELECT b.entity_id, ({merged})::text "
         "FROM unnest({ids}::text[]) AS b(entity_id) {joins}"

@@ -116,7 +116,9 @@ class CalculationWorker:
                 elapsed = time.monotonic() - started
                 log.info(
                     "calculated %d entities in %.2f s (%.0f/s)",
-                    done, elapsed, done / elapsed if elapsed else 0.0,
+                    done,
+                    elapsed,
+                    done / elapsed if elapsed else 0.0,
                 )
             else:
                 stop.wait(poll)

@@ -116,7 +116,6 @@ class SlotSource:
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
-
     def poll(self, conn: psycopg.Connection[Any], max_changes: int, wait: float) -> SlotBatch:
         """Unstitched ids of whole committed transactions; blocks up to ``wait`` when idle."""
         raise NotImplementedError
@@ -308,4 +307,3 @@ class SlotLease:
         if self.conn is not None and not self.conn.closed:
             self.conn.close()
         self.conn = None
-

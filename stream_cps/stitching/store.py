@@ -205,9 +205,7 @@ class StitchStore:
             for entity, idents in conn.execute(self.absorb, {"old": TextArray(old)}).fetchall():
                 absorbed_identifiers[entity] = list(idents)
             conn.execute(self.repoint, {"old": TextArray(old), "new": TextArray(new)})
-            conn.execute(
-                self.alias_compress, {"old": TextArray(old), "new": TextArray(new)}
-            )
+            conn.execute(self.alias_compress, {"old": TextArray(old), "new": TextArray(new)})
             conn.execute(
                 self.alias_insert,
                 {"old": TextArray(old), "new": TextArray(new), "why": TextArray(why)},
@@ -246,4 +244,3 @@ class StitchStore:
                 },
             )
         return Written(events, plan.created, plan.merges, len(old))
-
