@@ -176,16 +176,14 @@ def main() -> int:
             client = OpenSearch(hosts=[url], timeout=60)
             warm = baseline_settings.replace(**{"opensearch.index": f"bench-warm-{suffix}"})
             ensure_index(warm, client)
-            raw_bulk(client, warm["opensearch.index"], docs, deletes, args.batch_size)  # JIT
-            client.indices.delete(index=warm["opensearch.index"])
+            raw_bulk(client, warm.opensearch.index, docs, deletes, args.batch_size)  # JIT
+            client.indices.delete(index=warm.opensearch.index)
             raw_s, relay_s = [], []
             for n in range(args.rounds):  # alternate, so drift and neighbours hit both alike
                 raw = baseline_settings.replace(**{"opensearch.index": f"bench-raw-{suffix}-{n}"})
                 ensure_index(raw, client)
-                raw_s.append(
-                    raw_bulk(client, raw["opensearch.index"], docs, deletes, args.batch_size)
-                )
-                client.indices.delete(index=raw["opensearch.index"])
+                raw_s.append(raw_bulk(client, raw.opensearch.index, docs, deletes, args.batch_size))
+                client.indices.delete(index=raw.opensearch.index)
                 relay_s.append(relay_round(conn, settings, f"bench-relay-{suffix}-{n}", commands))
                 client.indices.delete(index=f"bench-relay-{suffix}-{n}")
         raw_rate = commands / statistics.median(raw_s)

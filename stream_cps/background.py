@@ -23,11 +23,11 @@ def start(
     """Start attribute calculation (unless ``attributes.enabled`` is off), and the relay when
     ``opensearch.url`` is set. Calculation defers to ``backlog`` when one is given."""
     jobs: list[tuple[str, Callable[[threading.Event], None]]] = []
-    if settings["attributes.enabled"]:
+    if settings.attributes.enabled:
         from stream_cps.attributes.worker import CalculationWorker
 
         jobs.append(("attributes", CalculationWorker(settings, backlog=backlog).run_forever))
-    if settings["opensearch.url"]:
+    if settings.opensearch.url:
         from stream_cps.sinks.relay import Relay
 
         jobs.append(("relay", Relay(settings).run_forever))

@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config, flags=_flags(args))
-        _logging(settings["log_level"])
+        _logging(settings.log_level)
         result: int = args.handler(settings, args)
         return result
     except (ConfigError, SchemaError) as exc:
@@ -121,18 +121,18 @@ def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
             SlotSource(settings).ensure(conn)
         except SchemaError as exc:
             print(f"replication not set up yet: {exc}", file=sys.stderr)
-        if settings["opensearch.url"]:
+        if settings.opensearch.url:
             from stream_cps.sinks.relay import prepare_index
 
             prepare_index(settings, conn)
-            print(f"OpenSearch index {settings['opensearch.index']} ready")
+            print(f"OpenSearch index {settings.opensearch.index} ready")
     return 0
 
 
 def _cmd_relay(settings: config.Settings, _args: argparse.Namespace) -> int:
     from stream_cps.sinks.relay import run_relay
 
-    if not settings["opensearch.url"]:
+    if not settings.opensearch.url:
         raise ConfigError("opensearch.url: required by `stream-cps relay`")
     return run_relay(settings, stop_on_signals())
 

@@ -11,15 +11,16 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg.conninfo import make_conninfo
 
 from stream_cps.errors import ConfigError
 
 ENV_PREFIX = "STREAM_CPS_"
+_T = TypeVar("_T")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
@@ -166,10 +167,131 @@ class Schemas:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Resolved configuration; ``values`` holds every key of ``FIELDS``."""
+class StitchingSettings:
+    batch_size: int
+    poll_interval: float
+    sweep_interval: float
+    slot_name: str
+    publication: str
+    replication: str
+    standby_poll: float
 
-    values: Mapping[str, Any]
+
+@dataclass(frozen=True)
+class AttributeSettings:
+    enabled: bool
+    batch_size: int
+    statement_timeout_ms: int
+    poll_interval: float
+    max_defer: float
+    context_max_age_hours: float
+    cache_interval: float
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    group_id: str
+    topics: tuple[str, ...]
+    dead_letter_topic: str
+    schema_registry_url: str | None
+    message_format: str
+    batch_size: int
+    poll_timeout: float
+    session_timeout: float
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    host: str
+    port: int
+    cert_file: str | None
+    key_file: str | None
+
+
+@dataclass(frozen=True)
+class OpenSearchSettings:
+    url: str | None = field(repr=False)  # may carry credentials
+    index: str
+    batch_size: int
+    poll_interval: float
+    timeout: float
+    max_backoff: float
+    gc_deletes: str
+    replicas: int
+    keep_delivered_hours: float
+    kafka_topic: str | None
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    exporter: str
+    otlp_endpoint: str
+    service_name: str
+
+
+# Section name -> its typed settings; every field is one ``FIELDS`` key "<section>.<field>".
+SECTIONS: dict[str, type] = {
+    "stitching": StitchingSettings,
+    "attributes": AttributeSettings,
+    "kafka": KafkaSettings,
+    "webhook": WebhookSettings,
+    "opensearch": OpenSearchSettings,
+    "telemetry": TelemetrySettings,
+}
+
+
+def _section_keys() -> set[str]:
+    return {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)}
+
+
+_TOP_LEVEL = {"dsn", "log_level", *_SCHEMA_KEYS}
+_MISMATCH = _section_keys() ^ (set(FIELDS) - _TOP_LEVEL)
+if _MISMATCH:  # pragma: no cover - a programming error, caught when the module is imported
+    raise AssertionError(f"config: FIELDS and the typed sections differ: {sorted(_MISMATCH)}")
+
+
+def _build(cls: type[_T], name: str, values: Mapping[str, Any]) -> _T:
+    kwargs = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        value = values[f"{name}.{f.name}"]
+        kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration as typed sections: ``settings.stitching.batch_size``.
+
+    ``values`` keeps every ``FIELDS`` key as resolved (for ``replace`` and for handing the
+    same settings to a child process); code reads the typed sections.
+    """
+
+    values: Mapping[str, Any] = field(repr=False)
+    schemas: Schemas = field(init=False)
+    stitching: StitchingSettings = field(init=False)
+    attributes: AttributeSettings = field(init=False)
+    kafka: KafkaSettings = field(init=False)
+    webhook: WebhookSettings = field(init=False)
+    opensearch: OpenSearchSettings = field(init=False)
+    telemetry: TelemetrySettings = field(init=False)
+    log_level: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        v = self.values
+        put = object.__setattr__
+        put(
+            self,
+            "schemas",
+            Schemas(v["cdp_schema"], v["ce_schema"], v["ps_schema"], v["attr_schema"]),
+        )
+        put(self, "stitching", _build(StitchingSettings, "stitching", v))
+        put(self, "attributes", _build(AttributeSettings, "attributes", v))
+        put(self, "kafka", _build(KafkaSettings, "kafka", v))
+        put(self, "webhook", _build(WebhookSettings, "webhook", v))
+        put(self, "opensearch", _build(OpenSearchSettings, "opensearch", v))
+        put(self, "telemetry", _build(TelemetrySettings, "telemetry", v))
+        put(self, "log_level", str(v["log_level"]))
 
     @property
     def dsn(self) -> str:
@@ -180,14 +302,6 @@ class Settings:
                 "`postgresql` section to the --config file"
             )
         return str(dsn)
-
-    @property
-    def schemas(self) -> Schemas:
-        v = self.values
-        return Schemas(v["cdp_schema"], v["ce_schema"], v["ps_schema"], v["attr_schema"])
-
-    def __getitem__(self, key: str) -> Any:
-        return self.values[key]
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some keys changed (dotted keys via a dict: ``replace(**{"a.b": 1})``)."""

@@ -91,11 +91,11 @@ class StitchingService:
         s = self.settings
         log.info(
             "starting: slot %s (%s), publication %s, schemas %s, batches of %d",
-            s["stitching.slot_name"],
-            s["stitching.replication"],
-            s["stitching.publication"],
+            s.stitching.slot_name,
+            s.stitching.replication,
+            s.stitching.publication,
             s.schemas,
-            s["stitching.batch_size"],
+            s.stitching.batch_size,
         )
         threads: list[threading.Thread] = []
         backoff = RECONNECT_MIN
@@ -139,13 +139,13 @@ class StitchingService:
             if not waiting_logged:
                 log.info("standby: another process is active on slot %s; waiting", self.source.slot)
                 waiting_logged = True
-            self.stop.wait(self.settings["stitching.standby_poll"])
+            self.stop.wait(self.settings.stitching.standby_poll)
         return False
 
     def _loop(self, conn: psycopg.Connection[Any], reader: psycopg.Connection[Any]) -> None:
-        batch_size = self.settings["stitching.batch_size"]
-        poll = self.settings["stitching.poll_interval"]
-        sweep_every = self.settings["stitching.sweep_interval"]
+        batch_size = self.settings.stitching.batch_size
+        poll = self.settings.stitching.poll_interval
+        sweep_every = self.settings.stitching.sweep_interval
         last_sweep = 0.0
         last_lease_check = time.monotonic()
         while not self.stop.is_set():
@@ -193,7 +193,7 @@ class StitchingService:
 
     def _record(self, result: BatchResult) -> None:
         # A full batch means more is waiting: calculation holds back (stream_cps/backlog.py).
-        self.backlog.report(result.events >= self.settings["stitching.batch_size"])
+        self.backlog.report(result.events >= self.settings.stitching.batch_size)
         self.progress.add(result)
         self.progress.maybe_log()  # also during long sweeps (a restitch of everything)
 

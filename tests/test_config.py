@@ -40,8 +40,8 @@ def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None
     settings = config.load(path, flags={"ce_schema": "flag_ce"}, environ=env)
     assert settings.schemas.ce == "flag_ce"
     assert settings.dsn == "host=envhost dbname=x"  # env beats the file's postgresql section
-    assert settings["stitching.batch_size"] == 7  # file beats default
-    assert settings["attributes.batch_size"] == config.FIELDS["attributes.batch_size"].default
+    assert settings.stitching.batch_size == 7  # file beats default
+    assert settings.attributes.batch_size == config.FIELDS["attributes.batch_size"].default
     assert config.load(path, environ=env).schemas.ce == "env_ce"
     assert config.load(path, environ={}).schemas.ce == "file_ce"
 
@@ -107,3 +107,20 @@ def test_docs_list_every_setting() -> None:
 def test_sizes_and_timeouts_must_be_positive(key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}: must be at least 1"):
         config.load(environ={config.env_var(key): "0"})
+
+
+def test_typed_sections_cover_every_field_with_its_resolved_value() -> None:
+    """Code reads ``settings.<section>.<name>``: every key of FIELDS is one such attribute,
+    holding the value the precedence rules resolved (lists arrive as tuples)."""
+    env = {"STREAM_CPS_KAFKA_TOPICS": "a,b", "STREAM_CPS_STITCHING_BATCH_SIZE": "17"}
+    settings = config.load(flags={"dsn": "host=x dbname=y"}, environ=env)
+    for key in config.FIELDS:
+        section, _, name = key.partition(".")
+        if not name:
+            continue
+        value = getattr(getattr(settings, section), name)
+        expected = settings.values[key]
+        assert value == (tuple(expected) if isinstance(expected, list) else expected), key
+    assert settings.kafka.topics == ("a", "b")
+    assert settings.stitching.batch_size == 17
+    assert "host=x" not in repr(settings)  # the DSN (it may hold a password) never prints

@@ -137,13 +137,13 @@ def test_avro_and_json_events_stitched_and_redelivery_is_harmless(
 ) -> None:
     settings, topic = kafka_env
     rows = sample(300, seed=3)
-    produce(settings["kafka.bootstrap_servers"], topic, events_of(rows))
+    produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
     with member(settings) as service:
         wait_until(lambda: all_stitched(db, len(rows)), 30, "all events stitched")
         assert observed(db) == expected(db)
         before = snapshot(db)
         # The same messages again (a producer retry, a replayed topic): nothing changes.
-        produce(settings["kafka.bootstrap_servers"], topic, events_of(rows[:150]))
+        produce(settings.kafka.bootstrap_servers, topic, events_of(rows[:150]))
         wait_until(lambda: service.progress.messages >= 450, 30, f"redelivery {service.progress}")
     assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == len(rows)
     assert service.progress.events_new == 300 and service.progress.events_seen == 150
@@ -158,7 +158,7 @@ def test_two_members_with_a_rebalance_end_equal_to_one_member_and_the_oracle(
 ) -> None:
     settings, topic = kafka_env
     rows = sample(900, seed=5)
-    bootstrap = settings["kafka.bootstrap_servers"]
+    bootstrap = settings.kafka.bootstrap_servers
     produce(bootstrap, topic, events_of(rows[:300]))
     narrow = settings.replace(**{"kafka.batch_size": 40})
     batches = threading.Semaphore(0)
@@ -218,7 +218,7 @@ def test_kill_9_and_restart_loses_nothing_and_doubles_nothing(
     settings, topic = kafka_env
     settings = settings.replace(**{"kafka.batch_size": 50})
     rows = sample(1500, seed=9)
-    bootstrap = settings["kafka.bootstrap_servers"]
+    bootstrap = settings.kafka.bootstrap_servers
     rng = random.Random(4)
     log = tmp_path / "service.log"
     sent = 0
@@ -255,7 +255,7 @@ def test_replay_from_time_and_from_beginning_restitches_to_the_same_entities(
     rows = sample(400, seed=13)
     early, late = rows[:200], rows[200:]
     now = int(time.time() * 1000)
-    bootstrap = settings["kafka.bootstrap_servers"]
+    bootstrap = settings.kafka.bootstrap_servers
     produce(bootstrap, topic, events_of(early), timestamp_ms=now - 60_000)
     produce(bootstrap, topic, events_of(late), timestamp_ms=now - 30_000)
     middle = datetime.fromtimestamp((now - 45_000) / 1000, UTC).isoformat()
@@ -321,7 +321,7 @@ def test_replay_from_time_and_from_beginning_restitches_to_the_same_entities(
         == 0
     )
     assert "offsets moved" in out.getvalue()
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": settings["kafka.group_id"]})
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": settings.kafka.group_id})
     try:
         [committed] = reader.committed([TopicPartition(topic, 1)], timeout=10)
     finally:
@@ -364,8 +364,8 @@ def test_changefeed_messages_with_duplicates_resolved_and_deletes(
     messages.append((json.dumps([deleted]).encode(), b'{"after": null, "updated": "9.0"}'))
     messages.append((b'["gone"]', None))  # tombstone
     messages.append((None, b'{"something": "else"}'))  # unknown kind
-    produce(settings["kafka.bootstrap_servers"], topic, messages)
-    producer = Producer({"bootstrap.servers": settings["kafka.bootstrap_servers"]})
+    produce(settings.kafka.bootstrap_servers, topic, messages)
+    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
     for partition in range(3):  # resolved timestamps go to every partition
         producer.produce(
             topic, value=b'{"resolved": "1800000000000000000.0000000000"}', partition=partition
@@ -386,7 +386,7 @@ def test_changefeed_messages_with_duplicates_resolved_and_deletes(
         # updated row (stitched now NULL) back, and the consumer restitches it.
         db.execute("UPDATE customer_attributes SET modified = NULL")
         db.execute("UPDATE customer_events SET stitched = NULL, identifiers = NULL")
-        produce(settings["kafka.bootstrap_servers"], topic, _changefeed_messages(rows))
+        produce(settings.kafka.bootstrap_servers, topic, _changefeed_messages(rows))
         wait_until(lambda: all_stitched(db, len(rows)), 30, "restitched from the feed")
     assert count(db, "SELECT count(*) FROM cdp_ce.customer_events WHERE id = %s", deleted) == 1
     assert snapshot(db) == before
@@ -417,7 +417,7 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_table(
         ).encode(),
     ]
     messages = events_of(good[:10]) + [(b"bad", v) for v in bad] + events_of(good[10:])
-    produce(settings["kafka.bootstrap_servers"], topic, messages)
+    produce(settings.kafka.bootstrap_servers, topic, messages)
     with member(settings) as service:
         wait_until(lambda: service.progress.messages == len(messages), 30, "all consumed")
     assert all_stitched(db, len(good))
@@ -434,12 +434,12 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_table(
 
     reader = Consumer(
         {
-            "bootstrap.servers": settings["kafka.bootstrap_servers"],
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
             "group.id": "dlq-reader",
             "auto.offset.reset": "earliest",
         }
     )
-    reader.subscribe([settings["kafka.dead_letter_topic"]])
+    reader.subscribe([settings.kafka.dead_letter_topic])
     copies = []
     deadline = time.monotonic() + 20
     while len(copies) < len(bad) and time.monotonic() < deadline:
@@ -543,7 +543,7 @@ def test_kafka_run_calculates_attributes_of_what_it_stitched(
     log = tmp_path / "service.log"
     process = _start_process(settings, log)
     try:
-        produce(settings["kafka.bootstrap_servers"], topic, events_of(rows))
+        produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
 
         def done() -> bool:
             stitched = count(
@@ -582,7 +582,7 @@ def test_member_reports_a_backlog_while_polls_come_back_full(
     """Calculation in the same process holds back while this member is behind."""
     settings, topic = kafka_env
     rows = sample(300, seed=17)
-    produce(settings["kafka.bootstrap_servers"], topic, events_of(rows))
+    produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
     backlog = RecordingBacklog()
     with member(settings.replace(**{"kafka.batch_size": 40}), backlog):
         wait_until(lambda: all_stitched(db, len(rows)), 60, "all events stitched")

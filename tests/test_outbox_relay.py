@@ -102,7 +102,7 @@ def os_settings(settings: config.Settings, opensearch_node: Any) -> config.Setti
 
 
 def client_for(settings: config.Settings) -> OpenSearch:
-    return OpenSearch(hosts=[settings["opensearch.url"]], timeout=30)
+    return OpenSearch(hosts=[settings.opensearch.url], timeout=30)
 
 
 def drain(relay: Relay, conn: psycopg.Connection[Any]) -> int:
@@ -115,7 +115,7 @@ def drain(relay: Relay, conn: psycopg.Connection[Any]) -> int:
 def index_docs(settings: config.Settings) -> dict[str, tuple[int, dict[str, Any]]]:
     """id -> (_version, _source) of every document in the test's index."""
     client = client_for(settings)
-    index = settings["opensearch.index"]
+    index = settings.opensearch.index
     client.indices.refresh(index=index)
     hits = client.search(
         index=index, body={"query": {"match_all": {}}, "version": True}, size=10000
@@ -238,7 +238,7 @@ def test_ensure_index_sets_mapping_and_gc_deletes_and_is_idempotent(
     ensure_index(os_settings, attribute_types=types)
     ensure_index(os_settings, attribute_types={**types, "code": "int"})  # a changed data_type
     client = client_for(os_settings)
-    index = os_settings["opensearch.index"]
+    index = os_settings.opensearch.index
     got = client.indices.get(index=index)[index]
     assert got["settings"]["index"]["gc_deletes"] == "1d"
     props = got["mappings"]["properties"]
@@ -351,7 +351,7 @@ def test_late_older_upsert_does_not_resurrect_merged_id(
 
     # A stale write that reaches OpenSearch anyway (a replayed in-flight request, a Kafka
     # consumer) meets the delete's tombstone, which gc_deletes keeps for a day.
-    writer = BulkWriter(client_for(os_settings), os_settings["opensearch.index"])
+    writer = BulkWriter(client_for(os_settings), os_settings.opensearch.index)
     (result,) = writer.write([Action(gone, old_version, old_doc)])
     assert result.outcome is Outcome.STALE
     assert gone not in index_docs(os_settings)
@@ -384,7 +384,7 @@ def test_per_item_errors_are_read_and_unrecoverable_commands_parked(
 
     # A write block answers every item with an error: retried, never parked, nothing lost.
     client = client_for(os_settings)
-    index = os_settings["opensearch.index"]
+    index = os_settings.opensearch.index
     client.indices.put_settings(index=index, body={"index.blocks.write": True})
     try:
         newest = set_attributes(db, c, '{"score": 8}')
@@ -572,18 +572,18 @@ def test_gc_deletes_decides_whether_a_late_older_write_resurrects(
         s = os_settings.replace(
             **{
                 "opensearch.gc_deletes": gc,
-                "opensearch.index": f"{os_settings['opensearch.index']}-{gc}",
+                "opensearch.index": f"{os_settings.opensearch.index}-{gc}",
             }
         )
         ensure_index(s, client)
-        writer = BulkWriter(client, s["opensearch.index"])
+        writer = BulkWriter(client, s.opensearch.index)
         doc = {"customer_entity_id": "m", "identifiers": [], "attributes": {}, "calculated": None}
         assert writer.write([Action("m", 5, doc)])[0].outcome is Outcome.DELIVERED
         assert writer.write([Action("m", 6, None)])[0].outcome is Outcome.DELIVERED
         time.sleep(0.5)
-        client.indices.refresh(index=s["opensearch.index"])  # prunes expired tombstones
+        client.indices.refresh(index=s.opensearch.index)  # prunes expired tombstones
         time.sleep(0.5)
-        client.indices.refresh(index=s["opensearch.index"])
+        client.indices.refresh(index=s.opensearch.index)
         outcomes[gc] = writer.write([Action("m", 5, doc)])[0].outcome
     assert outcomes == {"0s": Outcome.DELIVERED, "1d": Outcome.STALE}
 
@@ -675,7 +675,7 @@ def test_prepare_index_types_attributes_from_their_data_type(
         "('email', 'Email', 'string', NULL)"  # not calculated: a stitching attribute
     )
     prepare_index(os_settings, db)
-    index = os_settings["opensearch.index"]
+    index = os_settings.opensearch.index
     mapping = client_for(os_settings).indices.get_mapping(index=index)[index]["mappings"]
     attrs = mapping["properties"]["attributes"]["properties"]
     assert {k: v["type"] for k, v in attrs.items()} == {
@@ -706,8 +706,8 @@ def test_relay_process_killed_at_random_points_converges(
     env = {
         **os.environ,
         "STREAM_CPS_DSN": settings.dsn,
-        "STREAM_CPS_OPENSEARCH_URL": os_settings["opensearch.url"],
-        "STREAM_CPS_OPENSEARCH_INDEX": os_settings["opensearch.index"],
+        "STREAM_CPS_OPENSEARCH_URL": os_settings.opensearch.url,
+        "STREAM_CPS_OPENSEARCH_INDEX": os_settings.opensearch.index,
         "STREAM_CPS_OPENSEARCH_REPLICAS": "0",
         "STREAM_CPS_OPENSEARCH_BATCH_SIZE": "40",
         "STREAM_CPS_OPENSEARCH_POLL_INTERVAL": "0.05",

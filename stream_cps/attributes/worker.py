@@ -49,14 +49,14 @@ class CalculationWorker:
         self._settings = settings
         self._backlog = backlog
         self._schemas = settings.schemas
-        self._batch_size = int(settings["attributes.batch_size"])
-        self._timeout_ms = int(settings["attributes.statement_timeout_ms"])
+        self._batch_size = settings.attributes.batch_size
+        self._timeout_ms = settings.attributes.statement_timeout_ms
         self._max_batches = max_batches
         # walk over entities calculated before the last definition change: (changed, last id)
         self._sweep: tuple[datetime | None, str | None] = (None, "")
         self._plans = PlanLoader(self._schemas, self._timeout_ms)
         self._calculator = BatchCalculator(self._schemas, self._timeout_ms)
-        self._caches = CacheRefresher(self._schemas, float(settings["attributes.cache_interval"]))
+        self._caches = CacheRefresher(self._schemas, settings.attributes.cache_interval)
         counter = telemetry.meter().create_counter
         self._calculated = counter(telemetry.METRIC_ENTITIES_CALCULATED)
         self._errors = counter(telemetry.METRIC_ATTRIBUTE_ERRORS)
@@ -67,7 +67,7 @@ class CalculationWorker:
         context.refresh_due(
             conn,
             self._schemas,
-            float(self._settings["attributes.context_max_age_hours"]),
+            self._settings.attributes.context_max_age_hours,
             self._timeout_ms,
         )
         total = 0
@@ -101,8 +101,8 @@ class CalculationWorker:
                 conn.close()
 
     def _serve(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
-        poll = float(self._settings["attributes.poll_interval"])
-        max_defer = float(self._settings["attributes.max_defer"])
+        poll = self._settings.attributes.poll_interval
+        max_defer = self._settings.attributes.max_defer
         while not stop.is_set():
             if self._backlog is not None:
                 self._backlog.wait_until_clear(stop, max_defer)

@@ -60,11 +60,11 @@ class KafkaCommandPublisher:
     broker did not acknowledge all of them, so the batch stays pending."""
 
     def __init__(self, settings: Settings, flush_timeout: float = 10.0) -> None:
-        servers = settings.values.get("kafka.bootstrap_servers")
+        servers = settings.kafka.bootstrap_servers
         if not servers:
             raise ConfigError("kafka.bootstrap_servers: required with opensearch.kafka_topic")
-        self.topic = str(settings["opensearch.kafka_topic"])
-        self.index = str(settings["opensearch.index"])
+        self.topic = str(settings.opensearch.kafka_topic)
+        self.index = settings.opensearch.index
         self.flush_timeout = flush_timeout
         self.producer = Producer(
             {"bootstrap.servers": servers, "enable.idempotence": True, "acks": "all"}

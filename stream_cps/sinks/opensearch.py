@@ -61,12 +61,12 @@ class Result:
 
 def make_client(settings: Settings) -> OpenSearch:
     """A client that fails fast: retries are ours (tenacity), so the transport's are off."""
-    url = settings["opensearch.url"]
+    url = settings.opensearch.url
     if not url:
         raise ConfigError("opensearch.url: required for the OpenSearch index and relay")
     return OpenSearch(
         hosts=[url],
-        timeout=settings["opensearch.timeout"],
+        timeout=settings.opensearch.timeout,
         max_retries=0,
         retry_on_timeout=False,
     )
@@ -95,8 +95,8 @@ def index_body(settings: Settings) -> dict[str, Any]:
     return {
         "settings": {
             "index": {
-                "gc_deletes": settings["opensearch.gc_deletes"],
-                "number_of_replicas": settings["opensearch.replicas"],
+                "gc_deletes": settings.opensearch.gc_deletes,
+                "number_of_replicas": settings.opensearch.replicas,
             }
         },
         "mappings": {
@@ -137,7 +137,7 @@ def ensure_index(
     ``attribute_types`` (attribute id -> data_type) adds explicit attribute field types.
     """
     client = client or make_client(settings)
-    index = settings["opensearch.index"]
+    index = settings.opensearch.index
     body = index_body(settings)
     props = attribute_properties(attribute_types or {})
     if props:

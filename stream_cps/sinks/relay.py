@@ -75,12 +75,12 @@ class Relay:
     ) -> None:
         self.settings = settings
         self.client = client or make_client(settings)
-        self.index = str(settings["opensearch.index"])
-        self.batch_size = int(settings["opensearch.batch_size"])
+        self.index = settings.opensearch.index
+        self.batch_size = settings.opensearch.batch_size
         self.store = OutboxStore(settings.schemas)
         self.writer = BulkWriter(self.client, self.index)
         self.publisher = publisher
-        if publisher is None and settings["opensearch.kafka_topic"]:
+        if publisher is None and settings.opensearch.kafka_topic:
             from stream_cps.sinks.kafka_commands import KafkaCommandPublisher
 
             self.publisher = KafkaCommandPublisher(settings)
@@ -203,8 +203,8 @@ class Relay:
         jitter, up to ``opensearch.max_backoff``) and tries again; commands wait in the outbox.
         An ``OpenSearchRejected`` (a setup problem) propagates and stops the relay loudly.
         """
-        poll = float(self.settings["opensearch.poll_interval"])
-        keep = float(self.settings["opensearch.keep_delivered_hours"]) * 3600
+        poll = self.settings.opensearch.poll_interval
+        keep = self.settings.opensearch.keep_delivered_hours * 3600
         conn: psycopg.Connection[Any] | None = None
         next_prune = 0.0
 
@@ -227,9 +227,7 @@ class Relay:
 
         retrying = Retrying(
             retry=retry_if_exception_type((Recoverable, psycopg.OperationalError)),
-            wait=wait_exponential(
-                multiplier=0.2, max=float(self.settings["opensearch.max_backoff"])
-            )
+            wait=wait_exponential(multiplier=0.2, max=self.settings.opensearch.max_backoff)
             + wait_random(0, 0.2),
             stop=stop_when_event_set(stop),
             sleep=pause,

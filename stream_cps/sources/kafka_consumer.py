@@ -52,16 +52,16 @@ MAINTENANCE_EVERY = 1.0  # replay requests and purge signals while idle
 def consumer_config(settings: Settings, member: str) -> dict[str, Any]:
     """librdkafka settings that give the delivery guarantees in the module docstring."""
     return {
-        "bootstrap.servers": settings["kafka.bootstrap_servers"],
-        "group.id": settings["kafka.group_id"],
+        "bootstrap.servers": settings.kafka.bootstrap_servers,
+        "group.id": settings.kafka.group_id,
         "client.id": member,
         "partition.assignment.strategy": "cooperative-sticky",
         "enable.auto.offset.store": False,
         "enable.auto.commit": True,
         "auto.commit.interval.ms": 1000,
         "auto.offset.reset": "earliest",
-        "session.timeout.ms": int(settings["kafka.session_timeout"] * 1000),
-        "heartbeat.interval.ms": max(500, int(settings["kafka.session_timeout"] * 1000 / 5)),
+        "session.timeout.ms": int(settings.kafka.session_timeout * 1000),
+        "heartbeat.interval.ms": max(500, int(settings.kafka.session_timeout * 1000 / 5)),
         "enable.partition.eof": False,
     }
 
@@ -164,7 +164,7 @@ class KafkaStitchingService:
         self.progress = KafkaProgress()
         self.stitcher = Stitcher(settings)
         self.applier = Applier(settings.schemas, self.stitcher)
-        self.avro = SchemaResolver(settings["kafka.schema_registry_url"])
+        self.avro = SchemaResolver(settings.kafka.schema_registry_url)
         self.on_batch: Callable[[ApplyStats], None] | None = None
         self._consumer: Consumer | None = None
         self._conn: psycopg.Connection[Any] | None = None
@@ -175,14 +175,14 @@ class KafkaStitchingService:
         with connect(self.settings.dsn, role="check", autocommit=True) as conn:
             schema.check(conn, self.settings.schemas)
         dead_topic = DeadLetterTopic(
-            self.settings["kafka.bootstrap_servers"], self.settings["kafka.dead_letter_topic"]
+            self.settings.kafka.bootstrap_servers, self.settings.kafka.dead_letter_topic
         )
         consumer = Consumer(consumer_config(self.settings, self.member), logger=log)
         self._consumer = consumer
         try:
             self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
             consumer.subscribe(
-                list(self.settings["kafka.topics"]),
+                list(self.settings.kafka.topics),
                 on_assign=self._on_assign,
                 on_revoke=self._on_revoke,
                 on_lost=self._on_lost,
@@ -190,8 +190,8 @@ class KafkaStitchingService:
             log.info(
                 "kafka: member %s of group %s on %s",
                 self.member,
-                self.settings["kafka.group_id"],
-                ", ".join(self.settings["kafka.topics"]),
+                self.settings.kafka.group_id,
+                ", ".join(self.settings.kafka.topics),
             )
             self._loop(consumer, dead_topic)
         finally:
@@ -205,9 +205,9 @@ class KafkaStitchingService:
         return self.progress
 
     def _loop(self, consumer: Consumer, dead_topic: DeadLetterTopic) -> None:
-        batch_size = self.settings["kafka.batch_size"]
-        timeout = self.settings["kafka.poll_timeout"]
-        message_format = self.settings["kafka.message_format"]
+        batch_size = self.settings.kafka.batch_size
+        timeout = self.settings.kafka.poll_timeout
+        message_format = self.settings.kafka.message_format
         last_maintenance = 0.0
         while not self.stop.is_set():
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
@@ -323,7 +323,7 @@ class KafkaStitchingService:
                 "SELECT id, topic, kafka_partition, kafka_offset FROM {} "
                 "WHERE group_id = %s AND applied IS NULL ORDER BY id"
             ).format(table),
-            [self.settings["kafka.group_id"]],
+            [self.settings.kafka.group_id],
         ).fetchall()
         if not rows:
             return

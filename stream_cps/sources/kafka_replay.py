@@ -83,8 +83,8 @@ class Replayer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.group = settings["kafka.group_id"]
-        bootstrap = settings["kafka.bootstrap_servers"]
+        self.group = settings.kafka.group_id
+        bootstrap = settings.kafka.bootstrap_servers
         self.admin = AdminClient({"bootstrap.servers": bootstrap})
         # A consumer that never subscribes: it reads watermarks, times and the group's
         # committed offsets without joining the group.
@@ -215,7 +215,7 @@ def run_replay(
     wait: float = TIMEOUT,
 ) -> int:
     """The ``replay`` command: print the plan, then move (or explain why not). Exit code."""
-    topics = [topic] if topic else list(settings["kafka.topics"])
+    topics = [topic] if topic else list(settings.kafka.topics)
     if offsets and len(topics) != 1:
         raise ConfigError("--from-offset needs --topic when several kafka.topics are configured")
     wanted = parse_offsets(offsets) if offsets else None

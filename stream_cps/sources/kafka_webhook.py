@@ -77,7 +77,7 @@ class WebhookServer:
     """A threading HTTPS server; database connections are pooled across requests."""
 
     def __init__(self, settings: Settings) -> None:
-        cert, key = settings["webhook.cert_file"], settings["webhook.key_file"]
+        cert, key = settings.webhook.cert_file, settings.webhook.key_file
         if not cert or not key:
             raise ConfigError(
                 "webhook.cert_file and webhook.key_file: required (changefeed webhook sinks "
@@ -92,7 +92,7 @@ class WebhookServer:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"webhook.cert_file/key_file: cannot load: {exc}") from exc
         self.httpd = _TLSServer(
-            (settings["webhook.host"], settings["webhook.port"]), _handler(self), context
+            (settings.webhook.host, settings.webhook.port), _handler(self), context
         )
 
     @property

@@ -54,8 +54,8 @@ class SlotSource:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.slot = settings["stitching.slot_name"]
-        self.publication = settings["stitching.publication"]
+        self.slot = settings.stitching.slot_name
+        self.publication = settings.stitching.publication
         self.table = (settings.schemas.ce, "customer_events")
         self.decoder = Decoder(NEEDED_COLUMNS)
 
@@ -267,7 +267,7 @@ class StreamReader(SlotSource):
 
 def reader(settings: Settings) -> SlotSource:
     """The configured slot reader (``stitching.replication``)."""
-    if settings["stitching.replication"] == "peek":
+    if settings.stitching.replication == "peek":
         return PeekReader(settings)
     return StreamReader(settings)
 
@@ -282,7 +282,7 @@ class SlotLease:
     def __init__(self, settings: Settings) -> None:
         self.dsn = settings.dsn
         digest = hashlib.blake2b(
-            f"stream-cps:{settings['stitching.slot_name']}".encode(), digest_size=8
+            f"stream-cps:{settings.stitching.slot_name}".encode(), digest_size=8
         )
         self.key = int.from_bytes(digest.digest(), "big", signed=True)
         self.conn: psycopg.Connection[Any] | None = None

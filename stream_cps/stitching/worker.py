@@ -151,7 +151,7 @@ class Stitcher:
 
         One query finds the events and evaluates the rules (``rules.extract_next``).
         """
-        limit = self.settings["stitching.batch_size"]
+        limit = self.settings.stitching.batch_size
         ruleset = self.rulebook.refresh(conn)
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
             extracted = rules.extract_next(conn, self.schemas, ruleset.rules, limit, after)
