@@ -1,5 +1,6 @@
-# stream-cps: slim, non-root, runs `stream-cps run`. Configure with STREAM_CPS_* variables or a
-# mounted --config file (docs/configuration.md).
+# stream-cps: slim, non-root, runs `stream-cps run`. Only the runtime package is copied: the
+# development tooling (stream_cps_dev, the `demo` extra with its embedded PostgreSQL) stays out.
+# Configure with STREAM_CPS_* variables or a mounted --config file (docs/configuration.md).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./

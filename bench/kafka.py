@@ -11,7 +11,7 @@
    events/s and as a fraction of (2):
    - ``cli``: `stream-cps run --source kafka` as users run it, i.e. with attribute calculation
      running in the same process (it shares the GIL and the two cores);
-   - ``inproc``: the Kafka source alone (``KafkaStitchingService`` in a thread, no calculation).
+   - ``inproc``: the Kafka source alone (``KafkaLoop`` in a thread, no calculation).
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ import kafka_service  # noqa: E402
 
 from stream_cps import config  # noqa: E402
 from stream_cps.config import Schemas  # noqa: E402
-from stream_cps.db import embedded, schema  # noqa: E402
-from stream_cps.sample import generator  # noqa: E402
-from stream_cps.sources.kafka_consumer import KafkaStitchingService  # noqa: E402
-from stream_cps.sources.kafka_encode import avro_event, json_event  # noqa: E402
+from stream_cps.db import schema  # noqa: E402
+from stream_cps.service.kafka import KafkaLoop  # noqa: E402
+from stream_cps_dev import embedded  # noqa: E402
+from stream_cps_dev.encode import avro_event, json_event  # noqa: E402
+from stream_cps_dev.sample import generator  # noqa: E402
 
 SCHEMAS = Schemas()
 
@@ -152,7 +153,7 @@ def end_to_end(
         started = time.monotonic()
         if mode == "inproc":
             stop = threading.Event()
-            service = KafkaStitchingService(config.load(environ=env), stop)
+            service = KafkaLoop(config.load(environ=env), stop)
             thread = threading.Thread(target=service.run, daemon=True)
             thread.start()
             try:

@@ -31,9 +31,10 @@ import psycopg
 from opensearchpy import OpenSearch
 
 from stream_cps import config
-from stream_cps.db import embedded, schema
+from stream_cps.db import schema
 from stream_cps.sinks.opensearch import ensure_index
 from stream_cps.sinks.relay import Relay
+from stream_cps_dev import embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 

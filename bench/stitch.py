@@ -38,9 +38,10 @@ import psycopg
 from psycopg import sql
 
 from stream_cps.config import Schemas
-from stream_cps.db import embedded, schema
+from stream_cps.db import schema
 from stream_cps.db.arrays import array_literal
-from stream_cps.sample import generator
+from stream_cps_dev import embedded
+from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
 EVENTS = sql.Identifier(SCHEMAS.ce, "customer_events")

@@ -1,7 +1,9 @@
 """Command line: ``stream-cps init | run | demo | replay | webhook``.
 
-Errors that are the user's to fix (configuration, schema) print one line and exit 2; anything else
-is a bug and shows its traceback.
+This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
+Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
+line and exit 2; other errors of ours print one line and exit 1; anything else is a bug and
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from stream_cps import config
-from stream_cps.errors import ConfigError, SchemaError, StreamCpsError
+import psycopg
+
+from stream_cps import config, retry
+from stream_cps.errors import ConfigError, Fatal, SchemaError, StreamCpsError
+from stream_cps.service import process
 
 log = logging.getLogger("stream_cps")
 
@@ -28,8 +33,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _logging(settings.log_level)
         result: int = args.handler(settings, args)
         return result
-    except (ConfigError, SchemaError) as exc:
+    except Fatal as exc:  # configuration, schema, credentials: the operator's to fix
         print(f"stream-cps: {exc}", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as exc:
+        fatal = retry.fatal_connect_error(exc)
+        if fatal is None:
+            raise
+        print(f"stream-cps: {fatal}", file=sys.stderr)
         return 2
     except StreamCpsError as exc:
         print(f"stream-cps: {exc}", file=sys.stderr)
@@ -111,14 +122,14 @@ def _logging(level: str) -> None:
 def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
     from stream_cps.db import schema
     from stream_cps.db.connect import connect
-    from stream_cps.sources.replication import SlotSource
+    from stream_cps.sources.postgres.readers import reader
 
     with connect(settings.dsn, role="init", autocommit=True) as conn:
         applied = schema.migrate(conn, settings.schemas)
         version = schema.latest_version()
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
         try:
-            SlotSource(settings).ensure(conn)
+            reader(settings).ensure(conn)
         except SchemaError as exc:
             print(f"replication not set up yet: {exc}", file=sys.stderr)
         if settings.opensearch.url:
@@ -127,14 +138,6 @@ def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
             prepare_index(settings, conn)
             print(f"OpenSearch index {settings.opensearch.index} ready")
     return 0
-
-
-def _cmd_relay(settings: config.Settings, _args: argparse.Namespace) -> int:
-    from stream_cps.sinks.relay import run_relay
-
-    if not settings.opensearch.url:
-        raise ConfigError("opensearch.url: required by `stream-cps relay`")
-    return run_relay(settings, stop_on_signals())
 
 
 def stop_on_signals() -> threading.Event:
@@ -151,31 +154,22 @@ def stop_on_signals() -> threading.Event:
 
 
 def _cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
-    from stream_cps.service import StitchingService
+    process.run(settings, args.source, stop_on_signals())
+    return 0
 
-    stop = stop_on_signals()
-    if args.source == "kafka":
-        from stream_cps import background
-        from stream_cps.backlog import Backlog
-        from stream_cps.sources.kafka_consumer import KafkaStitchingService
 
-        # Every member calculates (unless attributes.enabled is off) and relays: there is no
-        # lease on this path (it must run on CockroachDB too); concurrent calculators may
-        # compute an entity twice, never wrongly.
-        backlog = Backlog()
-        threads = background.start(settings, stop, backlog)
-        try:
-            KafkaStitchingService(settings, stop, backlog).run()
-        finally:
-            stop.set()
-            background.join(threads)
-        return 0
-    StitchingService(settings, stop).run()
+def _cmd_relay(settings: config.Settings, _args: argparse.Namespace) -> int:
+    process.relay(settings, stop_on_signals())
+    return 0
+
+
+def _cmd_webhook(settings: config.Settings, _args: argparse.Namespace) -> int:
+    process.webhook(settings, stop_on_signals())
     return 0
 
 
 def _cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
-    from stream_cps.sources.kafka_replay import run_replay
+    from stream_cps.sources.kafka.replay import run_replay
 
     return run_replay(
         settings,
@@ -188,15 +182,13 @@ def _cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:
     )
 
 
-def _cmd_webhook(settings: config.Settings, _args: argparse.Namespace) -> int:
-    from stream_cps.sources.kafka_webhook import run_webhook
-
-    return run_webhook(settings, stop_on_signals())
-
-
 def _cmd_demo(settings: config.Settings, args: argparse.Namespace) -> int:
-    from stream_cps.demo import run_demo
-
+    try:
+        from stream_cps_dev.demo import run_demo
+    except ImportError as exc:
+        raise ConfigError(
+            f"demo: needs the development extra (pip install 'stream-cps[demo]'): {exc}"
+        ) from exc
     return run_demo(settings, args.workdir, args.persons)
 
 

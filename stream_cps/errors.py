@@ -1,8 +1,17 @@
-"""One error root for the whole service.
+"""One error root for the whole service, with four kinds that decide what a loop does.
 
-Callers decide what to do by class, not by message: ``Recoverable`` errors are retried with
-backoff, ``InvalidInput`` goes to a dead-letter place with its reason, anything else stops the
-process loudly.
+- ``Transient``: it passes (lost connection, lost conflict, broker or index briefly away):
+  retried with backoff by the named policies in ``stream_cps.retry``.
+- ``InvalidInput``: one message or row cannot be processed; it is set aside with its reason
+  (dead-letter table, errors table) and the rest carries on.
+- ``DefinitionError``: an admin-written rule or definition is broken; reported by name and
+  skipped.
+- ``Fatal``: an operator must fix something (configuration, schema, credentials); the process
+  prints one line and exits non-zero.
+
+Driver and client-library errors (psycopg, librdkafka, opensearch-py) are translated into this
+tree once, at the edge: ``stream_cps.retry.is_transient`` decides for the database and Kafka,
+the OpenSearch adapter for its transport.
 """
 
 
@@ -10,16 +19,8 @@ class StreamCpsError(Exception):
     """Root of every error stream-cps raises on purpose."""
 
 
-class ConfigError(StreamCpsError):
-    """Configuration is invalid; the message names the offending key."""
-
-
-class SchemaError(StreamCpsError):
-    """The database schema is missing, too old or newer than this build understands."""
-
-
-class Recoverable(StreamCpsError):
-    """A transient failure (lost connection, serialization conflict): retry with backoff."""
+class Transient(StreamCpsError):
+    """A failure that passes (lost connection, serialization conflict): retry with backoff."""
 
 
 class InvalidInput(StreamCpsError):
@@ -33,3 +34,19 @@ class DefinitionError(StreamCpsError):
         super().__init__(f"{name}: {message}")
         self.name = name
         self.reason = message
+
+
+class Fatal(StreamCpsError):
+    """Something an operator must fix; the process stops with one line and a non-zero exit."""
+
+
+class ConfigError(Fatal):
+    """Configuration is invalid; the message names the offending key."""
+
+
+class SchemaError(Fatal):
+    """The database schema is missing, too old or newer than this build understands."""
+
+
+class Stopped(StreamCpsError):
+    """A stop was requested while a loop waited to retry; the caller winds down quietly."""

@@ -6,10 +6,11 @@ configuration: ``none`` (default; the API's no-op providers), ``console`` or ``o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import metrics, trace
+
+from stream_cps.config import TelemetrySettings
 
 # Spans: one per batch, one per stage inside it.
 SPAN_STITCH_BATCH = "stitch.batch"
@@ -43,10 +44,11 @@ TRACER_NAME = "stream_cps"
 _configured = False
 
 
-def setup(settings: Mapping[str, Any]) -> None:
-    """Install tracer and meter providers once per process, as configured."""
+def setup(settings: TelemetrySettings) -> None:
+    """Install tracer and meter providers once per process, as configured (the wiring layer,
+    ``stream_cps.service.process``, is the only caller)."""
     global _configured
-    exporter = settings.get("telemetry.exporter", "none")
+    exporter = settings.exporter
     if _configured or exporter == "none":
         return
     from opentelemetry.sdk.metrics import MeterProvider
@@ -55,9 +57,7 @@ def setup(settings: Mapping[str, Any]) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    resource = Resource.create(
-        {"service.name": settings.get("telemetry.service_name", "stream-cps")}
-    )
+    resource = Resource.create({"service.name": settings.service_name})
     if exporter == "console":
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
@@ -68,7 +68,7 @@ def setup(settings: Mapping[str, Any]) -> None:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        endpoint = str(settings.get("telemetry.otlp_endpoint")).rstrip("/")
+        endpoint = settings.otlp_endpoint.rstrip("/")
         span_exporter = OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces")
         metric_exporter = OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics")
     tracer_provider = TracerProvider(resource=resource)

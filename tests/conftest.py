@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 from stream_cps import config
-from stream_cps.db import embedded, schema
+from stream_cps.db import schema
+from stream_cps_dev import embedded
 
 # Service fixtures for Kafka and OpenSearch live beside this file, one module per service.
 pytest_plugins = ["tests.kafka_fixtures", "tests.opensearch_fixtures"]

@@ -10,7 +10,7 @@ import psycopg
 
 from stream_cps import config
 from stream_cps.attributes.worker import CalculationWorker
-from stream_cps.backlog import Backlog
+from stream_cps.service.backlog import Backlog
 from tests.test_attributes_helpers import World, ev
 
 

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_cps.errors import InvalidInput
-from stream_cps.sources import kafka_avro
-from stream_cps.sources.kafka_decode import (
+from stream_cps.sources.changefeed.webhook import envelopes_of
+from stream_cps.sources.kafka import avro as kafka_avro
+from stream_cps.sources.messages import (
     ChangefeedRow,
     CustomerEvent,
     Ignored,
@@ -23,8 +24,8 @@ from stream_cps.sources.kafka_decode import (
     decode,
     webhook_entries,
 )
-from stream_cps.sources.kafka_encode import avro_event, json_event
-from stream_cps.sources.kafka_webhook import envelopes_of
+from stream_cps_dev import encode
+from stream_cps_dev.encode import avro_event, json_event
 
 AVRO = kafka_avro.SchemaResolver(None)
 SCHEMA = kafka_avro.load_schema(kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE)
@@ -45,7 +46,7 @@ def _json(obj: Any) -> bytes:
 
 
 def test_avro_and_json_customer_events_decode_to_the_same_event() -> None:
-    from_avro = decode(b"e1", kafka_avro.encode(RECORD, SCHEMA), "auto", AVRO)
+    from_avro = decode(b"e1", encode.encode(RECORD, SCHEMA), "auto", AVRO)
     from_json = decode(b"e1", _json(JSON_EVENT), "auto", AVRO)
     assert isinstance(from_avro, CustomerEvent) and isinstance(from_json, CustomerEvent)
     assert json.loads(from_avro.payload) == json.loads(from_json.payload)
@@ -105,7 +106,7 @@ def test_malformed_messages_raise_with_a_reason(value: bytes, reason: str) -> No
 
 def test_declared_format_is_enforced() -> None:
     with pytest.raises(InvalidInput, match="message_format is json"):
-        decode(None, kafka_avro.encode(RECORD, SCHEMA), "json", AVRO)
+        decode(None, encode.encode(RECORD, SCHEMA), "json", AVRO)
     with pytest.raises(InvalidInput, match="not Confluent-framed"):
         decode(None, _json(JSON_EVENT), "avro", AVRO)
 
@@ -151,10 +152,10 @@ def registry() -> Iterator[str]:
 
 def test_schema_ids_resolve_through_a_registry_when_configured(registry: str) -> None:
     resolver = kafka_avro.SchemaResolver(registry)
-    event = decode(None, kafka_avro.encode(RECORD, SCHEMA, schema_id=42), "avro", resolver)
+    event = decode(None, encode.encode(RECORD, SCHEMA, schema_id=42), "avro", resolver)
     assert isinstance(event, CustomerEvent) and event.id == "e1"
     with pytest.raises(InvalidInput, match="registry answered 404"):
-        decode(None, kafka_avro.encode(RECORD, SCHEMA, schema_id=1), "avro", resolver)
+        decode(None, encode.encode(RECORD, SCHEMA, schema_id=1), "avro", resolver)
 
 
 _text_st = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))

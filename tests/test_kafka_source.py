@@ -29,13 +29,13 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from stream_cps import config
-from stream_cps.backlog import Backlog
 from stream_cps.db import schema
-from stream_cps.sample import generator
-from stream_cps.sources.kafka_consumer import KafkaStitchingService
-from stream_cps.sources.kafka_encode import avro_event, json_event
-from stream_cps.sources.kafka_replay import run_replay
-from stream_cps.sources.kafka_webhook import WebhookServer
+from stream_cps.service.backlog import Backlog
+from stream_cps.service.kafka import KafkaLoop
+from stream_cps.service.process import webhook_server
+from stream_cps.sources.kafka.replay import run_replay
+from stream_cps_dev.encode import avro_event, json_event
+from stream_cps_dev.sample import generator
 from tests.kafka_fixtures import create_topics, ks
 from tests.support import expected, observed, snapshot, wait_until
 
@@ -90,12 +90,10 @@ def kafka_env(
 
 
 @contextmanager
-def member(
-    settings: config.Settings, backlog: Backlog | None = None
-) -> Iterator[KafkaStitchingService]:
+def member(settings: config.Settings, backlog: Backlog | None = None) -> Iterator[KafkaLoop]:
     """A consumer group member running in a thread until the block ends."""
     stop = threading.Event()
-    service = KafkaStitchingService(settings, stop, backlog)
+    service = KafkaLoop(settings, stop, backlog)
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -190,9 +188,8 @@ def test_two_members_with_a_rebalance_end_equal_to_one_member_and_the_oracle(
         assert snapshot(other) == snapshot(db)
 
 
-def owns(service: KafkaStitchingService) -> bool:
-    consumer = service._consumer
-    return consumer is not None and bool(consumer.assignment())
+def owns(service: KafkaLoop) -> bool:
+    return service.source.owns_partitions()
 
 
 def _start_process(settings: config.Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -490,7 +487,7 @@ def test_webhook_accepts_changefeed_payloads_over_tls(
     rows = sample(60, seed=41)
     generator.copy_events(db.cursor(), generator_table(settings), rows)
     cert, key = _self_signed(tmp_path)
-    server = WebhookServer(
+    server = webhook_server(
         settings.replace(
             **{
                 "webhook.host": "127.0.0.1",

@@ -22,7 +22,6 @@ import pytest
 from opensearchpy import OpenSearch
 
 from stream_cps import config
-from stream_cps.db import embedded
 from stream_cps.sinks import kafka_commands
 from stream_cps.sinks.commands import Action, Command, Planned, collapse
 from stream_cps.sinks.opensearch import (
@@ -34,7 +33,8 @@ from stream_cps.sinks.opensearch import (
 )
 from stream_cps.sinks.relay import Relay, prepare_index
 from stream_cps.stitching.grouping import entity_id_for
-from stream_cps.stitching.worker import Stitcher
+from stream_cps.stitching.stitcher import Stitcher
+from stream_cps_dev import embedded
 from tests.opensearch_fixtures import restart_opensearch, service
 from tests.support import event, insert, setup_rules, wait_until
 
@@ -82,7 +82,7 @@ def set_attributes(conn: psycopg.Connection[Any], entity: str, attrs: str) -> in
 
 
 def stitch_all(stitcher: Stitcher, conn: psycopg.Connection[Any]) -> None:
-    while stitcher.sweep(conn).events:
+    for _ in stitcher.sweep(conn):
         pass
 
 
@@ -688,10 +688,10 @@ def test_prepare_index_types_attributes_from_their_data_type(
 RELAY_PROCESS = """
 import signal, threading
 from stream_cps import config
-from stream_cps.sinks.relay import run_relay
+from stream_cps.service import process
 stop = threading.Event()
 signal.signal(signal.SIGTERM, lambda *_: stop.set())
-raise SystemExit(run_relay(config.load(), stop))
+process.relay(config.load(), stop)
 """
 
 

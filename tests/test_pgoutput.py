@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from stream_cps.sources.pgoutput import Commit, DecodeError, Decoder, Relation, RowChange
+from stream_cps.sources.postgres.pgoutput import Commit, DecodeError, Decoder, Relation, RowChange
 
 
 def _relation() -> bytes:

@@ -10,8 +10,9 @@ import psycopg
 import pytest
 
 from stream_cps import config
-from stream_cps.db import embedded, schema
+from stream_cps.db import schema
 from stream_cps.errors import SchemaError
+from stream_cps_dev import embedded
 
 CONTRACT_TABLES = {
     "public": {

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from stream_cps.config import Schemas
-from stream_cps.sample import generator
+from stream_cps_dev.sample import generator
 from tests.support import (
     event,
     expected,
@@ -222,7 +222,8 @@ def test_burst_while_attributes_are_calculated_keeps_service_up(
 
 def test_database_restart_is_survived(tmp_path: Path) -> None:
     """The service outlives a restart of its database (its own server, not the shared one)."""
-    from stream_cps.db import embedded, schema
+    from stream_cps.db import schema
+    from stream_cps_dev import embedded
 
     server = embedded.start(tmp_path / "pg")
     try:

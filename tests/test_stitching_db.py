@@ -10,15 +10,16 @@ import psycopg
 import pytest
 
 from stream_cps import config
-from stream_cps.db import embedded, schema
-from stream_cps.sample import generator
+from stream_cps.db import schema
 from stream_cps.stitching.grouping import entity_id_for
-from stream_cps.stitching.worker import Stitcher
+from stream_cps.stitching.stitcher import Stitcher
+from stream_cps_dev import embedded
+from stream_cps_dev.sample import generator
 from tests.support import event, expected, insert, observed, setup_rules, snapshot
 
 
 def stitch_all(stitcher: Stitcher, conn: psycopg.Connection[Any]) -> None:
-    while stitcher.sweep(conn).events:
+    for _ in stitcher.sweep(conn):
         pass
 
 
@@ -288,7 +289,7 @@ def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(pg_server: 
                 if mode == "plain":
                     stitch_all(stitcher, conn)
                     continue
-                results = list(stitcher.sweep_pass(conn, reader, threading.Event()))
+                results = list(stitcher.sweep(conn, reader, threading.Event()))
                 assert len(results) > 1  # several batches, read ahead
                 assert sum(r.events for r in results) == len(rows[start : start + 120])
             assert observed(conn) == expected(conn)

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from stream_cps import config, telemetry
-from stream_cps.stitching.worker import Stitcher
+from stream_cps.stitching.stitcher import Stitcher
 from tests.support import event, insert, setup_rules
 
 _exporter = InMemorySpanExporter()
@@ -57,11 +57,11 @@ def test_console_exporter_prints_spans_of_a_real_run(pg_dsn: str) -> None:
     )
     code = (
         "import threading, stream_cps.config as c, stream_cps.telemetry as t;"
-        "from stream_cps.stitching.worker import Stitcher;"
+        "from stream_cps.stitching.stitcher import Stitcher;"
         "import psycopg;"
         f"s = c.load(flags={{'dsn': {pg_dsn!r}}}, "
         "environ={'STREAM_CPS_TELEMETRY_EXPORTER': 'console'});"
-        "t.setup(s.values);"
+        "t.setup(s.telemetry);"
         "conn = psycopg.connect(s.dsn, autocommit=True);"
         "Stitcher(s).stitch(conn, []);"
         "from opentelemetry import trace; trace.get_tracer_provider().force_flush()"

@@ -3,7 +3,7 @@
     python infra/postgres/postgres_service.py start --dir .state/pg [--port N]   # prints the DSN
     python infra/postgres/postgres_service.py stop --dir .state/pg
 
-The same code backs ``stream-cps demo`` and the test fixtures (``stream_cps.db.embedded``).
+The same code backs ``stream-cps demo`` and the test fixtures (``stream_cps_dev.embedded``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stream_cps.db import embedded
+from stream_cps_dev import embedded
 
 
 def main() -> int:

@@ -12,39 +12,34 @@ import logging
 import threading
 import time
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
-import tenacity
 from psycopg import sql
 
-from stream_cps import telemetry
+from stream_cps import retry, telemetry
 from stream_cps.attributes import context
 from stream_cps.attributes.cache import CacheRefresher
 from stream_cps.attributes.calculate import BatchCalculator
 from stream_cps.attributes.plan import Plan, PlanLoader
-from stream_cps.backlog import Backlog
 from stream_cps.config import Settings
 from stream_cps.db.connect import connect
+from stream_cps.errors import Stopped
 
 log = logging.getLogger(__name__)
 
-# Deadlock or serialization conflict with the stitcher, or an operator's pg_cancel_backend (or
-# a server-wide statement/lock timeout) hitting one of our own statements: the batch is simply
-# tried again at the next pass.
-_RETRY_BATCH = (
-    psycopg.errors.DeadlockDetected,
-    psycopg.errors.SerializationFailure,
-    psycopg.errors.QueryCanceled,
-    psycopg.errors.LockNotAvailable,
-)
+
+class Deferral(Protocol):
+    """Stitching's "working through a backlog" signal (``service.backlog.Backlog``)."""
+
+    def wait_until_clear(self, stop: threading.Event, longest: float) -> None: ...
 
 
 class CalculationWorker:
     """Calculates attributes of due entities; safe to call ``run_pass`` from tests."""
 
     def __init__(
-        self, settings: Settings, max_batches: int = 20, backlog: Backlog | None = None
+        self, settings: Settings, max_batches: int = 20, backlog: Deferral | None = None
     ) -> None:
         self._settings = settings
         self._backlog = backlog
@@ -80,25 +75,17 @@ class CalculationWorker:
         return total
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Pass after pass until ``stop`` is set; reconnects with backoff when the DB goes away."""
-        telemetry.setup(self._settings.values)
-        while not stop.is_set():
-            try:
-                conn = self._connect(stop)
-            except _Stopped:
-                return
-            try:
-                self._serve(conn, stop)
-            except psycopg.OperationalError as exc:
-                if not (conn.broken or conn.closed):
-                    raise
-                log.warning("attribute worker lost its connection: %s; reconnecting", exc)
-                stop.wait(1.0)
-            except Exception:
-                log.exception("attribute worker stopped by an unexpected error")
-                raise
-            finally:
-                conn.close()
+        """Pass after pass until ``stop`` is set; reconnects with backoff (``retry.DATABASE``)
+        when the database goes away."""
+        try:
+            while not stop.is_set():
+                retry.DATABASE.call(lambda: self._session(stop), stop=stop)
+        except Stopped:
+            return
+
+    def _session(self, stop: threading.Event) -> None:
+        with connect(self._settings.dsn, role="attributes", autocommit=True) as conn:
+            self._serve(conn, stop)
 
     def _serve(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
         poll = self._settings.attributes.poll_interval
@@ -109,7 +96,9 @@ class CalculationWorker:
             started = time.monotonic()
             try:
                 done = self.run_pass(conn)
-            except _RETRY_BATCH as exc:  # e.g. a context or cache refresh cancelled
+            except psycopg.Error as exc:  # e.g. a context or cache refresh cancelled
+                if not _retry_later(conn, exc):
+                    raise
                 log.warning("attribute pass interrupted (%s); will retry", exc)
                 done = 0
             if done:
@@ -122,30 +111,6 @@ class CalculationWorker:
                 )
             else:
                 stop.wait(poll)
-
-    def _connect(self, stop: threading.Event) -> psycopg.Connection[Any]:
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(psycopg.OperationalError),
-            wait=tenacity.wait_exponential(multiplier=0.5, max=30.0) + tenacity.wait_random(0, 0.5),
-            stop=lambda _state: stop.is_set(),
-            sleep=lambda seconds: _wait(stop, seconds),
-            before_sleep=lambda state: log.warning(
-                "attribute worker cannot connect (attempt %d): %s",
-                state.attempt_number,
-                state.outcome.exception() if state.outcome else "?",
-            ),
-            reraise=True,
-        )
-        try:
-            conn = retrying(connect, self._settings.dsn, role="attributes", autocommit=True)
-        except psycopg.OperationalError:
-            if stop.is_set():
-                raise _Stopped() from None
-            raise
-        if stop.is_set():
-            conn.close()
-            raise _Stopped()
-        return conn
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -162,7 +127,9 @@ class CalculationWorker:
                 if not entities:
                     return 0, 0
                 outcome = self._calculator.run(conn, plan, entities)
-        except _RETRY_BATCH as exc:
+        except psycopg.Error as exc:
+            if not _retry_later(conn, exc):
+                raise
             log.warning("attribute batch interrupted (%s); will retry", exc)
             return 0, 0
         self._calculated.add(outcome.stored)
@@ -199,9 +166,8 @@ class CalculationWorker:
         return [(str(r[0]), r[1]) for r in rows]
 
 
-def _wait(stop: threading.Event, seconds: float) -> None:
-    stop.wait(seconds)
-
-
-class _Stopped(Exception):
-    """Stop was requested while connecting."""
+def _retry_later(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:
+    """A transient failure on a connection that is still up (a conflict with the stitcher,
+    a cancelled statement): the batch or pass is tried again by the next pass. A lost
+    connection is left to the reconnecting policy of ``run_forever``."""
+    return retry.is_transient(exc) and not (conn.broken or conn.closed)

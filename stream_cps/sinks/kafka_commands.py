@@ -16,9 +16,10 @@ from typing import Any
 import fastavro
 from confluent_kafka import KafkaException, Producer
 
+from stream_cps import retry
 from stream_cps.avro_schemas import schemas_dir
 from stream_cps.config import Settings
-from stream_cps.errors import ConfigError, Recoverable
+from stream_cps.errors import ConfigError, Transient
 from stream_cps.sinks.commands import Action
 
 SCHEMA_PATH = schemas_dir() / "opensearch_command.avsc"
@@ -56,8 +57,8 @@ def decode(data: bytes) -> dict[str, Any]:
 
 
 class KafkaCommandPublisher:
-    """Produces each action to ``opensearch.kafka_topic``; raises ``Recoverable`` when the
-    broker did not acknowledge all of them, so the batch stays pending."""
+    """Produces each action to ``opensearch.kafka_topic``; raises ``Transient`` when the
+    broker did not acknowledge all of them in time, so the batch stays pending."""
 
     def __init__(self, settings: Settings, flush_timeout: float = 10.0) -> None:
         servers = settings.kafka.bootstrap_servers
@@ -71,11 +72,11 @@ class KafkaCommandPublisher:
         )
 
     def publish(self, actions: Sequence[Action]) -> None:
-        errors: list[str] = []
+        errors: list[Any] = []
 
         def on_delivery(err: Any, _msg: Any) -> None:
             if err is not None:
-                errors.append(str(err))
+                errors.append(err)
 
         try:
             for action in actions:
@@ -85,11 +86,10 @@ class KafkaCommandPublisher:
                     value=encode(action, self.index),
                     on_delivery=on_delivery,
                 )
-        except (KafkaException, BufferError) as exc:
-            raise Recoverable(f"kafka produce failed: {exc}") from exc
+        except BufferError as exc:  # the local queue is full: it drains
+            raise Transient(f"kafka produce failed: {exc}") from exc
+        except KafkaException as exc:
+            raise retry.delivery_error(f"topic {self.topic!r}", [exc.args[0]], 0) from exc
         left = self.producer.flush(self.flush_timeout)
         if left or errors:
-            raise Recoverable(
-                f"kafka: {left} commands unacknowledged, {len(errors)} failed"
-                + (f" ({errors[0]})" if errors else "")
-            )
+            raise retry.delivery_error(f"topic {self.topic!r}", errors, left)

@@ -17,16 +17,10 @@ from typing import Any
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConnectionError as TransportConnectionError
 from opensearchpy.exceptions import ConnectionTimeout, TransportError
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
 
+from stream_cps import retry
 from stream_cps.config import Settings
-from stream_cps.errors import ConfigError, Recoverable, StreamCpsError
+from stream_cps.errors import ConfigError, Fatal, Transient
 from stream_cps.sinks.commands import Action
 
 log = logging.getLogger(__name__)
@@ -34,7 +28,7 @@ log = logging.getLogger(__name__)
 VERSION_TYPE = "external_gte"
 
 
-class OpenSearchUnavailable(Recoverable):
+class OpenSearchUnavailable(Transient):
     """The cluster is down, overloaded (429) or failing (5xx): commands stay in the outbox."""
 
     def __init__(self, message: str, delivered: int = 0) -> None:
@@ -42,7 +36,7 @@ class OpenSearchUnavailable(Recoverable):
         self.delivered = delivered
 
 
-class OpenSearchRejected(StreamCpsError):
+class OpenSearchRejected(Fatal):
     """The cluster refused a whole request (e.g. 401, 403, 413): a setup problem, not data."""
 
 
@@ -60,7 +54,7 @@ class Result:
 
 
 def make_client(settings: Settings) -> OpenSearch:
-    """A client that fails fast: retries are ours (tenacity), so the transport's are off."""
+    """A client that fails fast: retries are ours (``stream_cps.retry``), not the transport's."""
     url = settings.opensearch.url
     if not url:
         raise ConfigError("opensearch.url: required for the OpenSearch index and relay")
@@ -174,13 +168,9 @@ class BulkWriter:
         self.index = index
         # Quick tries for a blip (refused connection, 429, 5xx). A timeout already used the
         # request's whole budget: the caller's backoff, which a stop can interrupt, takes over.
-        self._retrying = Retrying(
-            retry=retry_if_exception(
-                lambda exc: retryable(exc) and not isinstance(exc, ConnectionTimeout)
-            ),
-            wait=wait_exponential(multiplier=0.1, max=1.0) + wait_random(0, 0.1),
-            stop=stop_after_attempt(attempts),
-            reraise=True,
+        self._blip = retry.BLIP.but(
+            attempts=attempts,
+            retry_on=lambda exc: retryable(exc) and not isinstance(exc, ConnectionTimeout),
         )
 
     def write(self, actions: Sequence[Action]) -> list[Result]:
@@ -190,7 +180,7 @@ class BulkWriter:
             return []
         body = _bulk_body(self.index, actions)
         try:
-            response = self._retrying(self.client.bulk, body=body)
+            response = self._blip.call(lambda: self.client.bulk(body=body))
         except Exception as exc:
             if retryable(exc):
                 raise OpenSearchUnavailable(f"bulk request failed: {_describe(exc)}") from exc
@@ -254,7 +244,8 @@ def _error_text(status: int, error: Any) -> str:
 
 
 def retryable(exc: BaseException) -> bool:
-    """True for failures that pass: connection errors, timeouts, 429 and 5xx."""
+    """True for transport failures that pass: connection errors, timeouts, 429 and 5xx (the
+    edge where opensearch-py's errors become ``OpenSearchUnavailable`` or ``Rejected``)."""
     if isinstance(exc, TransportConnectionError):  # includes timeouts; status is "N/A"
         return True
     if isinstance(exc, TransportError):

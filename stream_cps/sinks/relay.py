@@ -19,19 +19,11 @@ from typing import Any, Protocol
 import psycopg
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import TransportError
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_when_event_set,
-    wait_exponential,
-    wait_random,
-)
 
-from stream_cps import telemetry
+from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db.connect import connect
-from stream_cps.errors import Recoverable
+from stream_cps.errors import Stopped, Transient
 from stream_cps.sinks.commands import Action, Planned, collapse, plan_actions
 from stream_cps.sinks.opensearch import (
     BulkWriter,
@@ -137,7 +129,7 @@ class Relay:
             except OpenSearchUnavailable as exc:
                 failure = exc
                 results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
-            except Recoverable as exc:  # the Kafka side failed: OpenSearch will be re-sent
+            except Transient as exc:  # the Kafka side failed: OpenSearch will be re-sent
                 failure = OpenSearchUnavailable(str(exc))
                 results = iter([Result(Outcome.RETRY, str(exc))] * len(actions))
             with conn.transaction():
@@ -199,9 +191,9 @@ class Relay:
     def run_forever(self, stop: threading.Event) -> None:
         """Deliver until ``stop`` is set, on a connection of its own.
 
-        When OpenSearch or PostgreSQL is unavailable the relay backs off (exponential with
-        jitter, up to ``opensearch.max_backoff``) and tries again; commands wait in the outbox.
-        An ``OpenSearchRejected`` (a setup problem) propagates and stops the relay loudly.
+        When OpenSearch or PostgreSQL is unavailable the relay backs off (``retry.RELAY``, up
+        to ``opensearch.max_backoff``) and tries again; commands wait in the outbox. An
+        ``OpenSearchRejected`` (a setup problem) propagates and stops the relay loudly.
         """
         poll = self.settings.opensearch.poll_interval
         keep = self.settings.opensearch.keep_delivered_hours * 3600
@@ -222,37 +214,17 @@ class Relay:
                 conn = None
                 raise
 
-        def pause(seconds: float) -> None:
-            stop.wait(seconds)  # returns at once when the relay is told to stop
-
-        retrying = Retrying(
-            retry=retry_if_exception_type((Recoverable, psycopg.OperationalError)),
-            wait=wait_exponential(multiplier=0.2, max=self.settings.opensearch.max_backoff)
-            + wait_random(0, 0.2),
-            stop=stop_when_event_set(stop),
-            sleep=pause,
-            before_sleep=_log_retry,
-            reraise=True,
-        )
+        policy = retry.RELAY.but(longest=self.settings.opensearch.max_backoff)
         try:
             while not stop.is_set():
-                try:
-                    finished = retrying(step)
-                except (Recoverable, psycopg.OperationalError):
-                    if stop.is_set():
-                        break
-                    raise
+                finished = policy.call(step, stop=stop)
                 if finished < self.batch_size:
                     stop.wait(poll)
+        except Stopped:
+            pass
         finally:
             if conn is not None:
                 conn.close()
-
-
-def _log_retry(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    wait = state.next_action.sleep if state.next_action else 0.0
-    log.warning("outbox relay: %s; retrying in %.1fs (try %d)", exc, wait, state.attempt_number)
 
 
 def prepare_index(settings: Settings, conn: psycopg.Connection[Any]) -> None:
@@ -260,10 +232,3 @@ def prepare_index(settings: Settings, conn: psycopg.Connection[Any]) -> None:
     index, with attribute field types from ``attributes.data_type``."""
     types = OutboxStore(settings.schemas).attribute_types(conn)
     ensure_index(settings, attribute_types=types)
-
-
-def run_relay(settings: Settings, stop: threading.Event) -> int:
-    """``stream-cps relay``: only the relay, until ``stop`` is set (exit code 0)."""
-    telemetry.setup(settings.values)
-    Relay(settings).run_forever(stop)
-    return 0

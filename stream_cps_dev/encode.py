@@ -6,14 +6,25 @@ Kept beside the decoder so that the two cannot drift apart: a row written by ``a
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from stream_cps.sources.kafka_avro import READER_FILE, SCHEMAS_DIR, encode, load_schema
+import fastavro
+
+from stream_cps.sources.kafka.avro import READER_FILE, SCHEMAS_DIR, load_schema
+from stream_cps.sources.kafka.framing import frame
 
 EventRow = tuple[str, str, str, str, datetime, str]  # id, source_id, type, version, time, payload
+
+
+def encode(record: dict[str, Any], schema: Any, schema_id: int = 1) -> bytes:
+    """Frame ``record`` as collectors do: Confluent framing around the Avro datum."""
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, schema, record)
+    return frame(schema_id, out.getvalue())
 
 
 @cache

@@ -27,7 +27,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from stream_cps.config import Settings
+from stream_cps.config import Schemas, Settings
 from stream_cps.db.connect import connect
 from stream_cps.errors import ConfigError, StreamCpsError
 
@@ -201,6 +201,32 @@ class Replayer:
                 break
             time.sleep(0.2)
         return applied
+
+
+def pending_requests(
+    conn: psycopg.Connection[Any], schemas: Schemas, group: str
+) -> list[tuple[int, str, int, int]]:
+    """Requests for a live group not applied yet: (id, topic, partition, offset), oldest first."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT id, topic, kafka_partition, kafka_offset FROM {} "
+            "WHERE group_id = %s AND applied IS NULL ORDER BY id"
+        ).format(sql.Identifier(schemas.ps, "kafka_replay_requests")),
+        [group],
+    ).fetchall()
+    return [(int(i), str(t), int(p), int(o)) for i, t, p, o in rows]
+
+
+def mark_applied(
+    conn: psycopg.Connection[Any], schemas: Schemas, ids: list[int], member: str
+) -> None:
+    """Record that ``member`` seeked for these requests."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} SET applied = now(), applied_by = %s WHERE id = ANY(%s) AND applied IS NULL"
+        ).format(sql.Identifier(schemas.ps, "kafka_replay_requests")),
+        [member, ids],
+    )
 
 
 def run_replay(

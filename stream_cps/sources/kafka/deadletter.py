@@ -13,8 +13,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
-from stream_cps.errors import StreamCpsError
-from stream_cps.sources.kafka_apply import Envelope
+from stream_cps import retry
+from stream_cps.sources.messages import Envelope
 
 FLUSH_TIMEOUT = 30.0
 
@@ -33,7 +33,7 @@ class DeadLetterTopic:
                 **(extra or {}),
             }
         )
-        self._failures: list[str] = []
+        self._failures: list[KafkaError] = []
 
     def publish(self, dead: Sequence[Envelope]) -> None:
         """Send every envelope and block until all are acknowledged; raise if any is not."""
@@ -63,12 +63,11 @@ class DeadLetterTopic:
             self._producer.poll(0)
         left = self._producer.flush(FLUSH_TIMEOUT)
         if left or self._failures:
-            problem = self._failures[0] if self._failures else f"{left} not delivered in time"
-            raise StreamCpsError(f"dead-letter topic {self.topic!r}: {problem}")
+            raise retry.delivery_error(f"dead-letter topic {self.topic!r}", self._failures, left)
 
     def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
         if err is not None:
-            self._failures.append(str(err))
+            self._failures.append(err)
 
     def close(self) -> None:
         self._producer.flush(FLUSH_TIMEOUT)

@@ -1,4 +1,6 @@
-"""Apply a batch of decoded messages in ONE database transaction: insert, dead-letter, stitch.
+"""Ingest: a batch of decoded messages in ONE database transaction: insert, dead-letter, stitch.
+
+Shared by the Kafka loop and the changefeed webhook.
 
 Customer events are inserted with ``ON CONFLICT (id) DO NOTHING`` (a redelivered id is not
 duplicated; the first stored version wins) and stitched in the same transaction, so an event is
@@ -8,8 +10,7 @@ stitched already, which makes duplicates and replays harmless.
 
 The SQL here stays in the subset CockroachDB speaks: multi-row ``INSERT ... ON CONFLICT DO
 NOTHING RETURNING``, savepoints, ``= ANY(array)``; no advisory locks, no PostgreSQL-only
-functions. Isolation is REPEATABLE READ on PostgreSQL (the stitcher's purge/snapshot argument)
-and SERIALIZABLE on CockroachDB; both retry on 40001/40P01 with backoff.
+functions. The transaction, its isolation and its retry on 40001/40P01 are ``Stitcher.within``'s.
 """
 
 from __future__ import annotations
@@ -18,21 +19,20 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from stream_cps.config import Schemas
-from stream_cps.sources.kafka_decode import (
+from stream_cps.sources.messages import (
     ChangefeedRow,
     CustomerEvent,
-    Decoded,
+    Envelope,
     Ignored,
     Resolved,
 )
-from stream_cps.stitching.worker import BatchResult, Stitcher, conflict_retrying
+from stream_cps.stitching.stitcher import BatchResult, Stitcher, StitchIn
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +48,6 @@ DEAD_COLUMNS = (
     "message_time",
     "reason",
 )
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """One input message with its origin; ``decoded`` or the ``reason`` it is a dead letter."""
-
-    origin: str  # the dead-letter id: kafka:<topic>:<partition>:<offset> or webhook:<digest>:<n>
-    source: str  # "kafka" or "webhook"
-    topic: str | None
-    partition: int | None
-    offset: int | None
-    key: bytes | None
-    value: bytes | None
-    timestamp: datetime | None
-    decoded: Decoded | None = None
-    reason: str | None = None
-
-    def where(self) -> str:
-        if self.source == "kafka":
-            return f"{self.topic}[{self.partition}]@{self.offset}"
-        return self.origin
 
 
 @dataclass
@@ -89,13 +68,6 @@ class ApplyStats:
     last_resolved: str | None = None
 
 
-def isolation_for(conn: psycopg.Connection[Any]) -> psycopg.IsolationLevel:
-    """REPEATABLE READ on PostgreSQL; CockroachDB runs SERIALIZABLE (its default) instead."""
-    if conn.info.parameter_status("crdb_version") is not None:
-        return psycopg.IsolationLevel.SERIALIZABLE
-    return psycopg.IsolationLevel.REPEATABLE_READ
-
-
 class Applier:
     """Turns envelopes into one committed transaction; shared by the consumer and the webhook."""
 
@@ -107,14 +79,13 @@ class Applier:
 
     def apply(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
         """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
-        for attempt in conflict_retrying():
-            with attempt:
-                stats = self._once(conn, envelopes)
-        self.stitcher.count_metrics(stats.stitch)
+        stats = self.stitcher.within(conn, lambda stitch_in: self._once(conn, envelopes, stitch_in))
         _log_outcomes(stats, envelopes)
         return stats
 
-    def _once(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
+    def _once(
+        self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope], stitch_in: StitchIn
+    ) -> ApplyStats:
         stats = _classify(envelopes)
         events: dict[str, tuple[CustomerEvent, Envelope]] = {}
         stitch_ids: dict[str, None] = {}
@@ -126,17 +97,15 @@ class Applier:
                 events.setdefault(decoded.id, (decoded, envelope))
             elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
                 stitch_ids[decoded.event_id] = None
-        conn.isolation_level = isolation_for(conn)
-        with conn.transaction():
-            inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
-            stats.events_new = inserted
-            stats.events_seen = received - inserted - len(failed)
-            for event_id, reason in failed.items():
-                stats.dead_letters.append(dataclasses.replace(events[event_id][1], reason=reason))
-            self._record_dead(conn, stats.dead_letters)
-            ids = [eid for eid in events if eid not in failed]
-            ids += [eid for eid in stitch_ids if eid not in events]
-            stats.stitch = self.stitcher.stitch_in_transaction(conn, ids)
+        inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
+        stats.events_new = inserted
+        stats.events_seen = received - inserted - len(failed)
+        for event_id, reason in failed.items():
+            stats.dead_letters.append(dataclasses.replace(events[event_id][1], reason=reason))
+        self._record_dead(conn, stats.dead_letters)
+        ids = [eid for eid in events if eid not in failed]
+        ids += [eid for eid in stitch_ids if eid not in events]
+        stats.stitch = stitch_in(ids)
         return stats
 
     def _insert(

@@ -14,6 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from stream_cps.errors import Fatal
+
 UNCHANGED: Final = object()
 _INT16, _INT32, _INT64 = struct.Struct("!h"), struct.Struct("!i"), struct.Struct("!q")
 
@@ -40,7 +42,7 @@ class Commit:
     end_lsn: int
 
 
-class DecodeError(ValueError):
+class DecodeError(Fatal):
     """The message is not valid pgoutput v1."""
 
 

@@ -1,4 +1,4 @@
-"""Avro customer events in the Confluent wire format: magic byte 0, 4-byte schema id, body.
+"""Avro customer events in the Confluent wire format (``framing``), decoded with fastavro.
 
 The writer schema of an id comes from the schema registry when one is configured, else from the
 schemas shipped in ``schemas/`` (``ids.json`` maps id -> file), so a collector that writes with an
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 import threading
 import urllib.error
 import urllib.request
@@ -19,15 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from stream_cps import retry
 from stream_cps.avro_schemas import schemas_dir
-from stream_cps.errors import InvalidInput, Recoverable
+from stream_cps.errors import InvalidInput, Transient
+from stream_cps.sources.kafka.framing import unframe
 
 SCHEMAS_DIR = schemas_dir()
 READER_FILE = "customer_event.avsc"
-MAGIC = 0
-HEADER = struct.Struct(">bI")
 
 
 def load_schema(path: Path) -> Any:
@@ -68,24 +66,21 @@ class SchemaResolver:
 
     def _fetch(self, schema_id: int) -> Any:
         url = f"{self.registry_url}/schemas/ids/{schema_id}"
-        for attempt in Retrying(
-            retry=retry_if_exception_type(Recoverable),
-            wait=wait_exponential(multiplier=0.2, max=5),
-            stop=stop_after_attempt(5),
-            reraise=True,
-        ):
-            with attempt:
-                try:
-                    with urllib.request.urlopen(url, timeout=10) as response:
-                        body = json.loads(response.read())
-                except urllib.error.HTTPError as exc:
-                    if exc.code == 404:
-                        raise InvalidInput(
-                            f"unknown Avro schema id {schema_id} (registry answered 404)"
-                        ) from exc
-                    raise Recoverable(f"schema registry {url}: HTTP {exc.code}") from exc
-                except (OSError, ValueError) as exc:
-                    raise Recoverable(f"schema registry {url}: {exc}") from exc
+
+        def look_up() -> Any:
+            try:
+                with urllib.request.urlopen(url, timeout=10) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise InvalidInput(
+                        f"unknown Avro schema id {schema_id} (registry answered 404)"
+                    ) from exc
+                raise Transient(f"schema registry {url}: HTTP {exc.code}") from exc
+            except (OSError, ValueError) as exc:
+                raise Transient(f"schema registry {url}: {exc}") from exc
+
+        body = retry.REGISTRY.call(look_up)
         try:
             return fastavro.parse_schema(json.loads(body["schema"]))
         except Exception as exc:
@@ -93,27 +88,17 @@ class SchemaResolver:
 
     def decode(self, data: bytes) -> dict[str, Any]:
         """The record in a framed message, resolved into the shipped reader schema."""
-        if len(data) < HEADER.size or data[0] != MAGIC:
-            raise InvalidInput("not Confluent-framed Avro (magic byte 0 + 4-byte schema id)")
-        _, schema_id = HEADER.unpack_from(data)
+        schema_id, offset = unframe(data)
         writer = self.writer(schema_id)
-        body = io.BytesIO(data[HEADER.size :])
+        body = io.BytesIO(data[offset:])
         try:
             record = fastavro.schemaless_reader(body, writer, self.reader)
         except Exception as exc:  # fastavro raises many types for corrupt input
             raise InvalidInput(
                 f"Avro body does not decode with schema id {schema_id}: {exc}"
             ) from exc
-        if body.tell() != len(data) - HEADER.size:
+        if body.tell() != len(data) - offset:
             raise InvalidInput(f"Avro body longer than schema id {schema_id} describes")
         if not isinstance(record, dict):
             raise InvalidInput("Avro record is not a record")
         return record
-
-
-def encode(record: dict[str, Any], schema: Any, schema_id: int = 1) -> bytes:
-    """Frame ``record`` as collectors do (used by tests, the benchmark and examples)."""
-    out = io.BytesIO()
-    out.write(HEADER.pack(MAGIC, schema_id))
-    fastavro.schemaless_writer(out, schema, record)
-    return out.getvalue()

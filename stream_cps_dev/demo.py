@@ -17,9 +17,11 @@ import psycopg
 from psycopg import sql
 
 from stream_cps.config import Settings
-from stream_cps.db import embedded, schema
-from stream_cps.sample import generator
-from stream_cps.service import StitchingService
+from stream_cps.db import schema
+from stream_cps.service import process
+from stream_cps.service.progress import Progress
+from stream_cps_dev import embedded
+from stream_cps_dev.sample import generator
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,21 @@ def run_demo(settings: Settings, workdir: str, persons: int) -> int:
             schema.migrate(conn, settings.schemas)
             conn.execute(generator.config_sql(settings.schemas))
             stop = threading.Event()
-            service = StitchingService(settings, stop)
-            thread = threading.Thread(target=service.run, name="stitching", daemon=True)
+            done: list[Progress] = []
+            thread = threading.Thread(
+                target=lambda: done.append(process.run(settings, "postgres", stop)),
+                name="service",
+                daemon=True,
+            )
             thread.start()
             rows = list(generator.events(persons=persons))
             _feed(conn, settings, rows)
             _wait_until_done(conn, settings, len(rows))
             stop.set()
             thread.join(timeout=30)
-            _summary(conn, settings, service)
+            if not done:
+                raise RuntimeError("the service did not stop in time")
+            _summary(conn, settings, done[0])
     finally:
         embedded.destroy(server)
     return 0
@@ -87,7 +95,7 @@ def _wait_until_done(
     raise TimeoutError("the demo did not finish in time")
 
 
-def _summary(conn: psycopg.Connection[Any], settings: Settings, service: StitchingService) -> None:
+def _summary(conn: psycopg.Connection[Any], settings: Settings, progress: Progress) -> None:
     ca = sql.Identifier(settings.schemas.cdp, "customer_attributes")
     row = conn.execute(
         sql.SQL(
@@ -96,7 +104,6 @@ def _summary(conn: psycopg.Connection[Any], settings: Settings, service: Stitchi
         ).format(ca)
     ).fetchone()
     assert row is not None
-    progress = service.progress
     print()
     print("summary")
     print(f"  events stitched:   {progress.events}")

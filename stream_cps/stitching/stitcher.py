@@ -8,31 +8,32 @@ waits for the batch's commit and is applied by the next batch. The read happens 
 transaction (``stitch``, the Kafka path) or earlier on another connection (the sweep reads its
 next batch ahead); either way it precedes the lock.
 
-The replication service is the only stitcher of its database (the lease), so it runs at READ
-COMMITTED: concurrent attribute calculation then makes it wait on a row lock, never fail.
-Sources with several concurrent stitchers (Kafka members) run the same batch at REPEATABLE READ
-or SERIALIZABLE and retry serialization failures (``RETRYABLE``).
+Three entry points, each owning its isolation, its retry on lost conflicts
+(``retry.CONFLICT``) and its metrics (counted only after the commit):
+
+- ``stitch(conn, ids)``: these events, in a transaction of its own, at READ COMMITTED. The
+  replication service is the only stitcher of its database (the lease), so concurrent
+  attribute calculation makes it wait on a row lock, never fail.
+- ``sweep(conn, reader, stop)``: everything with ``stitched IS NULL``, batch after batch and
+  pass after pass, reading the next batch ahead on ``reader``.
+- ``within(conn, work)``: inside a transaction shared with the caller's own writes (the Kafka
+  and webhook ingest inserts the events it stitches). Several such stitchers may run at once
+  (Kafka members), so it runs at REPEATABLE READ (SERIALIZABLE on CockroachDB).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from opentelemetry import metrics, trace
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
 
-from stream_cps import telemetry
+from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.stitching import grouping, rules
 from stream_cps.stitching.normalize import identifiers_of
@@ -40,18 +41,12 @@ from stream_cps.stitching.store import EventMarks, StitchStore
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
 
-
-def conflict_retrying(attempts: int = 10) -> Retrying:
-    """The one retry policy for transactions that lost a conflict (40001, 40P01): short,
-    jittered, growing waits, then the error surfaces."""
-    return Retrying(
-        retry=retry_if_exception_type(RETRYABLE),
-        wait=wait_exponential_jitter(multiplier=0.02, max=2.0, jitter=0.05),
-        stop=stop_after_attempt(attempts),
-        reraise=True,
-    )
+def isolation_for(conn: psycopg.Connection[Any]) -> psycopg.IsolationLevel:
+    """REPEATABLE READ on PostgreSQL; CockroachDB runs SERIALIZABLE (its default) instead."""
+    if conn.info.parameter_status("crdb_version") is not None:
+        return psycopg.IsolationLevel.SERIALIZABLE
+    return psycopg.IsolationLevel.REPEATABLE_READ
 
 
 @dataclass(frozen=True)
@@ -74,18 +69,19 @@ class BatchResult:
     rule_failures: int = 0
 
 
-class Stitcher:
-    """Stitches batches of event ids against the database state.
+R = TypeVar("R")
+StitchIn = Callable[[list[str]], BatchResult]
+"""Stitches ids inside the transaction ``Stitcher.within`` opened for its caller."""
 
-    Takes autocommit connections: each batch opens its own READ COMMITTED transaction.
-    """
+
+class Stitcher:
+    """Stitches batches of events against the database state (autocommit connections in)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
         self.schemas = settings.schemas
+        self.batch_size = settings.stitching.batch_size
         self.store = StitchStore(self.schemas)
         self.rulebook = rules.RuleBook(self.schemas)
-        self._sweep_after: grouping.EventKey | None = None
         meter = telemetry.meter()
         self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)
         self._merged = meter.create_counter(telemetry.METRIC_ENTITIES_MERGED)
@@ -96,62 +92,109 @@ class Stitcher:
             telemetry.METRIC_BATCH_DURATION, unit="s"
         )
 
+    # -- the three entry points ---------------------------------------------------------------
+
     def stitch(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
-        """Stitch those of ``event_ids`` that are still unstitched; retried on conflicts."""
-        for attempt in conflict_retrying():
-            with attempt:
-                conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-                with conn.transaction():
-                    result = self.stitch_in_transaction(conn, event_ids)
-        self.count_metrics(result)
+        """Stitch those of ``event_ids`` that are still unstitched (and apply pending purges),
+        in a READ COMMITTED transaction of its own."""
+
+        def attempt() -> BatchResult:
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            with conn.transaction():
+                return self._in_transaction(conn, event_ids)
+
+        result = retry.CONFLICT.call(attempt)
+        self._count(result)
         return result
 
-    def sweep(self, conn: psycopg.Connection[Any]) -> BatchResult:
-        """Stitch the next batch of rows with ``stitched IS NULL``, whatever carried them.
-
-        A pass walks the backlog in (event_time, id) order with a cursor, so rows already
-        passed are not scanned again; a short batch ends the pass and the next call starts
-        over (rows that arrived behind the cursor are found then). Returns 0 events once a
-        fresh pass finds nothing.
-        """
-        prepared, self._sweep_after = self.read_next(conn, self._sweep_after)
-        return self.stitch_prepared(conn, prepared)
-
-    def sweep_pass(
+    def sweep(
         self,
         conn: psycopg.Connection[Any],
-        reader: psycopg.Connection[Any],
-        stop: threading.Event,
+        reader: psycopg.Connection[Any] | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[BatchResult]:
-        """One whole pass over the backlog, reading ahead on a second connection.
+        """Stitch every row with ``stitched IS NULL``, whatever carried it; one result per
+        committed batch.
 
-        While batch N is grouped and written on ``conn``, a helper thread finds batch N+1 and
-        evaluates its rules on ``reader`` (autocommit): the two cores work at once instead of
+        A pass walks the backlog in (event_time, id) order with a cursor, so rows already passed
+        are not scanned again; a pass that stitched something is followed by another, for rows
+        that arrived behind its cursor, until a pass finds nothing (or ``stop`` is set).
+
+        With a ``reader`` connection, a helper thread finds batch N+1 and evaluates its rules
+        while batch N is grouped and written on ``conn``: the two cores work at once instead of
         taking turns. Batches of one pass are disjoint (the cursor), so reading ahead never
         sees rows that the batch in flight is stitching; the next pass starts only after the
         last batch committed. Reading before locking is the order every batch keeps anyway
         (module docstring), so purge signals are handled exactly as in ``stitch``.
         """
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            stitched = 0
+            for result in self._one_pass(conn, reader or conn, stop):
+                stitched += result.events
+                yield result
+            if stitched == 0:
+                return
+
+    def within(self, conn: psycopg.Connection[Any], work: Callable[[StitchIn], R]) -> R:
+        """Run ``work`` in one transaction that it shares with the stitching it asks for.
+
+        ``work`` gets a function that stitches ids inside that transaction; the whole
+        transaction is retried on a lost conflict (so ``work`` must be repeatable) and the
+        metrics are counted after it committed.
+        """
+
+        def attempt() -> tuple[R, list[BatchResult]]:
+            done: list[BatchResult] = []
+
+            def stitch_in(event_ids: list[str]) -> BatchResult:
+                result = self._in_transaction(conn, event_ids)
+                done.append(result)
+                return result
+
+            conn.isolation_level = isolation_for(conn)
+            with conn.transaction():
+                return work(stitch_in), done
+
+        out, results = retry.CONFLICT.call(attempt)
+        for result in results:
+            self._count(result)
+        return out
+
+    def purge_pending(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether a purge signal (``modified = NULL``) waits to be applied."""
+        return self.store.pending_purge(conn)
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _one_pass(
+        self, conn: psycopg.Connection[Any], reader: psycopg.Connection[Any], stop: threading.Event
+    ) -> Iterator[BatchResult]:
+        if reader is conn:
+            after: grouping.EventKey | None = None
+            while True:
+                prepared, after = self._read_next(conn, after)
+                yield self._commit_prepared(conn, prepared)
+                if after is None or stop.is_set():
+                    return
         with ThreadPoolExecutor(1, thread_name_prefix="stitch-read-ahead") as pool:
-            ahead = pool.submit(self.read_next, reader, None)
+            ahead = pool.submit(self._read_next, reader, None)
             while True:
                 prepared, after = ahead.result()
                 more = after is not None and not stop.is_set()
                 if more:
-                    ahead = pool.submit(self.read_next, reader, after)
-                yield self.stitch_prepared(conn, prepared)
+                    ahead = pool.submit(self._read_next, reader, after)
+                yield self._commit_prepared(conn, prepared)
                 if not more:
                     return
 
-    def read_next(
+    def _read_next(
         self, conn: psycopg.Connection[Any], after: grouping.EventKey | None
     ) -> tuple[Prepared, grouping.EventKey | None]:
         """The sweep's next batch after ``after``, read and normalised, and the cursor to
-        continue from (None when this batch ends the pass).
-
-        One query finds the events and evaluates the rules (``rules.extract_next``).
-        """
-        limit = self.settings.stitching.batch_size
+        continue from (None when this batch ends the pass). One query finds the events and
+        evaluates the rules (``rules.extract_next``)."""
+        limit = self.batch_size
         ruleset = self.rulebook.refresh(conn)
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
             extracted = rules.extract_next(conn, self.schemas, ruleset.rules, limit, after)
@@ -159,34 +202,28 @@ class Stitcher:
         prepared = self._normalise(list(extracted.events), extracted, ruleset)
         return prepared, (keys[-1] if len(keys) == limit else None)
 
-    def stitch_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
+    def _commit_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Group and write events read beforehand, in a transaction of its own."""
-        for attempt in conflict_retrying():
-            with attempt:
-                conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-                with (
-                    conn.transaction(),
-                    telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span,
-                ):
-                    span.set_attribute("events.requested", len(prepared.event_ids))
-                    result = self.apply(conn, prepared)
-        self.count_metrics(result)
+
+        def attempt() -> BatchResult:
+            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+            with (
+                conn.transaction(),
+                telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span,
+            ):
+                span.set_attribute("events.requested", len(prepared.event_ids))
+                return self._apply(conn, prepared)
+
+        result = retry.CONFLICT.call(attempt)
+        self._count(result)
         return result
 
-    def stitch_in_transaction(
-        self, conn: psycopg.Connection[Any], event_ids: list[str]
-    ) -> BatchResult:
-        """The batch itself, inside the caller's transaction.
-
-        Sources that must commit their own writes atomically with the stitching (the Kafka
-        consumer inserts the events it stitches) call this within their transaction; they own
-        the isolation level and the retry on serialization failures (``RETRYABLE``).
-        """
+    def _in_transaction(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
             span.set_attribute("events.requested", len(event_ids))
-            return self.apply(conn, self.prepare(conn, event_ids))
+            return self._apply(conn, self._prepare(conn, event_ids))
 
-    def prepare(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> Prepared:
+    def _prepare(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> Prepared:
         """Evaluate the rules for those of ``event_ids`` still unstitched, and normalise."""
         ruleset = self.rulebook.refresh(conn)
         extracted = rules.Extracted({}, [])
@@ -207,7 +244,7 @@ class Stitcher:
         ]
         return Prepared(event_ids, events, extracted.failures, EventMarks.of(events))
 
-    def apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
+    def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Lock, purge, group and write, in the caller's transaction."""
         tracer = telemetry.tracer()
         result = BatchResult()
@@ -237,8 +274,8 @@ class Stitcher:
         span.set_attribute("entities.merged", result.merges)
         return result
 
-    def count_metrics(self, result: BatchResult) -> None:
-        """Add a committed batch to the metrics (call only after the commit)."""
+    def _count(self, result: BatchResult) -> None:
+        """Add a committed batch to the metrics (only ever after its commit)."""
         self._stitched.add(result.events)
         self._merged.add(result.merges)
         self._created.add(result.created)

@@ -1,4 +1,5 @@
-"""What a Kafka message (or a webhook entry) means: pure decoding, no I/O besides schema look-up.
+"""What a Kafka message (or a webhook entry) means: pure decoding (Avro bodies are decoded by
+the ``AvroDecoder`` the caller passes in).
 
 Four outcomes, decided by shape and never by topic name, so one topic may carry several kinds:
 
@@ -18,10 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from stream_cps.errors import InvalidInput
-from stream_cps.sources.kafka_avro import MAGIC, SchemaResolver
+from stream_cps.sources.kafka.framing import MAGIC
 
 MAX_TEXT = 255  # source_id, type, version are varchar(255) in the guide's DDL
 FORMATS = ("auto", "avro", "json")
@@ -60,8 +61,35 @@ class Ignored:
 Decoded = CustomerEvent | ChangefeedRow | Resolved | Ignored
 
 
+class AvroDecoder(Protocol):
+    """Turns a Confluent-framed Avro message into its record (``kafka.avro.SchemaResolver``)."""
+
+    def decode(self, data: bytes) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """One input message with its origin; ``decoded`` or the ``reason`` it is a dead letter."""
+
+    origin: str  # the dead-letter id: kafka:<topic>:<partition>:<offset> or webhook:<digest>:<n>
+    source: str  # "kafka" or "webhook"
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    key: bytes | None
+    value: bytes | None
+    timestamp: datetime | None
+    decoded: Decoded | None = None
+    reason: str | None = None
+
+    def where(self) -> str:
+        if self.source == "kafka":
+            return f"{self.topic}[{self.partition}]@{self.offset}"
+        return self.origin
+
+
 def decode(
-    key: bytes | None, value: bytes | None, message_format: str, avro: SchemaResolver
+    key: bytes | None, value: bytes | None, message_format: str, avro: AvroDecoder
 ) -> Decoded:
     """Decode one Kafka message; raises ``InvalidInput`` for a dead letter."""
     if value is None or value == b"":

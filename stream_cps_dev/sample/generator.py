@@ -103,7 +103,8 @@ def config_sql(schemas: Schemas) -> sql.Composed:
 
     from stream_cps.db.schema import render
 
-    text = resources.files("stream_cps.sample").joinpath("config.sql").read_text(encoding="utf-8")
+    sql_file = resources.files("stream_cps_dev.sample").joinpath("config.sql")
+    text = sql_file.read_text(encoding="utf-8")
     return render(text, schemas)
 
 

@@ -2,10 +2,12 @@
 
 The sink POSTs ``{"payload": [<wrapped message>, ...], "length": N}`` (each message carries its
 ``key`` and ``topic``) and a bare ``{"resolved": "..."}`` for resolved timestamps. Every request
-is applied in one transaction (the same code as the Kafka path) and answered 200 only after the
-commit, so the changefeed's at-least-once retries are what makes delivery reliable. A body or an
-entry that cannot be decoded is recorded in the dead-letter table and still answered 200, so one
-bad message does not stall the feed; a database failure is answered 503 and the sink retries.
+is handed to the caller's handler (the service applies it in one transaction, the same code as
+the Kafka path) and answered 200 only after that returned, so the changefeed's at-least-once
+retries are what makes delivery reliable. A body or an entry that cannot be decoded becomes a
+dead-letter envelope (recorded, and still answered 200), so one bad message does not stall the
+feed; a transient failure (``Transient``: the database away) is answered 503 and the sink
+retries.
 """
 
 from __future__ import annotations
@@ -13,22 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
 import ssl
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import psycopg
-
-from stream_cps.config import Settings
-from stream_cps.db import schema
-from stream_cps.db.connect import connect
-from stream_cps.errors import ConfigError, InvalidInput, Recoverable
-from stream_cps.sources.kafka_apply import Applier, ApplyStats, Envelope
-from stream_cps.sources.kafka_decode import Resolved, decode_object, webhook_entries
-from stream_cps.stitching.worker import Stitcher
+from stream_cps.config import WebhookSettings
+from stream_cps.errors import ConfigError, InvalidInput, Transient
+from stream_cps.sources.messages import Envelope, Resolved, decode_object, webhook_entries
 
 log = logging.getLogger(__name__)
 
@@ -73,27 +69,28 @@ def envelopes_of(body: bytes) -> list[Envelope]:
     return found
 
 
-class WebhookServer:
-    """A threading HTTPS server; database connections are pooled across requests."""
+Handler = Callable[[list[Envelope]], dict[str, Any]]
+"""Applies one request's envelopes and returns the JSON answer; raises ``Transient`` when the
+request should be retried by the sink (answered 503)."""
 
-    def __init__(self, settings: Settings) -> None:
-        cert, key = settings.webhook.cert_file, settings.webhook.key_file
+
+class WebhookServer:
+    """A threading HTTPS server that turns each request body into envelopes for ``handle``."""
+
+    def __init__(self, settings: WebhookSettings, handle: Handler) -> None:
+        cert, key = settings.cert_file, settings.key_file
         if not cert or not key:
             raise ConfigError(
                 "webhook.cert_file and webhook.key_file: required (changefeed webhook sinks "
                 "only speak HTTPS)"
             )
-        self.settings = settings
-        self.applier = Applier(settings.schemas, Stitcher(settings))
-        self._idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
+        self.handle = handle
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"webhook.cert_file/key_file: cannot load: {exc}") from exc
-        self.httpd = _TLSServer(
-            (settings.webhook.host, settings.webhook.port), _handler(self), context
-        )
+        self.httpd = _TLSServer((settings.host, settings.port), _handler(self), context)
 
     @property
     def port(self) -> int:
@@ -101,8 +98,6 @@ class WebhookServer:
 
     def serve(self, stop: threading.Event) -> None:
         """Serve until ``stop`` is set."""
-        with connect(self.settings.dsn, role="check", autocommit=True) as conn:
-            schema.check(conn, self.settings.schemas)
         thread = threading.Thread(target=self.httpd.serve_forever, name="webhook", daemon=True)
         thread.start()
         log.info("webhook: listening on https://%s:%d", *self.httpd.server_address[:2])
@@ -112,29 +107,6 @@ class WebhookServer:
             self.httpd.shutdown()
             self.httpd.server_close()
             thread.join(timeout=5)
-            self.close_connections()
-
-    def handle(self, body: bytes) -> ApplyStats:
-        """Apply one request body; connections are reused across requests and threads."""
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
-            conn = connect(self.settings.dsn, role="webhook", autocommit=True)
-        try:
-            stats = self.applier.apply(conn, envelopes_of(body))
-        finally:
-            if conn.closed or conn.broken:
-                conn.close()
-            else:
-                self._idle.put(conn)
-        return stats
-
-    def close_connections(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
 
 
 class _TLSServer(ThreadingHTTPServer):
@@ -176,19 +148,16 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length)
             try:
-                stats = server.handle(body)
-            except (psycopg.Error, Recoverable) as exc:
-                log.warning("webhook: database error, the sink will retry: %s", exc)
+                answer = server.handle(envelopes_of(body))
+            except Transient as exc:
+                log.warning("webhook: %s; answered 503, the sink will retry", exc)
                 self._reply(503, {"error": "database unavailable"})
                 return
-            self._reply(
-                200,
-                {
-                    "messages": stats.messages,
-                    "stitched": stats.stitch.events,
-                    "dead_letters": len(stats.dead_letters),
-                },
-            )
+            except Exception:
+                log.exception("webhook: request failed")
+                self._reply(500, {"error": "internal error"})
+                return
+            self._reply(200, answer)
 
         def _reply(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
@@ -202,8 +171,3 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
             log.debug("webhook: " + format, *args)
 
     return Handler
-
-
-def run_webhook(settings: Settings, stop: threading.Event) -> int:
-    WebhookServer(settings).serve(stop)
-    return 0

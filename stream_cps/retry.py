@@ -1,0 +1,227 @@
+"""The one retry module: what is transient, and the named policies every loop retries with.
+
+``is_transient`` is the only place that decides whether a failure passes. Every loop (the
+replication and Kafka loops, calculation, the relay, the sinks' quick tries, the schema
+registry) retries through a ``RetryPolicy`` defined here, so waits, limits, stop handling and
+the log line are the same everywhere. Policies are plain values; tests drive them with an
+injected ``sleep`` instead of waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import urllib.error
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+import tenacity
+
+from stream_cps.errors import Fatal, Stopped, StreamCpsError, Transient
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# SQLSTATE classes that pass: connection exception (08), transaction rollback (40: serialization
+# failure, deadlock), insufficient resources (53), operator intervention (57: query cancelled,
+# admin shutdown, cannot connect now), system error (58). Plus lock not available (55P03).
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+_TRANSIENT_STATES = frozenset({"55P03"})
+_CONFLICT_STATES = frozenset({"40001", "40P01"})
+# A connection that fails for one of these reasons fails the same way next time.
+_PERMANENT_CONNECT = (
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # database or role
+    "permission denied",
+    "invalid sslmode",
+    "invalid connection option",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same work later can succeed."""
+    if isinstance(exc, Transient):
+        return True
+    if isinstance(exc, StreamCpsError):
+        return False
+    if isinstance(exc, psycopg.Error):
+        return _pg_transient(exc)
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code == 429 or exc.code >= 500
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return _kafka_transient(exc)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A transaction that lost a conflict (40001 serialization failure, 40P01 deadlock)."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in _CONFLICT_STATES
+
+
+def fatal_connect_error(exc: psycopg.Error) -> Fatal | None:
+    """A connection failure no retry fixes (bad password, missing database), as one line."""
+    if isinstance(exc, psycopg.OperationalError) and not _pg_transient(exc):
+        return Fatal(f"cannot connect to PostgreSQL: {_first_line(exc)}")
+    return None
+
+
+def delivery_error(what: str, errors: Sequence[Any], undelivered: int) -> Transient | Fatal:
+    """A produce that was not acknowledged: transient when every error is retriable (timeouts,
+    brokers away) or only messages were left in flight, fatal otherwise (e.g. a message over
+    the topic's size limit, no authorisation), the same for every producer of the project."""
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        text = f"{what}: {errors[0]}{more}"
+        if all(_kafka_error_transient(e) for e in errors):
+            return Transient(text)
+        return Fatal(text)
+    return Transient(f"{what}: {undelivered} message(s) not acknowledged in time")
+
+
+def _pg_transient(exc: psycopg.Error) -> bool:
+    state = exc.sqlstate
+    if state is not None:
+        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    text = str(exc).lower()
+    return not any(reason in text for reason in _PERMANENT_CONNECT)
+
+
+def _kafka_transient(exc: BaseException) -> bool:
+    """librdkafka errors say themselves whether they are retriable (KafkaException.args[0])."""
+    if type(exc).__name__ != "KafkaException" or not exc.args:
+        return False
+    return _kafka_error_transient(exc.args[0])
+
+
+# librdkafka errors no retry fixes (by name: the codes are the client library's).
+_KAFKA_PERMANENT = frozenset(
+    {
+        "MSG_SIZE_TOO_LARGE",
+        "_MSG_SIZE_TOO_LARGE",
+        "TOPIC_AUTHORIZATION_FAILED",
+        "GROUP_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "SASL_AUTHENTICATION_FAILED",
+        "_AUTHENTICATION",
+        "_SSL",
+        "_INVALID_ARG",
+        "INVALID_CONFIG",
+        "_UNKNOWN_TOPIC",
+        "INVALID_RECORD",
+        "UNSUPPORTED_VERSION",
+    }
+)
+
+
+def _kafka_error_transient(error: Any) -> bool:
+    """A librdkafka ``KafkaError``: fatal ones and the permanent codes above are not."""
+    fatal, name = getattr(error, "fatal", None), getattr(error, "name", None)
+    if not callable(fatal) or not callable(name):
+        return False
+    return not fatal() and name() not in _KAFKA_PERMANENT
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: ``first`` s, doubling up to ``longest`` s.
+
+    ``attempts=None`` retries until ``stop`` is set (always-on loops); otherwise the last
+    failure surfaces after that many tries. Only failures ``retry_on`` accepts are retried.
+    """
+
+    name: str
+    first: float
+    longest: float
+    attempts: int | None
+    jitter: float = 0.0
+    retry_on: Callable[[BaseException], bool] = is_transient
+    quiet: bool = False  # no log line per retry (lost conflicts are routine)
+
+    def but(self, **changes: object) -> RetryPolicy:
+        """The same policy with some fields changed (e.g. a configured ``longest``)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def call(
+        self,
+        fn: Callable[[], T],
+        *,
+        stop: threading.Event | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> T:
+        """``fn()``, retried by this policy. Raises ``Stopped`` when ``stop`` is set while
+        waiting, and the last failure when it is not retryable or the attempts are used up."""
+        stops: list[tenacity.stop.stop_base] = []
+        if self.attempts is not None:
+            stops.append(tenacity.stop_after_attempt(self.attempts))
+        if stop is not None:
+            stops.append(tenacity.stop_when_event_set(stop))
+        waiting: Callable[[float], None] = sleep or tenacity.nap.sleep
+        if sleep is None and stop is not None:
+            event = stop
+
+            def waiting(seconds: float) -> None:  # returns at once when stop is set
+                event.wait(seconds)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(self.retry_on),
+            wait=tenacity.wait_exponential(multiplier=self.first, max=self.longest)
+            + tenacity.wait_random(0, self.jitter),
+            stop=tenacity.stop_any(*stops) if stops else tenacity.stop_never,
+            sleep=waiting,
+            before_sleep=None if self.quiet else self._log,
+            reraise=True,
+        )
+        try:
+            return retrying(fn)
+        except Exception as exc:
+            if stop is not None and stop.is_set() and self.retry_on(exc):
+                raise Stopped(f"{self.name}: stopped while retrying") from exc
+            raise
+
+    def _log(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "%s: %s; retrying in %.1f s (try %d)",
+            self.name,
+            _first_line(exc) if exc else "?",
+            wait,
+            state.attempt_number,
+        )
+
+
+# Transactions that lost a conflict (40001/40P01): short, jittered, growing waits, then the
+# error surfaces (stitching on every source; the Kafka path runs at REPEATABLE READ or above).
+CONFLICT = RetryPolicy(
+    "lost conflict",
+    first=0.02,
+    longest=2.0,
+    attempts=10,
+    jitter=0.05,
+    retry_on=is_conflict,
+    quiet=True,
+)
+# An always-on loop whose database went away: outlives restarts and failovers.
+DATABASE = RetryPolicy("database unavailable", first=0.5, longest=30.0, attempts=None, jitter=0.5)
+# One Kafka batch's transaction (a lost connection is reopened on the next try).
+KAFKA_BATCH = RetryPolicy("kafka batch", first=0.2, longest=5.0, attempts=8)
+# Producing to Kafka after the batch committed (dead letters, command copies).
+KAFKA_PRODUCE = RetryPolicy("kafka produce", first=0.2, longest=5.0, attempts=5)
+# A schema registry look-up.
+REGISTRY = RetryPolicy("schema registry", first=0.2, longest=5.0, attempts=5)
+# Quick tries for a blip of a remote call; the caller's own policy takes over after that.
+BLIP = RetryPolicy("blip", first=0.1, longest=1.0, attempts=3, jitter=0.1, quiet=True)
+# The outbox relay while OpenSearch or PostgreSQL is away (``longest`` from settings).
+RELAY = RetryPolicy("outbox relay", first=0.2, longest=30.0, attempts=None, jitter=0.2)

@@ -1,0 +1,134 @@
+"""The Kafka loop: poll a batch -> ONE database transaction -> dead letters -> store offsets.
+
+Commit order (docs/kafka.md): decode -> one transaction (insert events, record dead letters,
+stitch) -> commit -> publish dead letters to the dead-letter topic -> store offsets past the
+batch. Nothing is stored before the database commit, so redelivery is the only thing a crash
+can cause, and it is harmless: inserts are ``ON CONFLICT DO NOTHING`` and the stitcher skips
+stitched rows. Any number of processes may share the group.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+from stream_cps import retry, telemetry
+from stream_cps.config import Settings
+from stream_cps.db import schema
+from stream_cps.db.connect import connect
+from stream_cps.errors import Transient
+from stream_cps.service.backlog import Backlog
+from stream_cps.service.progress import Progress
+from stream_cps.sources.kafka.consumer import KafkaBatch, KafkaSource
+from stream_cps.sources.kafka.deadletter import DeadLetterTopic
+from stream_cps.sources.messages import Envelope
+from stream_cps.stitching.ingest import Applier, ApplyStats
+from stream_cps.stitching.stitcher import Stitcher
+
+log = logging.getLogger(__name__)
+
+MAINTENANCE_EVERY = 1.0  # replay requests and purge signals while idle
+
+
+class KafkaLoop:
+    """Runs until ``stop`` is set."""
+
+    def __init__(
+        self, settings: Settings, stop: threading.Event, backlog: Backlog | None = None
+    ) -> None:
+        self.settings = settings
+        self.stop = stop
+        self.backlog = backlog
+        self.member = f"stream-cps-{socket.gethostname()}-{os.getpid()}"
+        self.progress = Progress()
+        self.stitcher = Stitcher(settings)
+        self.applier = Applier(settings.schemas, self.stitcher)
+        self.source = KafkaSource(settings.kafka, settings.schemas, self.member)
+        self.on_batch: Callable[[ApplyStats], None] | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def run(self) -> Progress:
+        with connect(self.settings.dsn, role="check", autocommit=True) as conn:
+            schema.check(conn, self.settings.schemas)
+        kafka = self.settings.kafka
+        dead_topic = DeadLetterTopic(kafka.bootstrap_servers, kafka.dead_letter_topic)
+        try:
+            self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
+            self.source.open()
+            self._loop(dead_topic)
+        finally:
+            try:
+                self.source.close()
+            finally:
+                dead_topic.close()
+                if self._conn is not None:
+                    self._conn.close()
+                self.progress.replays_applied = self.source.replays_applied
+                self.progress.maybe_log(force=True)
+        return self.progress
+
+    def _loop(self, dead_topic: DeadLetterTopic) -> None:
+        last_maintenance = 0.0
+        while not self.stop.is_set():
+            with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
+                batch = self.source.poll()
+            if self.backlog is not None:
+                # A full poll means more is waiting: calculation holds back (backlog.py).
+                self.backlog.report(batch.full)
+            if batch.envelopes:
+                self._ingest(batch, dead_topic)
+            due = time.monotonic() - last_maintenance > MAINTENANCE_EVERY
+            if self.source.replay_due or due:
+                self._maintenance(idle=not batch.envelopes)
+                last_maintenance = time.monotonic()
+            self.progress.maybe_log()
+
+    def _ingest(self, batch: KafkaBatch, dead_topic: DeadLetterTopic) -> None:
+        """The commit order of the module docstring, for one batch."""
+        stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes))
+        retry.KAFKA_PRODUCE.call(lambda: dead_topic.publish(stats.dead_letters))
+        self.source.commit(batch)
+        self.progress.add_ingest(stats)
+        if self.on_batch:
+            self.on_batch(stats)
+
+    def _apply(self, envelopes: list[Envelope]) -> ApplyStats:
+        """The batch's transaction; a lost connection is reopened by the next try."""
+        conn = self._db()
+        try:
+            return self.applier.apply(conn, envelopes)
+        except psycopg.OperationalError as exc:
+            if conn.broken or conn.closed:
+                raise Transient(f"database connection lost: {exc}") from exc
+            raise
+
+    def _db(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
+        return self._conn
+
+    def _maintenance(self, idle: bool) -> None:
+        """Replay requests, and purge signals while no messages arrive.
+
+        Both are tried again on the next round when they fail transiently: a lost connection
+        is reopened by the next batch, a conflict just waits a second.
+        """
+        try:
+            conn = self._db()
+            self.source.apply_replays(conn)
+            if idle and self.stitcher.purge_pending(conn):
+                self.stitcher.within(conn, lambda stitch_in: stitch_in([]))
+        except Exception as exc:
+            if not retry.is_transient(exc):
+                raise
+            log.warning("kafka: maintenance deferred: %s", exc)
+            self.source.replay_due = True

@@ -1,0 +1,128 @@
+"""What each command runs, built from settings: the only place that wires a process.
+
+Telemetry is set up once here, per process; every loop gets the same ``stop`` event (set by
+SIGTERM/SIGINT, or by a background thread that failed), and a failure of any part is raised
+to the command line, which turns it into one line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Any
+
+import psycopg
+
+from stream_cps import retry, telemetry
+from stream_cps.config import Settings
+from stream_cps.db import schema
+from stream_cps.db.connect import connect
+from stream_cps.errors import ConfigError, Transient
+from stream_cps.service.background import Background
+from stream_cps.service.backlog import Backlog
+from stream_cps.service.progress import Progress
+from stream_cps.sources.changefeed.webhook import WebhookServer
+from stream_cps.sources.messages import Envelope
+from stream_cps.stitching.ingest import Applier
+from stream_cps.stitching.stitcher import Stitcher
+
+log = logging.getLogger(__name__)
+
+
+def run(settings: Settings, source: str, stop: threading.Event) -> Progress:
+    """``stream-cps run``: stitching from ``source`` (postgres | kafka), plus calculation and
+    the relay. On PostgreSQL these start once the lease is held (a standby would duplicate
+    them); every Kafka member runs them (there is no lease on that path, so it can run on
+    CockroachDB too; concurrent calculators may compute an entity twice, never wrongly)."""
+    telemetry.setup(settings.telemetry)
+    backlog = Backlog()
+    background = Background(settings, stop, backlog)
+    try:
+        if source == "kafka":
+            from stream_cps.service.kafka import KafkaLoop
+
+            background.start()
+            progress = KafkaLoop(settings, stop, backlog).run()
+        else:
+            from stream_cps.service.replication import ReplicationLoop
+
+            loop = ReplicationLoop(settings, stop, backlog, on_active=background.start)
+            progress = loop.run()
+    finally:
+        stop.set()
+        background.join()
+    if background.failure is not None:
+        raise background.failure
+    return progress
+
+
+def relay(settings: Settings, stop: threading.Event) -> None:
+    """``stream-cps relay``: only the outbox relay, until ``stop`` is set."""
+    from stream_cps.sinks.relay import Relay
+
+    if not settings.opensearch.url:
+        raise ConfigError("opensearch.url: required by `stream-cps relay`")
+    telemetry.setup(settings.telemetry)
+    Relay(settings).run_forever(stop)
+
+
+def webhook_server(settings: Settings) -> WebhookServer:
+    """The changefeed webhook, applying each request with the Kafka path's ingest."""
+    with connect(settings.dsn, role="check", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+    return WebhookServer(settings.webhook, WebhookIngest(settings))
+
+
+def webhook(settings: Settings, stop: threading.Event) -> None:
+    """``stream-cps webhook``: serve until ``stop`` is set."""
+    telemetry.setup(settings.telemetry)
+    with connect(settings.dsn, role="check", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+    ingest = WebhookIngest(settings)
+    try:
+        WebhookServer(settings.webhook, ingest).serve(stop)
+    finally:
+        ingest.close()
+
+
+class WebhookIngest:
+    """Applies a request's envelopes; database connections are pooled across requests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.dsn = settings.dsn
+        self.applier = Applier(settings.schemas, Stitcher(settings))
+        self._idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
+
+    def __call__(self, envelopes: list[Envelope]) -> dict[str, Any]:
+        try:
+            stats = self._apply(envelopes)
+        except Exception as exc:
+            if retry.is_transient(exc):
+                raise Transient(f"database unavailable: {exc}") from exc
+            raise
+        return {
+            "messages": stats.messages,
+            "stitched": stats.stitch.events,
+            "dead_letters": len(stats.dead_letters),
+        }
+
+    def _apply(self, envelopes: list[Envelope]) -> Any:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = connect(self.dsn, role="webhook", autocommit=True)
+        try:
+            return self.applier.apply(conn, envelopes)
+        finally:
+            if conn.closed or conn.broken:
+                conn.close()
+            else:
+                self._idle.put(conn)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return

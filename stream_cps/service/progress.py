@@ -1,0 +1,86 @@
+"""One progress reporter for both loops: running totals, a log line every few seconds."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from stream_cps.stitching.ingest import ApplyStats
+from stream_cps.stitching.stitcher import BatchResult
+
+log = logging.getLogger("stream_cps.service")
+
+PROGRESS_EVERY = 10.0
+
+
+@dataclass
+class Progress:
+    """Totals since the loop started; returned by the loop when it ends.
+
+    The stitching fields are filled by both loops; the message fields only by the Kafka loop
+    (and then appear in the log line), ``lag_bytes`` only by the replication loop.
+    """
+
+    events: int = 0
+    created: int = 0
+    merges: int = 0
+    purged: int = 0
+    rule_failures: int = 0
+    lag_bytes: int | None = None
+    batches: int = 0
+    messages: int = 0
+    events_new: int = 0
+    events_seen: int = 0
+    changefeed_rows: int = 0
+    deletes: int = 0
+    resolved: int = 0
+    ignored: int = 0
+    dead_letters: int = 0
+    replays_applied: int = 0
+    last_resolved: str | None = None
+    _last_log: float = field(default_factory=time.monotonic)
+    _last_events: int = 0
+
+    def add(self, result: BatchResult) -> None:
+        """A committed stitching batch."""
+        self.events += result.events
+        self.created += result.created
+        self.merges += result.merges
+        self.purged += len(result.purged)
+        self.rule_failures += result.rule_failures
+
+    def add_ingest(self, stats: ApplyStats) -> None:
+        """A committed ingest batch (Kafka or webhook messages), its stitching included."""
+        self.batches += 1
+        self.messages += stats.messages
+        self.events_new += stats.events_new
+        self.events_seen += stats.events_seen
+        self.changefeed_rows += stats.changefeed_rows
+        self.deletes += stats.deletes
+        self.resolved += stats.resolved
+        self.ignored += stats.tombstones + stats.unknown
+        self.dead_letters += len(stats.dead_letters)
+        self.last_resolved = stats.last_resolved or self.last_resolved
+        self.add(stats.stitch)
+
+    def maybe_log(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_log < PROGRESS_EVERY:
+            return
+        rate = (self.events - self._last_events) / max(now - self._last_log, 1e-9)
+        line = (
+            f"stitched {self.events} events ({rate:.0f}/s), {self.created} entities created, "
+            f"{self.merges} merges, {self.purged} purged"
+        )
+        if self.lag_bytes is not None:
+            line += f", slot lag {self.lag_bytes} bytes"
+        if self.messages:
+            line += (
+                f"; kafka: {self.messages} messages, {self.events_new} new events, "
+                f"{self.events_seen} redelivered, {self.changefeed_rows} changefeed rows, "
+                f"{self.deletes} deletes, {self.resolved} resolved, {self.ignored} ignored, "
+                f"{self.dead_letters} dead letters"
+            )
+        log.info("%s", line)
+        self._last_log, self._last_events = now, self.events

@@ -1,0 +1,1 @@
+"""The CockroachDB changefeed webhook endpoint (HTTPS)."""

@@ -1,0 +1,1 @@
+"""Kafka: the consumer-group adapter, Avro framing and schemas, dead letters, replay."""

@@ -1,0 +1,228 @@
+"""The Kafka source: one always-on member of a consumer group, handing out decoded batches.
+
+A batch carries its position (the next offset per partition); the caller stores it with
+``commit`` only after the database transaction that applied the batch committed
+(``enable.auto.offset.store=false``); librdkafka then commits stored offsets every second, and
+synchronously when partitions are revoked or the consumer closes. So a kill -9 anywhere
+redelivers at most the work since the last offset commit (docs/kafka.md has the whole order).
+
+Batches are processed between polls on the polling thread, so rebalance callbacks (which run
+inside ``consume``) always see finished work: on revocation the stored offsets are committed
+first, then the partitions go. Assignment is cooperative-sticky: a member joining or leaving
+moves only the partitions that must move.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from stream_cps.config import KafkaSettings, Schemas
+from stream_cps.errors import Fatal, InvalidInput
+from stream_cps.sources.kafka import replay
+from stream_cps.sources.kafka.avro import SchemaResolver
+from stream_cps.sources.messages import Decoded, Envelope, decode
+
+log = logging.getLogger(__name__)
+
+Partition = tuple[str, int]
+
+
+def consumer_config(settings: KafkaSettings, member: str) -> dict[str, Any]:
+    """librdkafka settings that give the delivery guarantees in the module docstring."""
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": settings.group_id,
+        "client.id": member,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "enable.auto.offset.store": False,
+        "enable.auto.commit": True,
+        "auto.commit.interval.ms": 1000,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": int(settings.session_timeout * 1000),
+        "heartbeat.interval.ms": max(500, int(settings.session_timeout * 1000 / 5)),
+        "enable.partition.eof": False,
+    }
+
+
+@dataclass(frozen=True)
+class KafkaBatch:
+    """Decoded messages of one poll and the position after them.
+
+    ``full`` says the poll returned as many messages as it asked for (more are waiting).
+    """
+
+    envelopes: list[Envelope]
+    next_offsets: dict[Partition, int]
+    full: bool
+
+
+def to_envelope(msg: Message, message_format: str, avro: SchemaResolver) -> Envelope:
+    """Decode one message; a decoding failure becomes the envelope's dead-letter reason."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    kind, stamp = msg.timestamp()
+    when = datetime.fromtimestamp(stamp / 1000, UTC) if kind and stamp >= 0 else None
+    key, value = msg.key(), msg.value()
+    key = key if isinstance(key, bytes) else None
+    value = value if isinstance(value, bytes) else None
+    decoded: Decoded | None = None
+    reason: str | None = None
+    try:
+        decoded = decode(key, value, message_format, avro)
+    except InvalidInput as exc:
+        reason = str(exc)
+    return Envelope(
+        origin=f"kafka:{topic}:{partition}:{offset}",
+        source="kafka",
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=key,
+        value=value,
+        timestamp=when,
+        decoded=decoded,
+        reason=reason,
+    )
+
+
+class KafkaSource:
+    """The consumer, its rebalance callbacks, offset storing and replay seeks."""
+
+    def __init__(self, settings: KafkaSettings, schemas: Schemas, member: str) -> None:
+        self.settings = settings
+        self.schemas = schemas
+        self.member = member
+        self.avro = SchemaResolver(settings.schema_registry_url)
+        self.replays_applied = 0
+        self.replay_due = True  # after an assignment: look for replay requests at once
+        self._consumer: Consumer | None = None
+
+    def open(self) -> None:
+        consumer = Consumer(consumer_config(self.settings, self.member), logger=log)
+        self._consumer = consumer
+        consumer.subscribe(
+            list(self.settings.topics),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        log.info(
+            "kafka: member %s of group %s on %s",
+            self.member,
+            self.settings.group_id,
+            ", ".join(self.settings.topics),
+        )
+
+    @property
+    def consumer(self) -> Consumer:
+        if self._consumer is None:
+            raise RuntimeError("KafkaSource.open() first")
+        return self._consumer
+
+    def owns_partitions(self) -> bool:
+        return self._consumer is not None and bool(self._consumer.assignment())
+
+    def poll(self) -> KafkaBatch:
+        """Up to ``kafka.batch_size`` messages, waiting at most ``kafka.poll_timeout``."""
+        size = self.settings.batch_size
+        polled = self.consumer.consume(num_messages=size, timeout=self.settings.poll_timeout)
+        usable = [m for m in polled if self._usable(m)]
+        nxt: dict[Partition, int] = {}
+        for msg in usable:
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            nxt[(topic, partition)] = max(nxt.get((topic, partition), 0), offset + 1)
+        fmt = self.settings.message_format
+        envelopes = [to_envelope(m, fmt, self.avro) for m in usable]
+        return KafkaBatch(envelopes, nxt, full=len(polled) >= size)
+
+    def commit(self, batch: KafkaBatch) -> None:
+        """Mark the batch done: next offset per partition (committed within a second)."""
+        if batch.next_offsets:
+            self.consumer.store_offsets(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in batch.next_offsets.items()]
+            )
+
+    def close(self) -> None:
+        """Commit stored offsets and leave the group (a revocation for the others)."""
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def _usable(self, msg: Message) -> bool:
+        err = msg.error()
+        if err is None:
+            return True
+        if err.fatal():
+            raise Fatal(f"kafka: fatal consumer error: {err}")
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("kafka: %s", err)
+        return False
+
+    # -- rebalance callbacks: they run inside consume(), between batches -------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if partitions:
+            log.info("kafka: assigned %s", _names(partitions))
+            self.replay_due = True
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if not partitions:
+            return
+        log.info("kafka: revoked %s; committing finished work first", _names(partitions))
+        _commit_stored(consumer)
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.warning(
+            "kafka: lost %s (session expired); their uncommitted work will be redelivered "
+            "to the new owner, which is harmless",
+            _names(partitions),
+        )
+
+    # -- replay requests ---------------------------------------------------------------------
+
+    def apply_replays(self, conn: psycopg.Connection[Any]) -> None:
+        """Seek the partitions this member owns to offsets ``stream-cps replay`` asked for."""
+        self.replay_due = False
+        rows = replay.pending_requests(conn, self.schemas, self.settings.group_id)
+        if not rows:
+            return
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        latest: dict[Partition, tuple[int, list[int]]] = {}
+        for request_id, topic, partition, offset in rows:
+            if (topic, partition) in owned:
+                ids = latest.get((topic, partition), (0, []))[1]
+                latest[(topic, partition)] = (offset, [*ids, request_id])
+        done: list[int] = []
+        for (topic, partition), (offset, ids) in latest.items():
+            target = TopicPartition(topic, partition, offset)
+            try:
+                self.consumer.seek(target)
+                self.consumer.store_offsets(offsets=[target])
+            except KafkaException as exc:  # not fetching yet right after assignment
+                log.info("kafka: replay of %s[%d] deferred: %s", topic, partition, exc)
+                self.replay_due = True
+                continue
+            log.info("kafka: replaying %s[%d] from offset %d", topic, partition, offset)
+            done += ids
+        if done:
+            _commit_stored(self.consumer)
+            replay.mark_applied(conn, self.schemas, done, self.member)
+            self.replays_applied += len(done)
+
+
+def _commit_stored(consumer: Consumer) -> None:
+    try:
+        consumer.commit(asynchronous=False)
+    except KafkaException as exc:
+        if exc.args and exc.args[0].code() == KafkaError._NO_OFFSET:
+            return  # nothing stored since the last commit
+        log.warning("kafka: offset commit failed (work will be redelivered): %s", exc)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)

@@ -1,0 +1,1 @@
+"""PostgreSQL logical replication: pgoutput decoding, slot readers, the lease."""
