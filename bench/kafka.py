@@ -35,11 +35,9 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "infra" / "kafka"))
+sys.path.insert(0, str(ROOT))  # bench/ is run as a script from anywhere
 
-import kafka_service  # noqa: E402
-
+from infra.kafka import kafka_service  # noqa: E402
 from stream_cps import config  # noqa: E402
 from stream_cps.config import Schemas  # noqa: E402
 from stream_cps.db import schema  # noqa: E402

@@ -17,7 +17,6 @@ in commands/s and as a fraction of (1). Both services are started here unless
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -30,23 +29,15 @@ from typing import Any
 import psycopg
 from opensearchpy import OpenSearch
 
-from stream_cps import config
-from stream_cps.db import schema
-from stream_cps.sinks.opensearch import ensure_index
-from stream_cps.sinks.relay import Relay
-from stream_cps_dev import embedded
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is run as a script from anywhere
 
-
-def _opensearch_service() -> Any:
-    path = ROOT / "infra/opensearch/opensearch_service.py"
-    spec = importlib.util.spec_from_file_location("opensearch_service", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from infra.opensearch import opensearch_service  # noqa: E402
+from stream_cps import config  # noqa: E402
+from stream_cps.db import schema  # noqa: E402
+from stream_cps.sinks.opensearch import ensure_index  # noqa: E402
+from stream_cps.sinks.relay import Relay  # noqa: E402
+from stream_cps_dev import embedded  # noqa: E402
 
 
 def seed(conn: psycopg.Connection[Any], entities: int, delete_share: float) -> int:
@@ -133,7 +124,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-outbox-"))
     server = None if args.dsn else embedded.start(workdir / "pg")
     admin_dsn = args.dsn or (server.dsn if server else "")
-    service = None if args.opensearch_url else _opensearch_service()
+    service = None if args.opensearch_url else opensearch_service
     node = service.start(workdir / "os") if service else None
     url = args.opensearch_url or (node.url if node else "")
     dbname = "bench_" + uuid.uuid4().hex[:8]

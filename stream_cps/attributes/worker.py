@@ -48,7 +48,7 @@ class CalculationWorker:
         self._timeout_ms = settings.attributes.statement_timeout_ms
         self._max_batches = max_batches
         # walk over entities calculated before the last definition change: (changed, last id)
-        self._sweep: tuple[datetime | None, str | None] = (None, "")
+        self._stale_walk: tuple[datetime | None, str | None] = (None, "")
         self._plans = PlanLoader(self._schemas, self._timeout_ms)
         self._calculator = BatchCalculator(self._schemas, self._timeout_ms)
         self._caches = CacheRefresher(self._schemas, settings.attributes.cache_interval)
@@ -149,10 +149,10 @@ class CalculationWorker:
         ).fetchall()
         if rows or plan.changed is None:
             return [(str(r[0]), r[1]) for r in rows]
-        changed, after = self._sweep
+        changed, after = self._stale_walk
         if changed != plan.changed:
             changed, after = plan.changed, ""
-        if after is None:  # this sweep is complete
+        if after is None:  # this walk is complete
             return []
         rows = conn.execute(
             sql.SQL(
@@ -162,7 +162,7 @@ class CalculationWorker:
             ).format(ca),
             [after, changed, self._batch_size],
         ).fetchall()
-        self._sweep = (changed, str(rows[-1][0]) if rows else None)
+        self._stale_walk = (changed, str(rows[-1][0]) if rows else None)
         return [(str(r[0]), r[1]) for r in rows]
 
 

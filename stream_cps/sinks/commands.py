@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from enum import Enum
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,35 @@ class Action:
     @property
     def op(self) -> str:
         return "delete" if self.document is None else "index"
+
+
+class Outcome(Enum):
+    """What a sink did with one action, and so what happens to its outbox commands."""
+
+    DELIVERED = "delivered"
+    STALE = "stale"  # a newer version is already in the index: as good as delivered
+    RETRY = "retry"
+    PARK = "park"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    reason: str | None = None
+
+
+class Sink(Protocol):
+    """Where the relay delivers actions: one result per action, in order.
+
+    The guarantee every sink gives (``tests/contract/test_sinks.py`` holds the OpenSearch one
+    and the in-memory one to it): a write carrying version v wins over every version below v
+    and is as good as delivered (``STALE``) when the document already has a higher one; a
+    delete leaves a tombstone with its version, which rejects older writes. So the sink
+    converges to the newest state whatever order, repetition or batching the actions arrive
+    in. A whole request that fails for a passing reason raises ``Transient``.
+    """
+
+    def write(self, actions: Sequence[Action]) -> list[Result]: ...
 
 
 @dataclass(frozen=True)

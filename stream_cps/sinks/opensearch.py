@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from opensearchpy import OpenSearch
@@ -21,7 +19,7 @@ from opensearchpy.exceptions import ConnectionTimeout, TransportError
 from stream_cps import retry
 from stream_cps.config import Settings
 from stream_cps.errors import ConfigError, Fatal, Transient
-from stream_cps.sinks.commands import Action
+from stream_cps.sinks.commands import Action, Outcome, Result
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +36,6 @@ class OpenSearchUnavailable(Transient):
 
 class OpenSearchRejected(Fatal):
     """The cluster refused a whole request (e.g. 401, 403, 413): a setup problem, not data."""
-
-
-class Outcome(Enum):
-    DELIVERED = "delivered"
-    STALE = "stale"  # a newer version is already in the index: as good as delivered
-    RETRY = "retry"
-    PARK = "park"
-
-
-@dataclass(frozen=True)
-class Result:
-    outcome: Outcome
-    reason: str | None = None
 
 
 def make_client(settings: Settings) -> OpenSearch:
@@ -161,7 +146,7 @@ def attribute_properties(types: Mapping[str, str]) -> dict[str, Any]:
 
 
 class BulkWriter:
-    """Sends actions in one bulk request and classifies every item's result."""
+    """The OpenSearch ``Sink``: actions in one bulk request, every item's result classified."""
 
     def __init__(self, client: OpenSearch, index: str, attempts: int = 3) -> None:
         self.client = client

@@ -24,13 +24,19 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db.connect import connect
 from stream_cps.errors import Stopped, Transient
-from stream_cps.sinks.commands import Action, Planned, collapse, plan_actions
+from stream_cps.sinks.commands import (
+    Action,
+    Outcome,
+    Planned,
+    Result,
+    Sink,
+    collapse,
+    plan_actions,
+)
 from stream_cps.sinks.opensearch import (
     BulkWriter,
     OpenSearchRejected,
     OpenSearchUnavailable,
-    Outcome,
-    Result,
     ensure_index,
     make_client,
     retryable,
@@ -57,26 +63,28 @@ _STATUS = {
 
 
 class Relay:
-    """Delivers outbox commands to OpenSearch (and optionally Kafka)."""
+    """Delivers outbox commands to a ``Sink``, OpenSearch by default (and optionally Kafka)."""
 
     def __init__(
         self,
         settings: Settings,
         client: OpenSearch | None = None,
         publisher: Publisher | None = None,
+        sink: Sink | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client or make_client(settings)
         self.index = settings.opensearch.index
         self.batch_size = settings.opensearch.batch_size
         self.store = OutboxStore(settings.schemas)
-        self.writer = BulkWriter(self.client, self.index)
+        # Another sink (the in-memory one) needs no index; OpenSearch is the default.
+        self.client = None if sink is not None else client or make_client(settings)
+        self.writer: Sink = sink or BulkWriter(self.client or make_client(settings), self.index)
         self.publisher = publisher
         if publisher is None and settings.opensearch.kafka_topic:
             from stream_cps.sinks.kafka_commands import KafkaCommandPublisher
 
             self.publisher = KafkaCommandPublisher(settings)
-        self._index_ready = False
+        self._index_ready = self.client is None
         self._lock_session: tuple[int, int] | None = None
         meter = telemetry.meter()
         self._delivered = meter.create_counter(telemetry.METRIC_OUTBOX_DELIVERED)
@@ -87,7 +95,7 @@ class Relay:
         """Create the template and index once per relay, before the first write, so the index
         is never auto-created without our mapping and gc_deletes. With a connection, the
         attribute field types come from ``attributes.data_type``."""
-        if self._index_ready:
+        if self._index_ready or self.client is None:
             return
         types = self.store.attribute_types(conn) if conn is not None else None
         try:

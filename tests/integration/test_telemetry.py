@@ -43,8 +43,9 @@ def test_batch_span_has_a_child_per_stage(
         telemetry.SPAN_STITCH_GROUP,
         telemetry.SPAN_STITCH_WRITE,
     ):
-        assert spans[stage].parent is not None
-        assert spans[stage].parent.span_id == batch.context.span_id
+        parent, context = spans[stage].parent, batch.context
+        assert parent is not None and context is not None
+        assert parent.span_id == context.span_id
     assert batch.attributes is not None
     assert batch.attributes["events.stitched"] == 2
 

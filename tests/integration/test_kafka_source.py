@@ -1,4 +1,4 @@
-"""The Kafka source end to end: real broker (tests.kafka_fixtures), real PostgreSQL.
+"""The Kafka source end to end: real broker (tests.fixtures.kafka), real PostgreSQL.
 
 Each test produces real messages, runs the consumer (in a thread, or as a process that is
 killed with SIGKILL) and compares the database with the offline oracle.
@@ -6,6 +6,7 @@ killed with SIGKILL) and compares the database with the offline oracle.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -26,8 +27,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from infra.kafka import kafka_service as ks
 from stream_cps import config
 from stream_cps.db import schema
 from stream_cps.service.backlog import Backlog
@@ -36,7 +38,7 @@ from stream_cps.service.process import webhook_server
 from stream_cps.sources.kafka.replay import run_replay
 from stream_cps_dev.encode import avro_event, json_event
 from stream_cps_dev.sample import generator
-from tests.kafka_fixtures import create_topics, ks
+from tests.fixtures.kafka import create_topics
 from tests.support import expected, observed, snapshot, wait_until
 
 Row = tuple[str, str, str, str, datetime, str]
@@ -188,6 +190,10 @@ def test_two_members_with_a_rebalance_end_equal_to_one_member_and_the_oracle(
         assert snapshot(other) == snapshot(db)
 
 
+def _events_at_least(conn: psycopg.Connection[Any], n: int) -> bool:
+    return count(conn, "SELECT count(*) FROM cdp_ce.customer_events") >= n
+
+
 def owns(service: KafkaLoop) -> bool:
     return service.source.owns_partitions()
 
@@ -227,7 +233,7 @@ def test_kill_9_and_restart_loses_nothing_and_doubles_nothing(
             sent += len(chunk)
             target = count(db, "SELECT count(*) FROM cdp_ce.customer_events") + rng.randint(20, 400)
             wait_until(
-                lambda t=target: count(db, "SELECT count(*) FROM cdp_ce.customer_events") >= t,
+                functools.partial(_events_at_least, db, target),
                 60,
                 f"progress before kill {trial}",
             )
@@ -437,16 +443,18 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_table(
         }
     )
     reader.subscribe([settings.kafka.dead_letter_topic])
-    copies = []
+    copies: list[Message] = []
     deadline = time.monotonic() + 20
     while len(copies) < len(bad) and time.monotonic() < deadline:
         msg = reader.poll(0.5)
         if msg is not None and msg.error() is None:
             copies.append(msg)
     reader.close()
-    assert sorted(m.value() for m in copies) == sorted(bad)
+    assert sorted(bytes(m.value() or b"") for m in copies) == sorted(bad)
     for msg in copies:
-        headers = dict(msg.headers() or [])
+        raw = msg.headers() or []
+        pairs = raw.items() if isinstance(raw, dict) else raw
+        headers = {str(k): v if isinstance(v, bytes) else str(v).encode() for k, v in pairs}
         origin = headers["stream_cps.origin"].decode()
         row = next(r for r in dead if f"kafka:{topic}:{r[1]}:{r[2]}" == origin)
         assert headers["stream_cps.reason"].decode() == row[5]

@@ -10,7 +10,7 @@ import pytest
 
 from stream_cps import config
 from stream_cps.attributes import calculate
-from tests.test_attributes_helpers import World, ev
+from tests.integration.test_attributes_helpers import World, ev
 
 
 @pytest.fixture

@@ -158,7 +158,7 @@ def test_schema_ids_resolve_through_a_registry_when_configured(registry: str) ->
         decode(None, encode.encode(RECORD, SCHEMA, schema_id=1), "avro", resolver)
 
 
-_text_st = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+_text_st = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))
 _json_st = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _text_st,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text_st, inner, max_size=4),

@@ -11,7 +11,7 @@ import psycopg
 from stream_cps import config
 from stream_cps.attributes.worker import CalculationWorker
 from stream_cps.service.backlog import Backlog
-from tests.test_attributes_helpers import World, ev
+from tests.integration.test_attributes_helpers import World, ev
 
 
 def test_wait_returns_at_once_when_clear_and_when_cleared() -> None:

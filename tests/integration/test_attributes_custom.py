@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from stream_cps import config
-from tests.test_attributes_helpers import World, ev
+from tests.integration.test_attributes_helpers import World, ev
 
 
 @pytest.fixture

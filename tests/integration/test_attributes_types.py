@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from stream_cps import config
-from tests.test_attributes_helpers import World, ev
+from tests.integration.test_attributes_helpers import World, ev
 
 
 @pytest.fixture

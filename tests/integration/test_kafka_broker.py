@@ -17,7 +17,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from tests.kafka_fixtures import ks, start_or_fail
+from infra.kafka import kafka_service as ks
+from tests.fixtures.kafka import start_or_fail
 
 
 def _accepts_connections(bootstrap: str) -> bool:

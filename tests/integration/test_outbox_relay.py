@@ -15,19 +15,21 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 from opensearchpy import OpenSearch
 
+from infra.opensearch import opensearch_service as service
 from stream_cps import config
 from stream_cps.sinks import kafka_commands
-from stream_cps.sinks.commands import Action, Command, Planned, collapse
+from stream_cps.sinks.commands import Action, Command, Outcome, Planned, collapse
+from stream_cps.sinks.memory import MemorySink
 from stream_cps.sinks.opensearch import (
     BulkWriter,
     OpenSearchUnavailable,
-    Outcome,
     classify,
     ensure_index,
 )
@@ -35,7 +37,7 @@ from stream_cps.sinks.relay import Relay, prepare_index
 from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev import embedded
-from tests.opensearch_fixtures import restart_opensearch, service
+from tests.fixtures.opensearch import restart_opensearch
 from tests.support import event, insert, setup_rules, wait_until
 
 CALCULATE = """
@@ -293,18 +295,22 @@ def test_calculation_upserts_documents_with_current_attributes(
     )
 
 
-def test_merges_and_purges_delete_documents(
-    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+def merge_and_purge(
+    db: psycopg.Connection[Any],
+    settings: config.Settings,
+    relay: Relay,
+    before: Callable[[], None] | None = None,
 ) -> None:
+    """Three entities delivered; then a merges into b and p is purged, delivered again.
+    ``before`` checks what was delivered before the merge."""
     setup_rules(db)
     stitcher = Stitcher(settings)
-    relay = Relay(os_settings)
     insert(db, [event("a", 10, email="x@a"), event("b", 5, cookie="c1"), event("p", 1, email="p@")])
     stitch_all(stitcher, db)
     calculate(db)
     drain(relay, db)
-    assert set(index_docs(os_settings)) == {entity_id_for(e) for e in "abp"}
-
+    if before is not None:
+        before()
     insert(db, [event("c", 20, email="x@a", cookie="c1")])  # merges a into b
     stitch_all(stitcher, db)
     db.execute(  # the guide's purge signal
@@ -314,10 +320,33 @@ def test_merges_and_purges_delete_documents(
     stitcher.stitch(db, [])
     calculate(db)
     drain(relay, db)
+
+
+def test_merges_and_purges_delete_documents(
+    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+) -> None:
+    def delivered_all_three() -> None:
+        assert set(index_docs(os_settings)) == {entity_id_for(e) for e in "abp"}
+
+    merge_and_purge(db, settings, Relay(os_settings), delivered_all_three)
     docs = index_docs(os_settings)
     assert set(docs) == {entity_id_for("b")}
     assert docs == live_entities(db)
     assert docs[entity_id_for("b")][1]["attributes"] == {"events": 3, "ids": 2}
+    assert outbox_state(db)[:2] == (0, 0)
+
+
+def test_relay_to_the_in_memory_sink_converges_like_the_index(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """The same merges and purges, delivered to ``MemorySink``: the relay needs no node to be
+    tested, and ends in the same state (the contract suite holds the two sinks to the same
+    behaviour)."""
+    sink = MemorySink()
+    merge_and_purge(db, settings, Relay(settings, sink=sink))
+    live = {e: found for e in sink.stored if (found := sink.get(e)) is not None}
+    assert live == live_entities(db)
+    assert set(live) == {entity_id_for("b")}
     assert outbox_state(db)[:2] == (0, 0)
 
 
@@ -548,7 +577,9 @@ def test_commands_are_also_produced_to_kafka_avro_keyed_by_entity(
         if msg is None or msg.error():
             quiet += 1 if got else 0
             continue
-        got.append((msg.key().decode(), kafka_commands.decode(msg.value())))
+        key, value = msg.key(), msg.value()
+        assert isinstance(key, bytes) and isinstance(value, bytes)
+        got.append((key.decode(), kafka_commands.decode(value)))
     consumer.close()
     # One batch: a's upsert and delete collapse to the delete; b gets its newest upsert.
     by_entity = {key: value for key, value in got}
@@ -577,7 +608,12 @@ def test_gc_deletes_decides_whether_a_late_older_write_resurrects(
         )
         ensure_index(s, client)
         writer = BulkWriter(client, s.opensearch.index)
-        doc = {"customer_entity_id": "m", "identifiers": [], "attributes": {}, "calculated": None}
+        doc: dict[str, Any] = {
+            "customer_entity_id": "m",
+            "identifiers": [],
+            "attributes": {},
+            "calculated": None,
+        }
         assert writer.write([Action("m", 5, doc)])[0].outcome is Outcome.DELIVERED
         assert writer.write([Action("m", 6, None)])[0].outcome is Outcome.DELIVERED
         time.sleep(0.5)
@@ -618,6 +654,7 @@ def test_relay_backs_off_while_opensearch_is_unreachable_and_stops_promptly(
     calculate(db)
     relay = Relay(os_settings)
     relay.ensure_index(db)  # then the cluster "goes away": a port nobody listens on
+    assert isinstance(relay.writer, BulkWriter)
     relay.writer.client = OpenSearch(hosts=[f"http://127.0.0.1:{embedded.free_port()}"], timeout=2)
     stop = threading.Event()
     thread = threading.Thread(target=relay.run_forever, args=(stop,), daemon=True)
@@ -706,7 +743,7 @@ def test_relay_process_killed_at_random_points_converges(
     env = {
         **os.environ,
         "STREAM_CPS_DSN": settings.dsn,
-        "STREAM_CPS_OPENSEARCH_URL": os_settings.opensearch.url,
+        "STREAM_CPS_OPENSEARCH_URL": str(os_settings.opensearch.url),
         "STREAM_CPS_OPENSEARCH_INDEX": os_settings.opensearch.index,
         "STREAM_CPS_OPENSEARCH_REPLICAS": "0",
         "STREAM_CPS_OPENSEARCH_BATCH_SIZE": "40",

@@ -13,7 +13,8 @@ import pytest
 from opensearchpy import OpenSearch
 from opensearchpy.exceptions import ConflictError, NotFoundError
 
-from tests.opensearch_fixtures import restart_opensearch, service
+from infra.opensearch import opensearch_service as service
+from tests.fixtures.opensearch import restart_opensearch
 
 
 def _client(node: Any) -> OpenSearch:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from stream_cps.db.arrays import TextArray, array_texts
 
 # Any text PostgreSQL can store (no NUL, no lone surrogates).
-pg_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"))
+pg_text = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\0"))
 
 
 def test_edge_values_round_trip(db: psycopg.Connection[Any]) -> None:

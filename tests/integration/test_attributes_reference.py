@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_cps import config
-from tests.test_attributes_helpers import World, ev
+from tests.integration.test_attributes_helpers import World, ev
 
 _ids = itertools.count(1)
 

@@ -313,3 +313,15 @@ def test_a_burst_is_handed_to_the_sweep_and_stitched_earliest_first(
         )
         assert reasons.get("rekey", 0) == 0, reasons
         assert stop(proc) == 0
+
+
+def test_a_database_that_does_not_exist_is_one_line_and_exit_2(
+    pg_server: Any, tmp_path: Path
+) -> None:
+    """A permanent connection failure is not retried for ever: no retry loop, no traceback."""
+    dsn = f"host=127.0.0.1 port={pg_server.port} user=postgres dbname=no_such_database"
+    with service_process(dsn, tmp_path / "run.log") as proc:
+        assert proc.wait(timeout=30) == 2
+    output = (tmp_path / "run.log").read_text()
+    assert "stream-cps: cannot connect to PostgreSQL" in output and "no_such_database" in output
+    assert "Traceback" not in output and "retrying" not in output

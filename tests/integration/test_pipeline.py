@@ -16,8 +16,8 @@ import psycopg
 from stream_cps import config
 from stream_cps.config import Schemas
 from stream_cps_dev.sample import generator
+from tests.integration.test_outbox_relay import index_docs, live_entities
 from tests.support import insert, start_service, wait_until
-from tests.test_outbox_relay import index_docs, live_entities
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

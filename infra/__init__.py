@@ -1,0 +1,1 @@
+"""Local services for development and CI, without Docker (importable by the tests)."""

@@ -1,0 +1,1 @@
+"""infra/kafka as a package, so tests import its service module directly."""

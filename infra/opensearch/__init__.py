@@ -1,0 +1,1 @@
+"""infra/opensearch as a package, so tests import its service module directly."""

@@ -1,0 +1,1 @@
+"""infra/postgres as a package, so tests import its service module directly."""

@@ -1,0 +1,1 @@
+"""Against the real services: PostgreSQL, Kafka, OpenSearch."""

@@ -1,0 +1,1 @@
+"""Pure logic, no services (fakes allowed)."""
