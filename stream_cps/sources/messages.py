@@ -25,6 +25,7 @@ from stream_cps.errors import InvalidInput
 from stream_cps.sources.kafka.framing import MAGIC
 
 MAX_TEXT = 255  # source_id, type, version are varchar(255) in the guide's DDL
+EVENT_FIELDS = frozenset({"id", "source_id", "type", "version", "event_time", "payload"})
 FORMATS = ("auto", "avro", "json")
 
 
@@ -115,9 +116,11 @@ def decode_object(obj: dict[str, Any], key: bytes | list[Any] | None) -> Decoded
         if not isinstance(resolved, str):
             raise InvalidInput("changefeed resolved timestamp is not a string")
         return Resolved(resolved)
-    if "id" in obj and "event_time" in obj:
+    if EVENT_FIELDS.intersection(obj):
+        # Looks like a customer event: one with a field missing is a dead letter naming it,
+        # not an "unknown kind" that would be dropped.
         return customer_event(obj, from_avro=False)
-    return Ignored("unknown", "JSON object with neither after, resolved nor id/event_time")
+    return Ignored("unknown", "JSON object with neither after, resolved nor event fields")
 
 
 def parse_json(data: bytes) -> Any:
@@ -125,6 +128,8 @@ def parse_json(data: bytes) -> Any:
         return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise InvalidInput(f"not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidInput("not valid JSON: nested too deeply") from exc
 
 
 def _reject_constant(name: str) -> Any:

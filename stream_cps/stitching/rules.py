@@ -45,7 +45,10 @@ class Rule:
 
 @dataclass(frozen=True)
 class RuleFailure:
-    attribute_id: str
+    """A problem met stitching an event, for ``stitching_errors``; ``attribute_id`` names the
+    rule, or is None when the event itself is the problem (an out-of-range event_time)."""
+
+    attribute_id: str | None
     event_id: str | None
     message: str
 
@@ -57,12 +60,19 @@ class RuleSet:
     broken: list[DefinitionError] = field(default_factory=list)
 
 
+# Where a sweep pass stands: (event_time as PostgreSQL prints it, event id) of the last event
+# read. Text, not a datetime: it round-trips every timestamptz exactly, 'infinity' included.
+Cursor = tuple[str, str]
+
+
 @dataclass
 class Extracted:
-    """Per event: its time and raw (attribute id, value) pairs; plus isolated failures."""
+    """Per event: its time and raw (attribute id, value) pairs; plus isolated failures, and
+    (for the sweep) the cursor after the last event in (event_time, id) order."""
 
     events: dict[str, tuple[datetime, list[tuple[str, str | None]]]]
     failures: list[RuleFailure]
+    last: Cursor | None = None
 
 
 class RuleBook:
@@ -152,7 +162,7 @@ def extract_next(
     schemas: Schemas,
     rules: Sequence[Rule],
     limit: int,
-    after: tuple[datetime, str] | None,
+    after: Cursor | None,
 ) -> Extracted:
     """Evaluate every rule against the next ``limit`` unstitched events after ``after`` in
     (event_time, id) order, finding and reading them in the same query (the sweep's read).
@@ -165,7 +175,7 @@ def extract_next(
         "ORDER BY event_time, id LIMIT {limit}"
     ).format(
         events=sql.Identifier(schemas.ce, "customer_events"),
-        after=sql.SQL("AND (event_time, id) > (%(after_time)s, %(after_id)s)")
+        after=sql.SQL("AND (event_time, id) > (%(after_time)s::timestamptz, %(after_id)s)")
         if after
         else sql.SQL(""),
         limit=sql.Placeholder("limit"),
@@ -175,15 +185,26 @@ def extract_next(
         params["after_time"], params["after_id"] = after
     try:
         with conn.transaction():
-            rows = conn.execute(*_query(schemas, rules, source, params)).fetchall()
-        return _collect(rows, rules, [])
+            rows = conn.execute(*_query(schemas, rules, source, params, ordered=True)).fetchall()
+        extracted = _collect(rows, rules, [])
+        if rows:
+            extracted.last = (str(rows[-1][4]), str(rows[-1][0]))
+        return extracted
     except psycopg.errors.QueryCanceled:
         raise
     except psycopg.Error:
         log.warning("rule evaluation failed for the next %d unstitched events; isolating", limit)
     with conn.transaction():
-        found = conn.execute(sql.SQL("SELECT id FROM ({}) ev").format(source), params).fetchall()
-    return _isolate(conn, schemas, rules, [str(r[0]) for r in found])
+        found = conn.execute(
+            sql.SQL(
+                "SELECT id, event_time::text FROM ({}) ev ORDER BY ev.event_time, ev.id"
+            ).format(source),
+            params,
+        ).fetchall()
+    extracted = _isolate(conn, schemas, rules, [str(r[0]) for r in found])
+    if found:
+        extracted.last = (str(found[-1][1]), str(found[-1][0]))
+    return extracted
 
 
 def _by_ids(
@@ -197,9 +218,14 @@ def _by_ids(
 
 
 def _query(
-    schemas: Schemas, rules: Sequence[Rule], source: sql.Composable, params: dict[str, object]
+    schemas: Schemas,
+    rules: Sequence[Rule],
+    source: sql.Composable,
+    params: dict[str, object],
+    ordered: bool = False,
 ) -> tuple[sql.Composed, dict[str, object]]:
-    """Every rule as one arm of a LATERAL UNION ALL over the events ``source`` selects."""
+    """Every rule as one arm of a LATERAL UNION ALL over the events ``source`` selects; rows
+    in (event_time, id) order when ``ordered`` (the sweep's cursor is the last one)."""
     params = dict(params)
     parts = []
     for n, rule in enumerate(rules):
@@ -223,9 +249,13 @@ def _query(
         else sql.SQL("SELECT NULL::int AS rule, NULL::text AS value WHERE false")
     )
     query = sql.SQL(
-        "SELECT ev.id, ev.event_time, x.rule, x.value FROM ({source}) ev "
-        "LEFT JOIN LATERAL ({lateral}) x ON true"
-    ).format(source=source, lateral=lateral)
+        "SELECT ev.id, ev.event_time, x.rule, x.value, ev.event_time::text FROM ({source}) ev "
+        "LEFT JOIN LATERAL ({lateral}) x ON true{order}"
+    ).format(
+        source=source,
+        lateral=lateral,
+        order=sql.SQL(" ORDER BY ev.event_time, ev.id") if ordered else sql.SQL(""),
+    )
     return query, params
 
 
@@ -233,7 +263,7 @@ def _collect(
     rows: Sequence[tuple[Any, ...]], rules: Sequence[Rule], failures: list[RuleFailure]
 ) -> Extracted:
     events: dict[str, tuple[datetime, list[tuple[str, str | None]]]] = {}
-    for event_id, event_time, rule_no, value in rows:
+    for event_id, event_time, rule_no, value, *_ in rows:
         entry = events.setdefault(str(event_id), (event_time, []))
         if rule_no is not None:
             entry[1].append((rules[rule_no].attribute_id, None if value is None else str(value)))

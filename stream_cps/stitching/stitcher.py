@@ -35,6 +35,7 @@ from opentelemetry import metrics, trace
 
 from stream_cps import retry, telemetry
 from stream_cps.config import Settings
+from stream_cps.db.timestamps import OutOfRange
 from stream_cps.stitching import grouping, rules
 from stream_cps.stitching.normalize import identifiers_of
 from stream_cps.stitching.store import EventMarks, StitchStore
@@ -72,6 +73,16 @@ class BatchResult:
 R = TypeVar("R")
 StitchIn = Callable[[list[str]], BatchResult]
 """Stitches ids inside the transaction ``Stitcher.within`` opened for its caller."""
+
+
+def _out_of_range(event_id: str, when: OutOfRange) -> rules.RuleFailure:
+    """An event stitched although its time is outside what Python holds, recorded as such."""
+    message = (
+        f"event_time {when.original!r} is outside years 1-9999: stitched, ordered as "
+        f"{when.isoformat()} (it decides the entity id only among such events)"
+    )
+    log.warning("event %s: %s", event_id, message)
+    return rules.RuleFailure(None, event_id, message)
 
 
 class Stitcher:
@@ -171,7 +182,7 @@ class Stitcher:
         self, conn: psycopg.Connection[Any], reader: psycopg.Connection[Any], stop: threading.Event
     ) -> Iterator[BatchResult]:
         if reader is conn:
-            after: grouping.EventKey | None = None
+            after: rules.Cursor | None = None
             while True:
                 prepared, after = self._read_next(conn, after)
                 yield self._commit_prepared(conn, prepared)
@@ -189,8 +200,8 @@ class Stitcher:
                     return
 
     def _read_next(
-        self, conn: psycopg.Connection[Any], after: grouping.EventKey | None
-    ) -> tuple[Prepared, grouping.EventKey | None]:
+        self, conn: psycopg.Connection[Any], after: rules.Cursor | None
+    ) -> tuple[Prepared, rules.Cursor | None]:
         """The sweep's next batch after ``after``, read and normalised, and the cursor to
         continue from (None when this batch ends the pass). One query finds the events and
         evaluates the rules (``rules.extract_next``)."""
@@ -198,9 +209,8 @@ class Stitcher:
         ruleset = self.rulebook.refresh(conn)
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
             extracted = rules.extract_next(conn, self.schemas, ruleset.rules, limit, after)
-        keys = sorted((t, event_id) for event_id, (t, _) in extracted.events.items())
         prepared = self._normalise(list(extracted.events), extracted, ruleset)
-        return prepared, (keys[-1] if len(keys) == limit else None)
+        return prepared, (extracted.last if len(extracted.events) == limit else None)
 
     def _commit_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Group and write events read beforehand, in a transaction of its own."""
@@ -242,7 +252,12 @@ class Stitcher:
             )
             for event_id, (event_time, pairs) in extracted.events.items()
         ]
-        return Prepared(event_ids, events, extracted.failures, EventMarks.of(events))
+        failures = extracted.failures + [
+            _out_of_range(ev.id, ev.event_time)
+            for ev in events
+            if isinstance(ev.event_time, OutOfRange)
+        ]
+        return Prepared(event_ids, events, failures, EventMarks.of(events))
 
     def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Lock, purge, group and write, in the caller's transaction."""

@@ -396,6 +396,52 @@ def test_changefeed_messages_with_duplicates_resolved_and_deletes(
     assert observed(db) == expected(db)
 
 
+def test_poison_messages_are_dead_letters_or_stitched_and_the_member_carries_on(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """JSON nested 50,000 deep, an event missing its id or its time: dead letters with a reason.
+    Times PostgreSQL stores but Python cannot read back (year 0 in UTC, year 10000 in UTC):
+    stitched, and recorded in stitching_errors. The member never stops."""
+    settings, topic = kafka_env
+    good = sample(20, seed=37)
+    template = json.loads(json_event(good[0]))
+    missing_id = {k: v for k, v in template.items() if k != "id"}
+    missing_time = {**{k: v for k, v in template.items() if k != "event_time"}, "id": "no-time"}
+    bad = [
+        b'{"a": ' * 50_000 + b"1" + b"}" * 50_000,
+        json.dumps(missing_id).encode(),
+        json.dumps(missing_time).encode(),
+    ]
+    edges = [
+        json.dumps({**template, "id": "first-day", "event_time": "0001-01-01T00:00:00+14:00"}),
+        json.dumps({**template, "id": "last-day", "event_time": "9999-12-31T23:59:59-14:00"}),
+    ]
+    messages = (
+        events_of(good[:10])
+        + [(b"bad", v) for v in bad]
+        + [(b"edge", e.encode()) for e in edges]
+        + events_of(good[10:])
+    )
+    produce(settings.kafka.bootstrap_servers, topic, messages)
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(messages), 30, "all consumed")
+    assert all_stitched(db, len(good) + len(edges))
+    reasons = [
+        str(r[0])
+        for r in db.execute("SELECT reason FROM cdp_ps.kafka_dead_letters ORDER BY kafka_offset")
+    ]
+    assert len(reasons) == 3
+    assert "nested too deeply" in reasons[0]
+    assert "id: required" in reasons[1] and "event_time" in reasons[2]
+    recorded = {
+        str(r[0])
+        for r in db.execute(
+            "SELECT event_id FROM cdp_ps.stitching_errors WHERE attribute_id IS NULL"
+        )
+    }
+    assert recorded == {"first-day", "last-day"}
+
+
 def generator_table(settings: config.Settings) -> Any:
     from psycopg import sql
 

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from stream_cps.config import Schemas
+from stream_cps.db import schema
 from stream_cps_dev.sample import generator
 from tests.support import (
     event,
@@ -325,3 +326,20 @@ def test_a_database_that_does_not_exist_is_one_line_and_exit_2(
     output = (tmp_path / "run.log").read_text()
     assert "stream-cps: cannot connect to PostgreSQL" in output and "no_such_database" in output
     assert "Traceback" not in output and "retrying" not in output
+
+
+def test_a_background_thread_that_fails_makes_the_process_exit_non_zero(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """Calculation meets an error no retry fixes (its context table is gone): the whole process
+    stops, and systemd or Kubernetes see it in the exit code, never a 0."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        schema.migrate(conn, Schemas())
+        setup_rules(conn)
+        with service_process(pg_dsn, tmp_path / "run.log") as proc:
+            wait_until(lambda: slot_active(conn), what="the slot")
+            conn.execute("DROP TABLE public.context CASCADE")
+            code = proc.wait(timeout=30)
+    output = (tmp_path / "run.log").read_text()
+    assert code != 0, output[-3000:]
+    assert "attributes thread failed; stopping the service" in output

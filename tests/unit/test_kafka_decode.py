@@ -96,6 +96,11 @@ def test_tombstones_and_unknown_kinds_are_ignored_not_rejected() -> None:
         (b'{"id": "x", "event_time": NaN}', "not valid JSON"),
         (_json({"after": "text"}), "neither an object nor null"),
         (_json({"after": None}), "delete without a usable key"),
+        (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+        (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "nested too deeply"),
+        (_json({k: v for k, v in JSON_EVENT.items() if k != "id"}), "id: required"),
+        (_json({k: v for k, v in JSON_EVENT.items() if k != "event_time"}), "event_time"),
+        (_json({"id": "x"}), "source_id: required"),
     ],
 )
 def test_malformed_messages_raise_with_a_reason(value: bytes, reason: str) -> None:
