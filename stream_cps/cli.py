@@ -36,12 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Fatal as exc:  # configuration, schema, credentials: the operator's to fix
         print(f"stream-cps: {exc}", file=sys.stderr)
         return 2
-    except psycopg.OperationalError as exc:
+    except psycopg.OperationalError as exc:  # a command that does not retry, e.g. init
         fatal = retry.fatal_connect_error(exc)
-        if fatal is None:
-            raise
-        print(f"stream-cps: {fatal}", file=sys.stderr)
-        return 2
+        print(
+            f"stream-cps: {fatal or f'database unavailable: {exc}'.splitlines()[0]}",
+            file=sys.stderr,
+        )
+        return 2 if fatal else 1
     except StreamCpsError as exc:
         print(f"stream-cps: {exc}", file=sys.stderr)
         return 1
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", parents=[common], help="create or upgrade the schema")
+    init.add_argument(
+        "--no-replication",
+        action="store_true",
+        help="no publication or slot (Kafka-only deployments: a slot nothing reads keeps WAL)",
+    )
     init.set_defaults(handler=_cmd_init)
 
     relay = sub.add_parser(
@@ -119,7 +125,7 @@ def _logging(level: str) -> None:
     )
 
 
-def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
+def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:
     from stream_cps.db import schema
     from stream_cps.db.connect import connect
     from stream_cps.sources.postgres.readers import reader
@@ -128,15 +134,24 @@ def _cmd_init(settings: config.Settings, _args: argparse.Namespace) -> int:
         applied = schema.migrate(conn, settings.schemas)
         version = schema.latest_version()
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
-        try:
-            reader(settings).ensure(conn)
-        except SchemaError as exc:
-            print(f"replication not set up yet: {exc}", file=sys.stderr)
         if settings.opensearch.url:
             from stream_cps.sinks.relay import prepare_index
 
             prepare_index(settings, conn)
             print(f"OpenSearch index {settings.opensearch.index} ready")
+        if args.no_replication:
+            print("replication: skipped (--no-replication); use `run --source kafka`")
+            return 0
+        try:
+            reader(settings).ensure(conn)
+        except SchemaError as exc:
+            print(
+                f"stream-cps: replication not set up: {exc} "
+                "(or pass --no-replication for a Kafka-only deployment)",
+                file=sys.stderr,
+            )
+            return 2
+        print(f"replication: slot {settings.stitching.slot_name} ready")
     return 0
 
 

@@ -397,5 +397,13 @@ def _dsn_from_section(section: Any) -> str:
     for required in ("host", "dbname"):
         if not section.get(required):
             raise ConfigError(f"postgresql.{required}: required")
+    port = section.get("port")
+    if port not in (None, ""):
+        try:
+            valid = 0 < int(port) < 65536 and not isinstance(port, bool | float)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"postgresql.port: expected a port number, got {port!r}")
     parts = {k: str(v) for k, v in section.items() if v not in (None, "")}
     return make_conninfo(**parts)

@@ -40,6 +40,9 @@ _PERMANENT_CONNECT = (
     "permission denied",
     "invalid sslmode",
     "invalid connection option",
+    "invalid integer value",
+    'missing "=" after',  # a DSN that is not key=value
+    "invalid dsn",
 )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -67,9 +69,9 @@ def catalog(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
-def init(dsn: str) -> subprocess.CompletedProcess[str]:
+def init(dsn: str, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "stream_cps", "init", "--dsn", dsn],
+        [sys.executable, "-m", "stream_cps", "init", "--dsn", dsn, *flags],
         capture_output=True,
         text=True,
         check=False,
@@ -156,3 +158,53 @@ def test_configured_schema_names_are_used(pg_dsn: str) -> None:
 def test_postgres_runs_with_logical_wal(db: psycopg.Connection[Any]) -> None:
     row = db.execute("SHOW wal_level").fetchone()
     assert row == ("logical",)
+
+
+def slots_of(conn: psycopg.Connection[Any], database: str) -> list[str]:
+    return [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", [database]
+        )
+    ]
+
+
+def test_two_databases_on_one_server_cannot_share_a_slot_name(
+    pg_server: Any, tmp_path: Path
+) -> None:
+    """Slot names are per server: a second database with the default slot name is refused at
+    once, by init and by run, with a line naming stitching.slot_name (it used to "hold the
+    lease" and hang); --no-replication sets up a Kafka-only database without any slot."""
+    names = [f"two_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    dsns = [f"host=127.0.0.1 port={pg_server.port} user=postgres dbname={n}" for n in names]
+    with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+        for name in names:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            assert init(dsns[0]).returncode == 0
+            assert slots_of(admin, names[0]) == ["stream_cps"]
+            refused = init(dsns[1])
+            assert refused.returncode == 2
+            assert "stitching.slot_name" in refused.stderr and names[0] in refused.stderr
+            errors = [line for line in refused.stderr.splitlines() if "stream-cps:" in line]
+            assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+            kafka_only = init(dsns[1], "--no-replication")
+            assert kafka_only.returncode == 0, kafka_only.stderr
+            assert slots_of(admin, names[1]) == []
+            run = subprocess.run(
+                [sys.executable, "-m", "stream_cps", "run", "--dsn", dsns[1]],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert run.returncode == 2, run.stderr[-2000:]
+            assert "stitching.slot_name" in run.stderr and "Traceback" not in run.stderr
+        finally:
+            for name in names:
+                admin.execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                    "WHERE database = %s AND NOT active",
+                    [name],
+                )
+                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -69,6 +69,15 @@ def test_invalid_values_are_named() -> None:
         config.load(environ={"STREAM_CPS_TELEMETRY_EXPORTER": "zipkin"})
 
 
+@pytest.mark.parametrize("port", ["notaport", 0, 70000, True, 5432.5])
+def test_a_bad_port_in_the_guide_file_is_named(tmp_path: Path, port: object) -> None:
+    section = {**GUIDE["postgresql"], "port": port}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="^postgresql.port: expected a port number"):
+        config.load(write(tmp_path, {**GUIDE, "postgresql": section}), environ={})
+    good = {**GUIDE["postgresql"], "port": "6432"}  # type: ignore[dict-item]
+    assert "port=6432" in config.load(write(tmp_path, {**GUIDE, "postgresql": good})).dsn
+
+
 def test_missing_dsn_is_a_clear_error() -> None:
     settings = config.load(environ={})
     with pytest.raises(ConfigError, match="^dsn: no database given"):

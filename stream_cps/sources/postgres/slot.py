@@ -77,13 +77,23 @@ class SlotSource:
             )
             log.info("publication %s now carries inserts only", self.publication)
         slot = conn.execute(
-            "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", [self.slot]
+            "SELECT plugin, database, current_database() FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            [self.slot],
         ).fetchone()
         if not slot:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [self.slot])
             log.info("created logical replication slot %s (pgoutput)", self.slot)
-        elif slot[0] != "pgoutput":
-            raise SchemaError(f"slot {self.slot} uses plugin {slot[0]}, expected pgoutput")
+            return
+        plugin, database, here = slot
+        if database != here:
+            # Slot names are per server; the lease is per database, so both would "hold" it.
+            raise SchemaError(
+                f"stitching.slot_name: slot {self.slot} belongs to database {database!r}; "
+                f"give {here!r} a slot of its own (e.g. stream_cps_{here.lower()})"
+            )
+        if plugin != "pgoutput":
+            raise SchemaError(f"slot {self.slot} uses plugin {plugin}, expected pgoutput")
 
     def _is_unstitched(self, change: RowChange) -> bool:
         rel = change.relation
