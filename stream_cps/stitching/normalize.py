@@ -3,11 +3,19 @@
 The vendor's own failure stories set the rules: values like ``None`` or ``0`` glued thousands of
 people into one entity, and ``12345`` vs ``12345.0`` failed to stitch. So values are trimmed,
 empty and blocked values never stitch, and integral decimals lose their zero fraction.
+
+Real imports add their own junk: invisible characters (a BOM from a CSV file, zero-width spaces
+pasted from a web form) are removed with the whitespace; the blocklist and the zeros rule look
+at the value folded to Unicode compatibility form (NFKC: a full-width zero U+FF10 is a zero),
+while the stored value keeps its characters; a JSON object or array (a rule that used ``->``
+where it meant ``->>``) never stitches.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -17,12 +25,34 @@ _INTEGRAL_DECIMAL = re.compile(r"^([+-]?\d+)\.0+$")
 SEPARATOR = ":"
 
 
+def _visible(text: str) -> str:
+    """``text`` without format characters (Unicode category Cf: BOM, zero-width spaces and
+    joiners, soft hyphen, direction marks); ASCII has none, so it passes untouched."""
+    if text.isascii():
+        return text
+    return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
+def _json_container(value: str) -> bool:
+    if not (value[0] in "{[" and value[-1] in "}]"):
+        return False
+    try:
+        return isinstance(json.loads(value), dict | list)
+    except ValueError:
+        return False
+
+
+def folded(value: str) -> str:
+    """What the blocklist compares: NFKC, lower case (ASCII values are only lowered)."""
+    return (value if value.isascii() else unicodedata.normalize("NFKC", value)).lower()
+
+
 def normalize(raw: str | None) -> str | None:
-    """Canonical form of a raw value, or None when it is empty."""
+    """Canonical form of a raw value, or None when it is empty (or a JSON object/array)."""
     if raw is None:
         return None
-    value = raw.strip()
-    if not value:
+    value = _visible(raw).strip()
+    if not value or _json_container(value):
         return None
     match = _INTEGRAL_DECIMAL.match(value)
     if match:
@@ -47,7 +77,7 @@ class Blocklist:
         glob: set[str] = set()
         per: dict[str, set[str]] = {}
         for attribute_id, value in rows:
-            norm = (normalize(value) or "").lower()
+            norm = folded(normalize(value) or "")
             if attribute_id is None:
                 glob.add(norm)
             else:
@@ -55,10 +85,10 @@ class Blocklist:
         return cls(frozenset(glob), {k: frozenset(v) for k, v in per.items()})
 
     def blocks(self, attribute_id: str, value: str) -> bool:
-        lowered = value.lower()
+        lowered = folded(value)
         return (
             lowered in DEFAULT_BLOCKLIST
-            or bool(_ZEROS_AND_DASHES.match(value))
+            or bool(_ZEROS_AND_DASHES.match(lowered))
             or lowered in self.extra_global
             or lowered in self.per_attribute.get(attribute_id, frozenset())
         )

@@ -61,3 +61,33 @@ def test_identifiers_of_caches_per_blocklist_and_answers_alike() -> None:
     assert first == ["email:A@x", "id:12", "id:" + "x" * 300]
     stricter = Blocklist.from_rows([("email", "a@x")])
     assert identifiers_of(pairs, stricter) == ["id:12", "id:" + "x" * 300]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("None\u200b", None),  # zero-width space after a blocked value
+        ("\ufeffNone", None),  # a byte-order mark from a CSV import
+        ("\u200b", None),  # nothing but an invisible character
+        ("a@b.com\u200d", "a@b.com"),
+        ("\u00a0a@b.com\u3000", "a@b.com"),  # no-break and ideographic spaces
+        ("\uff10", None),  # full-width zero: only zeros once folded
+        ("\uff2e\uff55\uff4c\uff4c", None),  # full-width "Null"
+        ("{}", None),
+        ("[]", None),
+        ('{"id": 1}', None),  # a JSON object selected with -> instead of ->>
+        ("[1, 2]", None),
+        ("{not json}", "{not json}"),
+        ("\uff11\uff12\uff13", "\uff11\uff12\uff13"),  # folded only to decide, stored as sent
+    ],
+)
+def test_invisible_characters_compatibility_forms_and_json_never_stitch_as_junk(
+    raw: str, expected: str | None
+) -> None:
+    found = identifiers_of([("crm", raw)], Blocklist())
+    assert found == ([] if expected is None else [f"crm:{expected}"])
+
+
+def test_the_table_blocklist_sees_folded_values_too() -> None:
+    blocklist = Blocklist.from_rows([(None, "N/A")])
+    assert identifiers_of([("crm", "\uff2e/\uff21"), ("crm", "n/a\u200b")], blocklist) == []
