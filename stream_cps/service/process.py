@@ -24,7 +24,7 @@ from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
 from stream_cps.sources.changefeed.webhook import WebhookServer
 from stream_cps.sources.messages import Envelope
-from stream_cps.stitching.ingest import Applier
+from stream_cps.stitching.ingest import Applier, ApplyStats
 from stream_cps.stitching.stitcher import Stitcher
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class WebhookIngest:
             "dead_letters": len(stats.dead_letters),
         }
 
-    def _apply(self, envelopes: list[Envelope]) -> Any:
+    def _apply(self, envelopes: list[Envelope]) -> ApplyStats:
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
