@@ -47,6 +47,7 @@ GUIDE_SCRIPTS = [
     "UPDATE cdp_attr.context SET modified = NULL;",
     "UPDATE cdp_attr.cached_attributes_counts_customers_per_attribute SET modified = NULL;",
     "UPDATE cdp_attr.cached_attribute_values_counts SET modified = NULL;",
+    "UPDATE cdp_attr.customer_entities SET calculated = NULL;",  # the PostgreSQL runbook's name
 ]
 
 
@@ -97,6 +98,20 @@ def test_init_twice_creates_contract_tables_and_changes_nothing(pg_dsn: str) -> 
 def test_guide_scripts_run_in_plain_psql(db: psycopg.Connection[Any], pg_dsn: str) -> None:
     for script in GUIDE_SCRIPTS:
         psql(pg_dsn, script)
+
+
+def test_the_runbooks_customer_entities_name_makes_every_entity_due(
+    db: psycopg.Connection[Any], pg_dsn: str
+) -> None:
+    db.execute(
+        "INSERT INTO customer_attributes (customer_entity_id, identifiers, modified, calculated, "
+        "first_event_time, first_event_id) VALUES ('e1', ARRAY['email:a@x'], now(), now(), "
+        "now(), 'ev1')"
+    )
+    psql(pg_dsn, "UPDATE cdp_attr.customer_entities SET calculated = NULL;")
+    assert db.execute(
+        "SELECT calculated FROM customer_attributes WHERE customer_entity_id = 'e1'"
+    ).fetchone() == (None,)
 
 
 def test_guide_stitching_config_ddl_indexes(db: psycopg.Connection[Any]) -> None:
