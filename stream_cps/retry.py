@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import tenacity
+from confluent_kafka import KafkaException
 
 from stream_cps.errors import Fatal, Stopped, StreamCpsError, Transient
 
@@ -97,8 +98,8 @@ def _pg_transient(exc: psycopg.Error) -> bool:
 
 
 def _kafka_transient(exc: BaseException) -> bool:
-    """librdkafka errors say themselves whether they are retriable (KafkaException.args[0])."""
-    if type(exc).__name__ != "KafkaException" or not exc.args:
+    """A librdkafka failure: its ``KafkaError`` (``args[0]``) says what it is."""
+    if not isinstance(exc, KafkaException) or not exc.args:
         return False
     return _kafka_error_transient(exc.args[0])
 

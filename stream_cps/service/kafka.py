@@ -23,7 +23,6 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
-from stream_cps.errors import Transient
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
 from stream_cps.sources.kafka.consumer import KafkaBatch, KafkaSource
@@ -101,13 +100,7 @@ class KafkaLoop:
 
     def _apply(self, envelopes: list[Envelope]) -> ApplyStats:
         """The batch's transaction; a lost connection is reopened by the next try."""
-        conn = self._db()
-        try:
-            return self.applier.apply(conn, envelopes)
-        except psycopg.OperationalError as exc:
-            if conn.broken or conn.closed:
-                raise Transient(f"database connection lost: {exc}") from exc
-            raise
+        return self.applier.apply(self._db(), envelopes)
 
     def _db(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:

@@ -14,11 +14,11 @@ from typing import Any
 
 import psycopg
 
-from stream_cps import retry, telemetry
+from stream_cps import telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
-from stream_cps.errors import ConfigError, Transient
+from stream_cps.errors import ConfigError
 from stream_cps.service.background import Background
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
@@ -71,19 +71,14 @@ def webhook_server(settings: Settings) -> WebhookServer:
     """The changefeed webhook, applying each request with the Kafka path's ingest."""
     with connect(settings.dsn, role="check", autocommit=True) as conn:
         schema.check(conn, settings.schemas)
-    return WebhookServer(settings.webhook, WebhookIngest(settings))
+    ingest = WebhookIngest(settings)
+    return WebhookServer(settings.webhook, ingest, on_close=ingest.close)
 
 
 def webhook(settings: Settings, stop: threading.Event) -> None:
     """``stream-cps webhook``: serve until ``stop`` is set."""
     telemetry.setup(settings.telemetry)
-    with connect(settings.dsn, role="check", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
-    ingest = WebhookIngest(settings)
-    try:
-        WebhookServer(settings.webhook, ingest).serve(stop)
-    finally:
-        ingest.close()
+    webhook_server(settings).serve(stop)
 
 
 class WebhookIngest:
@@ -95,12 +90,7 @@ class WebhookIngest:
         self._idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
 
     def __call__(self, envelopes: list[Envelope]) -> dict[str, Any]:
-        try:
-            stats = self._apply(envelopes)
-        except Exception as exc:
-            if retry.is_transient(exc):
-                raise Transient(f"database unavailable: {exc}") from exc
-            raise
+        stats = self._apply(envelopes)
         return {
             "messages": stats.messages,
             "stitched": stats.stitch.events,

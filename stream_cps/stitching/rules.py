@@ -187,8 +187,7 @@ def extract_next(
         with conn.transaction():
             rows = conn.execute(*_query(schemas, rules, source, params, ordered=True)).fetchall()
         extracted = _collect(rows, rules, [])
-        if rows:
-            extracted.last = (str(rows[-1][4]), str(rows[-1][0]))
+        extracted.last = _cursor(rows)
         return extracted
     except psycopg.errors.QueryCanceled:
         raise
@@ -202,9 +201,13 @@ def extract_next(
             params,
         ).fetchall()
     extracted = _isolate(conn, schemas, rules, [str(r[0]) for r in found])
-    if found:
-        extracted.last = (str(found[-1][1]), str(found[-1][0]))
+    extracted.last = _cursor(found)
     return extracted
+
+
+def _cursor(rows: Sequence[tuple[Any, ...]]) -> Cursor | None:
+    """The cursor after the last of ``rows`` (in sweep order: id first, time text last)."""
+    return (str(rows[-1][-1]), str(rows[-1][0])) if rows else None
 
 
 def _by_ids(
@@ -248,12 +251,14 @@ def _query(
         if parts
         else sql.SQL("SELECT NULL::int AS rule, NULL::text AS value WHERE false")
     )
+    # The sweep also takes each row's time as PostgreSQL prints it, for its cursor.
     query = sql.SQL(
-        "SELECT ev.id, ev.event_time, x.rule, x.value, ev.event_time::text FROM ({source}) ev "
+        "SELECT ev.id, ev.event_time, x.rule, x.value{cursor} FROM ({source}) ev "
         "LEFT JOIN LATERAL ({lateral}) x ON true{order}"
     ).format(
         source=source,
         lateral=lateral,
+        cursor=sql.SQL(", ev.event_time::text") if ordered else sql.SQL(""),
         order=sql.SQL(" ORDER BY ev.event_time, ev.id") if ordered else sql.SQL(""),
     )
     return query, params

@@ -109,14 +109,7 @@ class Stitcher:
         """Stitch those of ``event_ids`` that are still unstitched (and apply pending purges),
         in a READ COMMITTED transaction of its own."""
 
-        def attempt() -> BatchResult:
-            conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-            with conn.transaction():
-                return self._in_transaction(conn, event_ids)
-
-        result = retry.CONFLICT.call(attempt)
-        self._count(result)
-        return result
+        return self._own_transaction(conn, lambda: self._in_transaction(conn, event_ids))
 
     def sweep(
         self,
@@ -214,24 +207,36 @@ class Stitcher:
 
     def _commit_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Group and write events read beforehand, in a transaction of its own."""
+        return self._own_transaction(
+            conn, lambda: self._batch(conn, len(prepared.event_ids), lambda: prepared)
+        )
+
+    def _own_transaction(
+        self, conn: psycopg.Connection[Any], work: Callable[[], BatchResult]
+    ) -> BatchResult:
+        """``work`` in a READ COMMITTED transaction, retried on lost conflicts; counted after
+        the commit."""
 
         def attempt() -> BatchResult:
             conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-            with (
-                conn.transaction(),
-                telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span,
-            ):
-                span.set_attribute("events.requested", len(prepared.event_ids))
-                return self._apply(conn, prepared)
+            with conn.transaction():
+                return work()
 
         result = retry.CONFLICT.call(attempt)
         self._count(result)
         return result
 
     def _in_transaction(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
+        return self._batch(conn, len(event_ids), lambda: self._prepare(conn, event_ids))
+
+    def _batch(
+        self, conn: psycopg.Connection[Any], requested: int, prepare: Callable[[], Prepared]
+    ) -> BatchResult:
+        """One ``stitch.batch`` span: prepare (when not read ahead), then lock, purge, group,
+        write, in the transaction that is open."""
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
-            span.set_attribute("events.requested", len(event_ids))
-            return self._apply(conn, self._prepare(conn, event_ids))
+            span.set_attribute("events.requested", requested)
+            return self._apply(conn, prepare())
 
     def _prepare(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> Prepared:
         """Evaluate the rules for those of ``event_ids`` still unstitched, and normalise."""

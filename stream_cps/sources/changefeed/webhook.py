@@ -6,7 +6,7 @@ is handed to the caller's handler (the service applies it in one transaction, th
 the Kafka path) and answered 200 only after that returned, so the changefeed's at-least-once
 retries are what makes delivery reliable. A body or an entry that cannot be decoded becomes a
 dead-letter envelope (recorded, and still answered 200), so one bad message does not stall the
-feed; a transient failure (``Transient``: the database away) is answered 503 and the sink
+feed; a transient failure (the database away) is answered 503 and the sink
 retries.
 """
 
@@ -22,8 +22,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from stream_cps import retry
 from stream_cps.config import WebhookSettings
-from stream_cps.errors import ConfigError, InvalidInput, Transient
+from stream_cps.errors import ConfigError, InvalidInput
 from stream_cps.sources.messages import Envelope, Resolved, decode_object, webhook_entries
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,19 @@ def envelopes_of(body: bytes) -> list[Envelope]:
 
 
 Handler = Callable[[list[Envelope]], dict[str, Any]]
-"""Applies one request's envelopes and returns the JSON answer; raises ``Transient`` when the
-request should be retried by the sink (answered 503)."""
+"""Applies one request's envelopes and returns the JSON answer. A failure that passes
+(``retry.is_transient``: the database away) is answered 503, so the sink retries."""
 
 
 class WebhookServer:
     """A threading HTTPS server that turns each request body into envelopes for ``handle``."""
 
-    def __init__(self, settings: WebhookSettings, handle: Handler) -> None:
+    def __init__(
+        self,
+        settings: WebhookSettings,
+        handle: Handler,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         cert, key = settings.cert_file, settings.key_file
         if not cert or not key:
             raise ConfigError(
@@ -85,6 +91,7 @@ class WebhookServer:
                 "only speak HTTPS)"
             )
         self.handle = handle
+        self.on_close = on_close  # e.g. close the handler's pooled connections
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(cert, key)
@@ -107,6 +114,8 @@ class WebhookServer:
             self.httpd.shutdown()
             self.httpd.server_close()
             thread.join(timeout=5)
+            if self.on_close is not None:
+                self.on_close()
 
 
 class _TLSServer(ThreadingHTTPServer):
@@ -149,13 +158,13 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length)
             try:
                 answer = server.handle(envelopes_of(body))
-            except Transient as exc:
-                log.warning("webhook: %s; answered 503, the sink will retry", exc)
-                self._reply(503, {"error": "database unavailable"})
-                return
-            except Exception:
-                log.exception("webhook: request failed")
-                self._reply(500, {"error": "internal error"})
+            except Exception as exc:
+                if retry.is_transient(exc):
+                    log.warning("webhook: %s; answered 503, the sink will retry", exc)
+                    self._reply(503, {"error": "database unavailable"})
+                else:
+                    log.exception("webhook: request failed")
+                    self._reply(500, {"error": "internal error"})
                 return
             self._reply(200, answer)
 
