@@ -6,8 +6,6 @@ from typing import Any
 
 import psycopg
 
-from stream_cps.db import timestamps
-
 APPLICATION_NAME = "stream-cps"
 
 
@@ -17,6 +15,4 @@ def connect(dsn: str, role: str = "main", **kwargs: Any) -> psycopg.Connection[A
     The guide's runbooks find the service's sessions with ``application_name ILIKE '%cps%'``;
     the tag keeps that working.
     """
-    conn = psycopg.connect(dsn, application_name=f"{APPLICATION_NAME} {role}", **kwargs)
-    timestamps.register(conn)  # an event_time Python cannot hold must not stop the service
-    return conn
+    return psycopg.connect(dsn, application_name=f"{APPLICATION_NAME} {role}", **kwargs)

@@ -2,9 +2,12 @@
 
 ``customer_events.event_time`` accepts ``'infinity'``, ``'-infinity'``, years after 9999 and
 years BC; psycopg's own loader raises ``DataError`` for each, and one such row used to stop
-stitching for everyone. On our connections such a value loads as an ``OutOfRange`` datetime:
-the latest (or earliest) instant Python has, so it still orders after (or before) every
-ordinary time, with the value PostgreSQL printed kept in ``original`` for the error record.
+stitching for everyone. ``fetch_all`` reads the rows of a query with psycopg's fast (C)
+loaders and, only when a value cannot be loaded, reads them again with lenient loaders that
+turn such a value into an ``OutOfRange`` datetime: the latest (or earliest) instant Python has,
+so it still orders after (or before) every ordinary time, with the value PostgreSQL printed
+kept in ``original`` for the error record. (Lenient loaders on every read cost a fifth of the
+stitching rate, bench/stitch.py: psycopg's C loaders cannot be subclassed.)
 """
 
 from __future__ import annotations
@@ -56,7 +59,23 @@ class LenientTimestamptzBinaryLoader(TimestamptzBinaryLoader):
             return OutOfRange.of(f"{micros} microseconds after 2000-01-01", micros >= 0)
 
 
-def register(conn: psycopg.Connection[Any]) -> None:
-    """Use the lenient loaders for ``timestamptz`` on this connection."""
-    conn.adapters.register_loader("timestamptz", LenientTimestamptzLoader)
-    conn.adapters.register_loader("timestamptz", LenientTimestamptzBinaryLoader)
+def register(context: psycopg.Connection[Any] | psycopg.Cursor[Any]) -> None:
+    """Use the lenient loaders for ``timestamptz`` on this connection or cursor."""
+    context.adapters.register_loader("timestamptz", LenientTimestamptzLoader)
+    context.adapters.register_loader("timestamptz", LenientTimestamptzBinaryLoader)
+
+
+def fetch_all(
+    conn: psycopg.Connection[Any], query: Any, params: Any = None
+) -> list[tuple[Any, ...]]:
+    """The rows of a ``query`` that may run twice (a SELECT, or a FOR UPDATE that locks the same
+    rows again); read a second time, leniently, when one of
+    its timestamps is outside what ``datetime`` holds (errors of the query itself surface from
+    the first execution as usual)."""
+    cur = conn.execute(query, params)
+    try:
+        return cur.fetchall()
+    except psycopg.DataError:  # raised while loading a value, not by the server
+        lenient = conn.cursor()
+        register(lenient)
+        return lenient.execute(query, params).fetchall()

@@ -25,6 +25,7 @@ from psycopg.adapt import PyFormat
 
 from stream_cps.config import Schemas
 from stream_cps.db.arrays import TextArray
+from stream_cps.db.timestamps import fetch_all
 from stream_cps.errors import DefinitionError
 from stream_cps.stitching.normalize import SEPARATOR, Blocklist
 
@@ -148,7 +149,7 @@ def extract(
     """Evaluate every rule against the unstitched events among ``event_ids``, in one query."""
     try:
         with conn.transaction():
-            rows = conn.execute(*_by_ids(schemas, rules, event_ids)).fetchall()
+            rows = fetch_all(conn, *_by_ids(schemas, rules, event_ids))
         return _collect(rows, rules, [])
     except psycopg.errors.QueryCanceled:
         raise
@@ -185,7 +186,7 @@ def extract_next(
         params["after_time"], params["after_id"] = after
     try:
         with conn.transaction():
-            rows = conn.execute(*_query(schemas, rules, source, params, ordered=True)).fetchall()
+            rows = fetch_all(conn, *_query(schemas, rules, source, params, ordered=True))
         extracted = _collect(rows, rules, [])
         extracted.last = _cursor(rows)
         return extracted
@@ -285,12 +286,12 @@ def _isolate(
     for rule in rules:
         try:
             with conn.transaction():
-                conn.execute(*_by_ids(schemas, [rule], event_ids)).fetchall()
+                fetch_all(conn, *_by_ids(schemas, [rule], event_ids))
             good_rules.append(rule)
         except psycopg.Error:
             bad_rules.append(rule)
     with conn.transaction():
-        rows = list(conn.execute(*_by_ids(schemas, good_rules, event_ids)).fetchall())
+        rows = fetch_all(conn, *_by_ids(schemas, good_rules, event_ids))
     extracted = _collect(rows, good_rules, failures)
     for rule in bad_rules:
         for event_id, value in _split_until_clean(conn, schemas, rule, event_ids, failures):
@@ -310,7 +311,7 @@ def _split_until_clean(
     that fails on k of n events costs about k * log2(n) queries, not n."""
     try:
         with conn.transaction():
-            rows = conn.execute(*_by_ids(schemas, [rule], event_ids)).fetchall()
+            rows = fetch_all(conn, *_by_ids(schemas, [rule], event_ids))
         return [(str(r[0]), r[3]) for r in rows if r[2] is not None]
     except psycopg.Error as exc:
         if len(event_ids) == 1:

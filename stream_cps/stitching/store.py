@@ -16,6 +16,7 @@ from psycopg import sql
 
 from stream_cps.config import Schemas
 from stream_cps.db.arrays import TextArray, array_texts
+from stream_cps.db.timestamps import fetch_all
 from stream_cps.stitching.grouping import BatchPlan, EventKey, StitchEvent
 from stream_cps.stitching.rules import RuleFailure
 
@@ -164,9 +165,11 @@ class StitchStore:
         keys: dict[str, EventKey] = {}
         if not identifiers:
             return owner, keys
-        for ident, entity, first_time, first_id in conn.execute(
-            self.lock_lookup, {"idents": TextArray(identifiers)}
-        ).fetchall():
+        # first_event_time of an entity founded by an out-of-range event is the clamped end of
+        # datetime's range, which a session time zone east of UTC shows as year 10000.
+        for ident, entity, first_time, first_id in fetch_all(
+            conn, self.lock_lookup, {"idents": TextArray(identifiers)}
+        ):
             owner[ident] = entity
             keys[entity] = (first_time, first_id)
         return owner, keys
