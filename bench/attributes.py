@@ -209,7 +209,7 @@ def generated_statement(
     with conn.transaction(force_rollback=True):
         calculator._ensure_events_table(conn)
         calculator._load_events(conn, ids)
-        query, params = statement(predefined)
+        query, params = statement(predefined, settings.attributes.max_value_bytes)
         params["ids"] = ids
         params["whole"] = True
         conn.execute(query, params).fetchall()

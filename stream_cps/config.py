@@ -95,6 +95,9 @@ FIELDS: dict[str, Field] = {
     "attributes.statement_timeout_ms": Field(
         int, 10000, "statement timeout for admin-written attribute SQL"
     ),
+    "attributes.max_value_bytes": Field(
+        int, 1048576, "largest value one attribute may store for one entity (bytes, as jsonb)"
+    ),
     "attributes.poll_interval": Field(float, 0.5, "seconds between looks for due entities"),
     "attributes.max_defer": Field(
         float, 5.0, "longest wait of calculation while stitching works through a backlog"
@@ -182,6 +185,7 @@ class AttributeSettings:
     enabled: bool
     batch_size: int
     statement_timeout_ms: int
+    max_value_bytes: int
     poll_interval: float
     max_defer: float
     context_max_age_hours: float
@@ -340,6 +344,7 @@ def load(
         "stitching.batch_size",
         "attributes.batch_size",
         "attributes.statement_timeout_ms",  # 0 would switch the timeout off silently
+        "attributes.max_value_bytes",
         "kafka.batch_size",
         "opensearch.batch_size",
     )

@@ -65,6 +65,33 @@ class _Results:
     failures: list[Failure] = field(default_factory=list)
 
 
+SESSION_ENDED = (
+    "its SQL ended the database session twice in a row; skipped until the definitions change"
+)
+
+# What is stored for one entity: (id, modified read, attributes JSON, event count, kept ids)
+_Row = tuple[str, datetime, str, int, str | None]
+
+# One store statement carries at most this much attribute JSON: a jsonb array is limited to
+# 256 MB, and a batch of entities each near ``max_value_bytes`` must still be stored.
+STORE_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def _chunks(
+    rows: list[_Row],
+) -> list[list[_Row]]:
+    """``rows`` in order, cut so that no chunk's JSON is over ``STORE_CHUNK_BYTES``."""
+    chunks: list[list[_Row]] = [[]]
+    size = 0
+    for row in rows:
+        if chunks[-1] and size + len(row[2]) > STORE_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(row)
+        size += len(row[2])
+    return [chunk for chunk in chunks if chunk]
+
+
 def _merge(texts: list[str]) -> str:
     if len(texts) == 1:
         return texts[0]
@@ -77,10 +104,14 @@ def _merge(texts: list[str]) -> str:
 class BatchCalculator:
     """Computes and stores one batch; remembers which attributes need running on their own."""
 
-    def __init__(self, schemas: Schemas, timeout_ms: int) -> None:
+    def __init__(self, schemas: Schemas, timeout_ms: int, max_value_bytes: int) -> None:
         self._schemas = schemas
         self._timeout_ms = timeout_ms
+        self._max_value_bytes = max_value_bytes
         self._alone: set[str] = set()
+        # attributes in a statement that ended the session, and those that did it alone
+        self._suspects: set[str] = set()
+        self._killers: set[str] = set()
         self._reported: set[tuple[str, str]] = set()
         self._plan_key: str | None = None
         self._batch_len = 0
@@ -91,6 +122,8 @@ class BatchCalculator:
         """Calculate ``entities`` (id, modified read) inside the caller's transaction."""
         if plan.fingerprint != self._plan_key:  # new definitions: give every one a fresh try
             self._alone = set()
+            self._suspects = set()
+            self._killers = set()
             self._reported = set()
             self._plan_key = plan.fingerprint
         ids = [entity_id for entity_id, _ in entities]
@@ -115,8 +148,13 @@ class BatchCalculator:
         self, conn: psycopg.Connection[Any], attrs: Sequence[CompiledAttribute], ids: list[str]
     ) -> _Results:
         results = _Results()
-        together = [a for a in attrs if a.attribute_id not in self._alone]
-        alone = [a for a in attrs if a.attribute_id in self._alone]
+        for attr in attrs:
+            if attr.attribute_id in self._killers:
+                self._fail_everywhere(results, attr.attribute_id, ids, SESSION_ENDED)
+        attrs = [a for a in attrs if a.attribute_id not in self._killers]
+        single = self._alone | self._suspects
+        together = [a for a in attrs if a.attribute_id not in single]
+        alone = [a for a in attrs if a.attribute_id in single]
         if together:
             rows = self._fetch(conn, together, ids)
             if isinstance(rows, sandbox.SqlFailure):
@@ -141,15 +179,12 @@ class BatchCalculator:
             return
         self._alone.add(attr.attribute_id)
         aid = attr.attribute_id
-        if rows.definition_level or len(ids) == 1:
-            # SQL that is wrong whatever the data is reported once per definition, not per
-            # batch or entity; a data error of a one-entity batch names that entity
+        if rows.definition_level:
+            self._fail_everywhere(results, aid, ids, rows.message)
+            return
+        if len(ids) == 1:  # a data error of a one-entity batch names that entity
             results.failed[aid].update(ids)
-            if not rows.definition_level:
-                results.failures.append(Failure(aid, ids[0], rows.message))
-            elif (aid, rows.message) not in self._reported:
-                self._reported.add((aid, rows.message))
-                results.failures.append(Failure(aid, None, rows.message))
+            results.failures.append(Failure(aid, ids[0], rows.message))
             return
         timeouts = 0
         for position, entity_id in enumerate(ids):
@@ -167,18 +202,53 @@ class BatchCalculator:
                     results.failed[aid].add(rest)
                 return
 
+    def _fail_everywhere(self, results: _Results, aid: str, ids: list[str], message: str) -> None:
+        """SQL that is wrong whatever the data: failed for the whole batch, reported once per
+        definition (entity NULL), not per batch or entity."""
+        results.failed[aid].update(ids)
+        if (aid, message) not in self._reported:
+            self._reported.add((aid, message))
+            results.failures.append(Failure(aid, None, message))
+
     def _fetch(
         self, conn: psycopg.Connection[Any], attrs: Sequence[CompiledAttribute], ids: list[str]
     ) -> list[tuple[Any, ...]] | sandbox.SqlFailure:
-        query, params = statement(attrs)
+        query, params = statement(attrs, self._max_value_bytes)
         params["ids"] = ids
         params["whole"] = len(ids) == self._batch_len
-        return sandbox.fetch(conn, query, params)
+        try:
+            rows = sandbox.fetch(conn, query, params)
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._session_ended([a.attribute_id for a in attrs])
+            raise
+        for attr in attrs:
+            self._suspects.discard(attr.attribute_id)
+        return rows
 
-    @staticmethod
-    def _collect(results: _Results, rows: list[tuple[Any, ...]]) -> None:
-        for entity_id, values in rows:
+    def _session_ended(self, attribute_ids: list[str]) -> None:
+        """The connection died inside admin SQL (``pg_terminate_backend``, or a restart of
+        the database). The batch is retried after the reconnect with these attributes run one
+        by one; one that ends the session again on its own is skipped, reported once, until
+        the definitions change, so one definition cannot stop every calculation for good."""
+        if len(attribute_ids) == 1 and attribute_ids[0] in self._suspects:
+            self._killers.add(attribute_ids[0])
+            log.error("attribute %s: %s", attribute_ids[0], SESSION_ENDED)
+        self._suspects.update(attribute_ids)
+
+    def _collect(self, results: _Results, rows: list[tuple[Any, ...]]) -> None:
+        for entity_id, values, over in rows:
             results.values[entity_id].append(values)
+            for aid in over or ():
+                results.failed[aid].add(entity_id)
+                results.failures.append(
+                    Failure(
+                        aid,
+                        entity_id,
+                        f"value larger than attributes.max_value_bytes "
+                        f"({self._max_value_bytes} bytes); previous value kept",
+                    )
+                )
 
     # -- events table --------------------------------------------------------------------------
 
@@ -247,16 +317,27 @@ class BatchCalculator:
                 [[entity_id for entity_id, _ in entities]],
             )
         }
-        ids, modified, attrs, event_counts, keep = [], [], [], [], []
+        rows: list[_Row] = []
         for entity_id, read_modified in entities:
             if entity_id not in free:
                 continue
-            ids.append(entity_id)
-            modified.append(read_modified)
-            attrs.append(_merge(results.values.get(entity_id, [])))
-            event_counts.append(counts.get(entity_id, 0))
             kept = [*invalid_ids, *failed_by_entity.get(entity_id, ())]
-            keep.append(chr(31).join(kept) if kept else None)
+            rows.append(
+                (
+                    entity_id,
+                    read_modified,
+                    _merge(results.values.get(entity_id, [])),
+                    counts.get(entity_id, 0),
+                    chr(31).join(kept) if kept else None,
+                )
+            )
+        return sum(self._store_chunk(conn, chunk) for chunk in _chunks(rows))
+
+    def _store_chunk(
+        self,
+        conn: psycopg.Connection[Any],
+        rows: Sequence[_Row],
+    ) -> int:
         cur = conn.execute(
             sql.SQL(
                 "WITH r AS (SELECT * FROM unnest(%(ids)s::text[], %(modified)s::timestamptz[], "
@@ -281,12 +362,12 @@ class BatchCalculator:
                 outbox=sql.Identifier(self._schemas.attr, "outbox"),
             ),
             {
-                "ids": ids,
-                "modified": modified,
+                "ids": [r[0] for r in rows],
+                "modified": [r[1] for r in rows],
                 # one JSON document: a text[] of JSON texts costs a regex escape per element
-                "attrs": "[" + ",".join(attrs) + "]",
-                "counts": event_counts,
-                "keep": keep,
+                "attrs": "[" + ",".join(r[2] for r in rows) + "]",
+                "counts": [r[3] for r in rows],
+                "keep": [r[4] for r in rows],
             },
         )
         return cur.rowcount

@@ -3,6 +3,12 @@
 Row-form attributes share the ``event_rows`` scan and the ``grouped`` aggregation; every other
 attribute is a CTE. Each part yields one object per entity and the parts are merged by joining on
 the entity, so no key/value rows have to be regrouped.
+
+A value larger than ``%(max_bytes)s`` (``attributes.max_value_bytes``) is left out of the object
+and its key listed in the third column: one entity's 150,000-row custom query must become an
+error of that attribute, not a document too big to store, index or send to OpenSearch. Sizes are
+checked per part first (``pg_column_size`` of a datum in memory is cheap); only a part over the
+limit is opened to find which of its keys are.
 """
 
 from __future__ import annotations
@@ -15,9 +21,12 @@ from psycopg import sql
 from stream_cps.attributes.compiler import EVENTS, IDS, MINE, CompiledAttribute, Compiler
 
 
-def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, dict[str, Any]]:
-    """One statement computing ``attributes`` for the batch: rows (entity_id, attributes)."""
-    params: dict[str, Any] = {}
+def statement(
+    attributes: Sequence[CompiledAttribute], max_bytes: int
+) -> tuple[sql.Composed, dict[str, Any]]:
+    """One statement computing ``attributes`` for the batch: rows (entity_id, attributes as
+    JSON text, ids of attributes whose value was over ``max_bytes`` or NULL)."""
+    params: dict[str, Any] = {"max_bytes": max_bytes}
     ctes: list[sql.Composable] = []
     parts: list[sql.Composable] = []
     row_form = [a for a in attributes if a.laterals is not None]
@@ -73,12 +82,26 @@ def statement(attributes: Sequence[CompiledAttribute]) -> tuple[sql.Composed, di
     joins = sql.SQL(" ").join(
         sql.SQL("LEFT JOIN {} ON {}.entity_id = b.entity_id").format(p, p) for p in parts
     )
-    merged = sql.SQL(" || ").join(sql.SQL("coalesce({}.o, '{{}}'::jsonb)").format(p) for p in parts)
+    over = sql.SQL(" || ").join(_over(p) for p in parts)
+    merged = sql.SQL(" || ").join(
+        sql.SQL("coalesce({p}.o - coalesce({over}, '{{}}'::text[]), '{{}}'::jsonb)").format(
+            p=p, over=_over(p)
+        )
+        for p in parts
+    )
     query = sql.SQL(
-        "WITH {ctes} SELECT b.entity_id, ({merged})::text "
+        "WITH {ctes} SELECT b.entity_id, ({merged})::text, {over} "
         "FROM unnest({ids}::text[]) AS b(entity_id) {joins}"
-    ).format(ctes=sql.SQL(", ").join(ctes), merged=merged, ids=IDS, joins=joins)
+    ).format(ctes=sql.SQL(", ").join(ctes), merged=merged, over=over, ids=IDS, joins=joins)
     return query, params
+
+
+def _over(part: sql.Composable) -> sql.Composed:
+    """The keys of ``part``'s object whose value is larger than the limit (NULL: none)."""
+    return sql.SQL(
+        "(CASE WHEN pg_column_size({p}.o) > %(max_bytes)s THEN (SELECT array_agg(key) "
+        "FROM jsonb_each({p}.o) WHERE pg_column_size(value) > %(max_bytes)s) END)"
+    ).format(p=part)
 
 
 def _object(attributes: Sequence[CompiledAttribute]) -> sql.Composable:

@@ -50,7 +50,9 @@ class CalculationWorker:
         # walk over entities calculated before the last definition change: (changed, last id)
         self._stale_walk: tuple[datetime | None, str | None] = (None, "")
         self._plans = PlanLoader(self._schemas, self._timeout_ms)
-        self._calculator = BatchCalculator(self._schemas, self._timeout_ms)
+        self._calculator = BatchCalculator(
+            self._schemas, self._timeout_ms, settings.attributes.max_value_bytes
+        )
         self._caches = CacheRefresher(self._schemas, settings.attributes.cache_interval)
         counter = telemetry.meter().create_counter
         self._calculated = counter(telemetry.METRIC_ENTITIES_CALCULATED)
