@@ -88,6 +88,11 @@ FIELDS: dict[str, Field] = {
         choices=("stream", "peek"),
     ),
     "stitching.standby_poll": Field(float, 2.0, "seconds a standby waits between takeover tries"),
+    "stitching.rule_max_failures": Field(
+        int,
+        100,
+        "failed events after which a stitching rule is disabled until its row changes (0: never)",
+    ),
     "attributes.enabled": Field(
         bool, True, "this process calculates attributes (turn off on all but one Kafka member)"
     ),
@@ -178,6 +183,7 @@ class StitchingSettings:
     publication: str
     replication: str
     standby_poll: float
+    rule_max_failures: int
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,15 @@ expressions themselves are admin-written SQL and are embedded as such.
 A rule that does not even plan (syntax error, unknown column, ``:`` in its attribute id) is
 reported by name at load time and left out. A rule that fails on some event at run time is
 isolated: the batch is re-evaluated without the failing (rule, event) pairs, which are recorded.
+A rule that has failed on ``stitching.rule_max_failures`` events is disabled, with one error,
+until its row changes: a rule that fails on every event must not write an error per event.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,6 +56,7 @@ class RuleFailure:
     attribute_id: str | None
     event_id: str | None
     message: str
+    rule: Rule | None = None
 
 
 @dataclass
@@ -77,12 +82,48 @@ class Extracted:
 
 
 class RuleBook:
-    """Holds the current rule set; reloads it when the configuration tables change."""
+    """Holds the current rule set; reloads it when the configuration tables change, and
+    leaves out rules that failed too often (``max_failures``; 0 = never)."""
 
-    def __init__(self, schemas: Schemas) -> None:
+    def __init__(self, schemas: Schemas, max_failures: int = 0) -> None:
         self.schemas = schemas
+        self.max_failures = max_failures
         self._fingerprint: tuple[object, ...] | None = None
         self.current = RuleSet([], Blocklist())
+        # Counted per Rule, which holds its whole row: a changed row is a new rule, counted
+        # from zero. The sweep's read-ahead thread reports failures too, hence the lock.
+        self._failed: Counter[Rule] = Counter()
+        self._disabled: set[Rule] = set()
+        self._lock = threading.Lock()
+
+    def note(self, failures: Sequence[RuleFailure]) -> list[RuleFailure]:
+        """Count run-time failures per rule; returns one failure more per rule disabled now."""
+        if not self.max_failures:
+            return []
+        notices: list[RuleFailure] = []
+        with self._lock:
+            for failure in failures:
+                rule = failure.rule
+                if rule is None or rule in self._disabled:
+                    continue
+                self._failed[rule] += 1
+                if self._failed[rule] < self.max_failures:
+                    continue
+                self._disabled.add(rule)
+                message = (
+                    f"stitching rule {rule.attribute_id}/{rule.event_id} disabled after "
+                    f"{self._failed[rule]} failed events (stitching.rule_max_failures); "
+                    "fix its value_expression: changing its row enables it again"
+                )
+                log.error("%s", message)
+                notices.append(RuleFailure(rule.attribute_id, None, message, rule))
+            if notices:
+                self.current = RuleSet(
+                    [r for r in self.current.rules if r not in self._disabled],
+                    self.current.blocklist,
+                    self.current.broken,
+                )
+        return notices
 
     def refresh(self, conn: psycopg.Connection[Any]) -> RuleSet:
         """Reload rules and blocklist if they changed (one small query when they did not)."""
@@ -106,8 +147,14 @@ class RuleBook:
         if fingerprint == self._fingerprint:
             return self.current
         rules, broken = [], []
+        loaded = {Rule(*row) for row in rows}
+        with self._lock:
+            self._disabled &= loaded
+            self._failed = Counter({r: n for r, n in self._failed.items() if r in loaded})
         for row in rows:
             rule = Rule(*row)
+            if rule in self._disabled:
+                continue
             problem = self._validate(conn, rule)
             if problem:
                 broken.append(
@@ -315,7 +362,7 @@ def _split_until_clean(
         return [(str(r[0]), r[3]) for r in rows if r[2] is not None]
     except psycopg.Error as exc:
         if len(event_ids) == 1:
-            failures.append(RuleFailure(rule.attribute_id, event_ids[0], _message(exc)))
+            failures.append(RuleFailure(rule.attribute_id, event_ids[0], _message(exc), rule))
             log.error(
                 "stitching rule %s failed on event %s: %s",
                 rule.attribute_id,

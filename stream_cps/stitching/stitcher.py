@@ -92,7 +92,7 @@ class Stitcher:
         self.schemas = settings.schemas
         self.batch_size = settings.stitching.batch_size
         self.store = StitchStore(self.schemas)
-        self.rulebook = rules.RuleBook(self.schemas)
+        self.rulebook = rules.RuleBook(self.schemas, settings.stitching.rule_max_failures)
         meter = telemetry.meter()
         self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)
         self._merged = meter.create_counter(telemetry.METRIC_ENTITIES_MERGED)
@@ -247,9 +247,8 @@ class Stitcher:
                 extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
         return self._normalise(event_ids, extracted, ruleset)
 
-    @staticmethod
     def _normalise(
-        event_ids: list[str], extracted: rules.Extracted, ruleset: rules.RuleSet
+        self, event_ids: list[str], extracted: rules.Extracted, ruleset: rules.RuleSet
     ) -> Prepared:
         events = [
             grouping.StitchEvent(
@@ -262,6 +261,7 @@ class Stitcher:
             for ev in events
             if isinstance(ev.event_time, OutOfRange)
         ]
+        failures += self.rulebook.note(extracted.failures)
         return Prepared(event_ids, events, failures, EventMarks.of(events))
 
     def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:

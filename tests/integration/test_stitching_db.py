@@ -298,3 +298,42 @@ def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(pg_server: 
             ).fetchone() == (0,)
             snapshots.append(snapshot(conn))
     assert snapshots[0] == snapshots[1]
+
+
+def test_rule_failing_on_every_event_is_disabled_once_until_its_row_changes(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """Before: one error row and one ERROR line per event, for ever."""
+    setup_rules(
+        db, [("email", "pv", "payload->>'email'"), ("num", "pv", "(payload->>'n')::int::text")]
+    )
+    stitcher = Stitcher(
+        settings.replace(**{"stitching.rule_max_failures": 5, "stitching.batch_size": 4})
+    )
+    insert(db, [event(f"a{k:02d}", k, email=f"p{k}@a", n="bad") for k in range(30)])
+    stitch_all(stitcher, db)
+    errors = db.execute(
+        "SELECT attribute_id, event_id, message FROM cdp_ps.stitching_errors ORDER BY id"
+    ).fetchall()
+    per_event = [e for e in errors if e[1] is not None]
+    notices = [e for e in errors if e[1] is None]
+    assert 5 <= len(per_event) <= 8  # the batch that reached the limit is finished
+    assert [(a, m.split(" disabled")[0]) for a, _, m in notices] == [
+        ("num", "stitching rule num/pv")
+    ]
+    assert db.execute("SELECT count(*) FROM customer_events WHERE stitched IS NULL").fetchone() == (
+        0,
+    )
+    assert db.execute(
+        "SELECT count(*) FROM customer_events WHERE identifiers = ARRAY['email:p29@a']"
+    ).fetchone() == (1,)
+    # a fixed row is a new rule: enabled again, counted from zero
+    db.execute(
+        "UPDATE cdp_ps.stitching_attributes_config SET value_expression = "
+        "'nullif(payload->>''n'', ''bad'')' WHERE attribute_id = 'num'"
+    )
+    insert(db, [event("b01", 100, email="q@a", n="7")])
+    stitch_all(stitcher, db)
+    assert db.execute("SELECT identifiers FROM customer_events WHERE id = 'b01'").fetchone() == (
+        ["email:q@a", "num:7"],
+    )
