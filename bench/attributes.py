@@ -264,7 +264,13 @@ def main() -> None:
     server = embedded.start(workdir / "data")
     try:
         settings = config.load(
-            flags={"dsn": server.dsn, "attributes.batch_size": args.batch_size}, environ={}
+            # the outbox rows a deployment with OpenSearch writes are part of the cost
+            flags={
+                "dsn": server.dsn,
+                "attributes.batch_size": args.batch_size,
+                "opensearch.outbox": "always",
+            },
+            environ={},
         )
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             schema.migrate(conn, settings.schemas)

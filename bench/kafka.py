@@ -146,6 +146,7 @@ def end_to_end(
             "STREAM_CPS_KAFKA_GROUP_ID": f"bench-{name}",
             "STREAM_CPS_KAFKA_DEAD_LETTER_TOPIC": topic + "-dlq",
             "STREAM_CPS_KAFKA_BATCH_SIZE": str(batch_size),
+            "STREAM_CPS_OPENSEARCH_OUTBOX": "always",  # merges' deletes are part of the cost
             "STREAM_CPS_LOG_LEVEL": "WARNING",
         }
         started = time.monotonic()

@@ -143,6 +143,7 @@ def service(
         "STREAM_CPS_DSN": dsn,
         "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.01",
         "STREAM_CPS_STITCHING_BATCH_SIZE": str(batch_size),
+        "STREAM_CPS_OPENSEARCH_OUTBOX": "always",  # merges' deletes are part of the cost
         "STREAM_CPS_STITCHING_REPLICATION": mode,
     }
     log = (workdir / f"{name}.log").open("wb")

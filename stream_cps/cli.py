@@ -71,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     relay.set_defaults(handler=_cmd_relay)
 
+    reindex = sub.add_parser(
+        "reindex", parents=[common], help="queue an OpenSearch upsert of every entity"
+    )
+    reindex.set_defaults(handler=_cmd_reindex)
+
     run = sub.add_parser("run", parents=[common], help="stitch and calculate until stopped")
     run.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
     run.add_argument("--batch-size", type=int, dest="batch_size")
@@ -175,6 +180,12 @@ def _cmd_run(settings: config.Settings, args: argparse.Namespace) -> int:
 
 def _cmd_relay(settings: config.Settings, _args: argparse.Namespace) -> int:
     process.relay(settings, stop_on_signals())
+    return 0
+
+
+def _cmd_reindex(settings: config.Settings, _args: argparse.Namespace) -> int:
+    queued = process.reindex(settings)
+    print(f"queued {queued} entities for OpenSearch; the relay delivers them")
     return 0
 
 

@@ -149,6 +149,12 @@ FIELDS: dict[str, Field] = {
     "opensearch.keep_delivered_hours": Field(
         float, 24.0, "delivered outbox rows older than this are deleted by the relay"
     ),
+    "opensearch.outbox": Field(
+        str,
+        "auto",
+        "write OpenSearch commands to the outbox: auto = only when opensearch.url is set",
+        choices=("auto", "always", "off"),
+    ),
     "opensearch.kafka_topic": Field(
         str, None, "also produce delivered commands to this Kafka topic (Avro)"
     ),
@@ -230,7 +236,14 @@ class OpenSearchSettings:
     gc_deletes: str
     replicas: int
     keep_delivered_hours: float
+    outbox: str
     kafka_topic: str | None
+
+    @property
+    def writes_outbox(self) -> bool:
+        """Commands nobody will deliver are not written: without a relay the outbox only grows
+        (``stream-cps reindex`` queues every entity once OpenSearch is configured)."""
+        return self.outbox == "always" or (self.outbox == "auto" and self.url is not None)
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,11 @@ def _merge(texts: list[str]) -> str:
 class BatchCalculator:
     """Computes and stores one batch; remembers which attributes need running on their own."""
 
-    def __init__(self, schemas: Schemas, timeout_ms: int, max_value_bytes: int) -> None:
+    def __init__(
+        self, schemas: Schemas, timeout_ms: int, max_value_bytes: int, outbox: bool = True
+    ) -> None:
         self._schemas = schemas
+        self._outbox = outbox  # False: no relay will deliver commands (opensearch.outbox)
         self._timeout_ms = timeout_ms
         self._max_value_bytes = max_value_bytes
         self._alone: set[str] = set()
@@ -338,28 +341,42 @@ class BatchCalculator:
         conn: psycopg.Connection[Any],
         rows: Sequence[_Row],
     ) -> int:
+        update = sql.SQL(
+            "UPDATE {ca} AS ca SET attributes = CASE WHEN r.keep_csv IS NULL "
+            "THEN r.attrs ELSE r.attrs || coalesce(("
+            "SELECT jsonb_object_agg(k, ca.attributes -> k) "
+            "FROM unnest(string_to_array(r.keep_csv, chr(31))) AS k "
+            "WHERE ca.attributes ? k), '{{}}'::jsonb) END, "
+            "calculated = greatest(now(), r.modified), customer_events_count = r.cnt, "
+            "version = nextval({seq}::regclass) FROM r "
+            "WHERE ca.customer_entity_id = r.id AND ca.modified = r.modified"
+        )
+        tail = (
+            sql.SQL(
+                ", u AS ({update} RETURNING ca.customer_entity_id, ca.version) "
+                "INSERT INTO {outbox} (entity_id, op, version) "
+                "SELECT customer_entity_id, 'upsert', version FROM u"
+            )
+            if self._outbox
+            else sql.SQL(" {update}")
+        )
         cur = conn.execute(
             sql.SQL(
                 "WITH r AS (SELECT * FROM unnest(%(ids)s::text[], %(modified)s::timestamptz[], "
                 "%(counts)s::int[], %(keep)s::text[]) WITH ORDINALITY "
                 "AS r(id, modified, cnt, keep_csv, n) "
                 "JOIN jsonb_array_elements(%(attrs)s::jsonb) WITH ORDINALITY AS a(attrs, n) "
-                "USING (n)), "
-                "u AS (UPDATE {ca} AS ca SET attributes = CASE WHEN r.keep_csv IS NULL "
-                "THEN r.attrs ELSE r.attrs || coalesce(("
-                "SELECT jsonb_object_agg(k, ca.attributes -> k) "
-                "FROM unnest(string_to_array(r.keep_csv, chr(31))) AS k "
-                "WHERE ca.attributes ? k), '{{}}'::jsonb) END, "
-                "calculated = greatest(now(), r.modified), customer_events_count = r.cnt, "
-                "version = nextval({seq}::regclass) FROM r "
-                "WHERE ca.customer_entity_id = r.id AND ca.modified = r.modified "
-                "RETURNING ca.customer_entity_id, ca.version) "
-                "INSERT INTO {outbox} (entity_id, op, version) "
-                "SELECT customer_entity_id, 'upsert', version FROM u"
+                "USING (n)){tail}"
             ).format(
-                ca=sql.Identifier(self._schemas.cdp, "customer_attributes"),
-                seq=sql.Literal(sql.Identifier(self._schemas.ps, "entity_version_seq").as_string()),
-                outbox=sql.Identifier(self._schemas.attr, "outbox"),
+                tail=tail.format(
+                    update=update.format(
+                        ca=sql.Identifier(self._schemas.cdp, "customer_attributes"),
+                        seq=sql.Literal(
+                            sql.Identifier(self._schemas.ps, "entity_version_seq").as_string()
+                        ),
+                    ),
+                    outbox=sql.Identifier(self._schemas.attr, "outbox"),
+                )
             ),
             {
                 "ids": [r[0] for r in rows],

@@ -51,7 +51,10 @@ class CalculationWorker:
         self._stale_walk: tuple[datetime | None, str | None] = (None, "")
         self._plans = PlanLoader(self._schemas, self._timeout_ms)
         self._calculator = BatchCalculator(
-            self._schemas, self._timeout_ms, settings.attributes.max_value_bytes
+            self._schemas,
+            self._timeout_ms,
+            settings.attributes.max_value_bytes,
+            settings.opensearch.writes_outbox,
         )
         self._caches = CacheRefresher(self._schemas, settings.attributes.cache_interval)
         counter = telemetry.meter().create_counter

@@ -67,6 +67,16 @@ def relay(settings: Settings, stop: threading.Event) -> None:
     Relay(settings).run_forever(stop)
 
 
+def reindex(settings: Settings) -> int:
+    """``stream-cps reindex``: queue an upsert of every calculated entity; the relay of a
+    running service (or ``stream-cps relay``) delivers them. Returns how many were queued."""
+    from stream_cps.sinks.outbox import OutboxStore
+
+    with connect(settings.dsn, role="reindex", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        return OutboxStore(settings.schemas).queue_all(conn)
+
+
 def webhook_server(settings: Settings) -> WebhookServer:
     """The changefeed webhook, applying each request with the Kafka path's ingest."""
     with connect(settings.dsn, role="check", autocommit=True) as conn:

@@ -61,6 +61,15 @@ class OutboxStore:
             "THEN 'float' ELSE data_type END FROM {attrs} WHERE definition IS NOT NULL"
         )
         self._pending = q("SELECT count(*) FROM {outbox} WHERE delivered IS NULL AND NOT parked")
+        self._queue_all = q(
+            "INSERT INTO {outbox} (entity_id, op, version) SELECT customer_entity_id, "
+            "'upsert', version FROM {ca} WHERE calculated IS NOT NULL ORDER BY 1"
+        )
+
+    def queue_all(self, conn: psycopg.Connection[Any]) -> int:
+        """An upsert for every calculated entity (``stream-cps reindex``): fills a new or
+        emptied index, or one that missed commands nobody wrote (``opensearch.outbox``)."""
+        return conn.execute(self._queue_all).rowcount
 
     def try_lock(self, conn: psycopg.Connection[Any]) -> bool:
         """Become the delivering relay for this connection's lifetime; False if another is."""

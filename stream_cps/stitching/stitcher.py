@@ -91,7 +91,7 @@ class Stitcher:
     def __init__(self, settings: Settings) -> None:
         self.schemas = settings.schemas
         self.batch_size = settings.stitching.batch_size
-        self.store = StitchStore(self.schemas)
+        self.store = StitchStore(self.schemas, settings.opensearch.writes_outbox)
         self.rulebook = rules.RuleBook(self.schemas, settings.stitching.rule_max_failures)
         meter = telemetry.meter()
         self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)

@@ -47,7 +47,8 @@ class Written:
 class StitchStore:
     """SQL for one configured set of schemas."""
 
-    def __init__(self, schemas: Schemas) -> None:
+    def __init__(self, schemas: Schemas, outbox: bool = True) -> None:
+        self.outbox = outbox  # False: no relay will deliver commands (opensearch.outbox)
         ids = {
             "ca": sql.Identifier(schemas.cdp, "customer_attributes"),
             "ce": sql.Identifier(schemas.ce, "customer_events"),
@@ -144,7 +145,8 @@ class StitchStore:
         ids = [r[0] for r in conn.execute(self.purge_entities).fetchall()]
         if ids:
             conn.execute(self.free_identifiers, {"ids": TextArray(ids)})
-            conn.execute(self.outbox_deletes, {"ids": TextArray(ids)})
+            if self.outbox:
+                conn.execute(self.outbox_deletes, {"ids": TextArray(ids)})
         return ids
 
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
@@ -213,7 +215,8 @@ class StitchStore:
                 self.alias_insert,
                 {"old": TextArray(old), "new": TextArray(new), "why": TextArray(why)},
             )
-            conn.execute(self.outbox_deletes, {"ids": TextArray(old)})
+            if self.outbox:
+                conn.execute(self.outbox_deletes, {"ids": TextArray(old)})
 
         claim_idents, claim_owners = [], []
         ids, added, times, firsts = [], [], [], []

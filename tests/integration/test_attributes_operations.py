@@ -259,7 +259,7 @@ def test_cache_refresh(world: World, settings: config.Settings, caplog: Any) -> 
 
 
 def test_cache_interval(world: World, settings: config.Settings) -> None:
-    fast = config.load(flags={"dsn": settings.dsn, "attributes.cache_interval": 0}, environ={})
+    fast = settings.replace(**{"attributes.cache_interval": 0})
     world = World(world.db, fast)
     world.attribute("c", {"type": "value", "value": "payload->>'c'"})
     world.entity([ev({"c": "x"}, 1)])

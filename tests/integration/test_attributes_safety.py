@@ -61,9 +61,7 @@ def test_write_attempts_are_refused(world: World) -> None:
 
 
 def test_timeout(world: World, settings: config.Settings) -> None:
-    fast = config.load(
-        flags={"dsn": settings.dsn, "attributes.statement_timeout_ms": 300}, environ={}
-    )
+    fast = settings.replace(**{"attributes.statement_timeout_ms": 300})
     world = World(world.db, fast)
     world.attribute("good", GOOD, "int")
     world.attribute(
@@ -85,9 +83,7 @@ def test_timeout(world: World, settings: config.Settings) -> None:
 def test_timeout_for_everyone_is_not_retried_per_entity_forever(
     world: World, settings: config.Settings
 ) -> None:
-    fast = config.load(
-        flags={"dsn": settings.dsn, "attributes.statement_timeout_ms": 200}, environ={}
-    )
+    fast = settings.replace(**{"attributes.statement_timeout_ms": 200})
     world = World(world.db, fast)
     world.attribute("good", GOOD, "int")
     world.attribute("sleepy", custom("SELECT 1 AS value FROM pg_sleep(2)"), "int")

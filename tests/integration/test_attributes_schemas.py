@@ -21,6 +21,7 @@ def test_custom_schema_names(pg_dsn: str) -> None:
             "ce_schema": "ev",
             "ps_schema": "ps2",
             "attr_schema": "attr2",
+            "opensearch.outbox": "always",
         },
         environ={},
     )

@@ -49,7 +49,7 @@ def test_calculation_waits_for_the_stitching_backlog(
     world = World(db, settings)
     world.attribute("s", {"type": "sum", "value": "payload->>'n'"}, "int")
     entity = world.entity([ev({"n": 4}, 1)])
-    deferring = config.load(flags={"dsn": settings.dsn, "attributes.max_defer": 60}, environ={})
+    deferring = settings.replace(**{"attributes.max_defer": 60})
     backlog, stop = Backlog(), threading.Event()
     backlog.report(True)
     worker = CalculationWorker(deferring, backlog=backlog)

@@ -789,3 +789,40 @@ def test_relay_process_killed_at_random_points_converges(
     assert kills == 5
     assert outbox_state(db)[1] == 0
     assert index_docs(os_settings) == live_entities(db)
+
+
+def test_without_opensearch_no_commands_are_written_and_reindex_fills_an_index_later(
+    db: psycopg.Connection[Any], settings: config.Settings, os_settings: config.Settings
+) -> None:
+    """Before: with no opensearch.url the outbox grew without bound (nobody delivers it)."""
+    from stream_cps.attributes.worker import CalculationWorker
+
+    plain = settings.replace(**{"opensearch.outbox": "auto"})  # and no opensearch.url
+    assert not plain.opensearch.writes_outbox
+    setup_rules(db)
+    db.execute(
+        "INSERT INTO public.attributes (id, name, data_type, definition) VALUES "
+        "('n', 'n', 'int', '{\"type\": \"num_of_unique\", \"value\": \"payload->>''email''\"}')"
+    )
+    stitcher = Stitcher(plain)
+    insert(db, [event("a", 10, email="x@a"), event("b", 5, cookie="c1"), event("p", 1, email="p@")])
+    stitch_all(stitcher, db)
+    insert(db, [event("c", 20, email="x@a", cookie="c1")])  # a merge: a delete command before
+    stitch_all(stitcher, db)
+    assert CalculationWorker(plain).run_pass(db) == 2
+    assert outbox_state(db) == (0, 0, 0)
+    # OpenSearch configured later: one command fills the index with every entity
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_cps", "reindex"],
+        env={**os.environ, "STREAM_CPS_DSN": settings.dsn},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "queued 2 entities" in done.stdout
+    relay = Relay(os_settings)
+    assert drain(relay, db) == 2
+    docs = index_docs(os_settings)
+    assert docs == live_entities(db)
+    assert set(docs) == {entity_id_for("b"), entity_id_for("p")}
