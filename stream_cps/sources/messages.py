@@ -25,6 +25,7 @@ from stream_cps.errors import InvalidInput
 from stream_cps.sources.kafka.framing import MAGIC
 
 MAX_TEXT = 255  # source_id, type, version are varchar(255) in the guide's DDL
+MAX_REASON = 500  # characters of a dead-letter reason (table and topic header)
 EVENT_FIELDS = frozenset({"id", "source_id", "type", "version", "event_time", "payload"})
 FORMATS = ("auto", "avro", "json")
 
@@ -121,6 +122,12 @@ def decode_object(obj: dict[str, Any], key: bytes | list[Any] | None) -> Decoded
         # not an "unknown kind" that would be dropped.
         return customer_event(obj, from_avro=False)
     return Ignored("unknown", "JSON object with neither after, resolved nor event fields")
+
+
+def short_reason(text: str) -> str:
+    """A dead-letter reason fit for a table row, a Kafka header and a log line: one quoting a
+    whole value (a schema, a huge field) is cut to ``MAX_REASON`` characters with an ellipsis."""
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "\u2026"
 
 
 def parse_json(data: bytes) -> Any:

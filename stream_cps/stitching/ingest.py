@@ -31,6 +31,7 @@ from stream_cps.sources.messages import (
     Envelope,
     Ignored,
     Resolved,
+    short_reason,
 )
 from stream_cps.stitching.stitcher import BatchResult, Stitcher, StitchIn
 
@@ -102,6 +103,7 @@ class Applier:
         stats.events_seen = received - inserted - len(failed)
         for event_id, reason in failed.items():
             stats.dead_letters.append(dataclasses.replace(events[event_id][1], reason=reason))
+        stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
         self._record_dead(conn, stats.dead_letters)
         ids = [eid for eid in events if eid not in failed]
         ids += [eid for eid in stitch_ids if eid not in events]
@@ -173,6 +175,11 @@ class Applier:
                 e.reason or "unknown",
             ]
         conn.execute(statement, params)
+
+
+def _shortened(envelope: Envelope) -> Envelope:
+    reason = short_reason(envelope.reason or "unknown")
+    return envelope if reason == envelope.reason else dataclasses.replace(envelope, reason=reason)
 
 
 def _values(rows: int, placeholders: list[str]) -> sql.Composed:

@@ -36,6 +36,7 @@ from stream_cps.service.backlog import Backlog
 from stream_cps.service.kafka import KafkaLoop
 from stream_cps.service.process import webhook_server
 from stream_cps.sources.kafka.replay import run_replay
+from stream_cps.sources.messages import MAX_REASON
 from stream_cps_dev.encode import avro_event, json_event
 from stream_cps_dev.sample import generator
 from tests.fixtures.kafka import create_topics
@@ -640,3 +641,60 @@ def test_member_reports_a_backlog_while_polls_come_back_full(
         wait_until(lambda: not backlog.busy, 30, "the backlog reported cleared")
     assert True in backlog.reports  # full polls while the topic was ahead
     assert backlog.reports[-1] is False
+
+
+def dead_letter_copies(settings: config.Settings, n: int) -> list[Message]:
+    """The first ``n`` messages on the dead-letter topic (waits up to 20 s)."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": f"dlq-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    reader.subscribe([settings.kafka.dead_letter_topic])
+    copies: list[Message] = []
+    deadline = time.monotonic() + 20
+    try:
+        while len(copies) < n and time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            if msg is not None and msg.error() is None:
+                copies.append(msg)
+    finally:
+        reader.close()
+    return copies
+
+
+def headers_of(msg: Message) -> dict[str, bytes]:
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return {str(k): v if isinstance(v, bytes) else str(v).encode() for k, v in pairs}
+
+
+def committed_total(settings: config.Settings, topic: str) -> int:
+    """The sum of the group's committed offsets over the topic's three partitions."""
+    reader = Consumer(
+        {"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": settings.kafka.group_id}
+    )
+    try:
+        parts = reader.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
+    finally:
+        reader.close()
+    return sum(max(tp.offset, 0) for tp in parts)
+
+
+def test_dead_letter_reasons_are_capped_in_the_table_and_on_the_topic(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """A reason quoting a 5,000-character value is cut to MAX_REASON with an ellipsis."""
+    settings, topic = kafka_env
+    template = json.loads(json_event(sample(1, seed=43)[0]))
+    value = json.dumps({**template, "id": "long-time", "event_time": "x" * 5000}).encode()
+    produce(settings.kafka.bootstrap_servers, topic, [(b"bad", value)])
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == 1, 30, "consumed")
+    [(reason,)] = db.execute("SELECT reason FROM cdp_ps.kafka_dead_letters").fetchall()
+    assert str(reason).startswith("event_time: not ISO 8601: 'xxx")
+    assert len(reason) == MAX_REASON and str(reason).endswith("…")
+    [copy] = dead_letter_copies(settings, 1)
+    assert headers_of(copy)["stream_cps.reason"].decode() == reason

@@ -17,11 +17,13 @@ from stream_cps.errors import InvalidInput
 from stream_cps.sources.changefeed.webhook import envelopes_of
 from stream_cps.sources.kafka import avro as kafka_avro
 from stream_cps.sources.messages import (
+    MAX_REASON,
     ChangefeedRow,
     CustomerEvent,
     Ignored,
     Resolved,
     decode,
+    short_reason,
     webhook_entries,
 )
 from stream_cps_dev import encode
@@ -189,3 +191,10 @@ def test_any_valid_event_round_trips_through_both_encodings(
         assert (event.id, event.source_id, event.type, event.version) == (eid, *names)
         assert event.event_time == when
         assert json.loads(event.payload) == payload
+
+
+def test_short_reason_keeps_short_reasons_and_cuts_long_ones_with_an_ellipsis() -> None:
+    assert short_reason("payload: must be a JSON object") == "payload: must be a JSON object"
+    assert short_reason("x" * MAX_REASON) == "x" * MAX_REASON
+    cut = short_reason("y" * (MAX_REASON + 1))
+    assert len(cut) == MAX_REASON and cut == "y" * (MAX_REASON - 1) + "\u2026"
