@@ -698,3 +698,45 @@ def test_dead_letter_reasons_are_capped_in_the_table_and_on_the_topic(
     assert len(reason) == MAX_REASON and str(reason).endswith("…")
     [copy] = dead_letter_copies(settings, 1)
     assert headers_of(copy)["stream_cps.reason"].decode() == reason
+
+
+def test_a_dead_letter_too_large_for_the_dead_letter_topic_goes_as_a_reference(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """A 2 MB message on a topic allowing 8 MB is over the dead-letter producer's limit, a
+    10 KB one over the dead-letter topic's (4 KB): both are whole in the table, on the topic
+    without their value, and the member carries on and stores the offsets."""
+    settings, topic = kafka_env
+    bootstrap = settings.kafka.bootstrap_servers
+    wide, narrow = topic + "-8mb", topic + "-dlq-4kb"
+    create_topics(bootstrap, wide, config={"max.message.bytes": str(8 * 1024 * 1024)})
+    create_topics(bootstrap, narrow, config={"max.message.bytes": "4096"})
+    settings = settings.replace(**{"kafka.topics": [wide], "kafka.dead_letter_topic": narrow})
+    huge = b'{"id": "' + b"x" * (2 * 1024 * 1024)  # not JSON: cut off
+    big = b'{"id": "' + b"y" * (10 * 1024)
+    good = sample(10, seed=47)
+    messages = [*events_of(good[:5]), (b"huge", huge), (b"big", big), *events_of(good[5:])]
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 10 * 1024 * 1024})
+    for key, value in messages:
+        producer.produce(wide, key=key, value=value)
+    assert producer.flush(30) == 0
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(messages), 60, "all consumed")
+    assert all_stitched(db, len(good))
+    stored = {
+        bytes(r[0]): (bytes(r[1]), str(r[2]))
+        for r in db.execute(
+            "SELECT message_key, message_value, id FROM cdp_ps.kafka_dead_letters"
+        ).fetchall()
+    }
+    assert {k: v[0] for k, v in stored.items()} == {b"huge": huge, b"big": big}
+    copies = dead_letter_copies(settings, 2)
+    assert len(copies) == 2
+    for msg in copies:
+        headers = headers_of(msg)
+        key = headers["stream_cps.key"]
+        assert msg.value() == b""
+        assert headers["stream_cps.value_dropped"] == str(len(stored[key][0])).encode()
+        assert headers["stream_cps.origin"].decode() == stored[key][1]
+        assert "not valid JSON" in headers["stream_cps.reason"].decode()
+    assert committed_total(settings, wide) == len(messages)
