@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -740,3 +740,50 @@ def test_a_dead_letter_too_large_for_the_dead_letter_topic_goes_as_a_reference(
         assert headers["stream_cps.origin"].decode() == stored[key][1]
         assert "not valid JSON" in headers["stream_cps.reason"].decode()
     assert committed_total(settings, wide) == len(messages)
+
+
+def test_a_redelivered_id_with_different_content_is_a_dead_letter(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """Same id, other payload or time: a dead letter naming the id, the stored version kept.
+    The same content again (even in the other encoding) stays a silent redelivery count."""
+    settings, topic = kafka_env
+    bootstrap = settings.kafka.bootstrap_servers
+    rows = sample(10, seed=53)
+    produce(bootstrap, topic, events_of(rows))
+    changed = (*rows[0][:5], json.dumps({**json.loads(rows[0][5]), "extra": "changed"}))
+    later = (*rows[1][:4], rows[1][4] + timedelta(seconds=1), rows[1][5])
+    twin = ("twin", *rows[5][1:])
+    twin_changed = (*twin[:5], json.dumps({"other": "content"}))
+    again: list[tuple[bytes | None, bytes | None]] = [
+        (changed[0].encode(), json_event(changed)),
+        (later[0].encode(), avro_event(later)),
+        # the other encoding than the first time: equal content all the same
+        (rows[3][0].encode(), json_event(rows[3])),
+        (rows[4][0].encode(), avro_event(rows[4])),
+        (b"twin", json_event(twin)),
+        (b"twin", json_event(twin_changed)),
+    ]
+    with member(settings) as service:
+        wait_until(lambda: all_stitched(db, len(rows)), 30, "all events stitched")
+        produce(bootstrap, topic, again)
+        total = len(rows) + len(again)
+        wait_until(lambda: service.progress.messages == total, 30, "redeliveries consumed")
+    assert (service.progress.events_new, service.progress.events_seen) == (11, 2)
+    reasons = {
+        str(r[0]) for r in db.execute("SELECT reason FROM cdp_ps.kafka_dead_letters").fetchall()
+    }
+    assert reasons == {
+        f"event id {eid} already stored with different content (the first version stays)"
+        for eid in (rows[0][0], rows[1][0], "twin")
+    }
+    stored = db.execute(
+        "SELECT event_time, payload FROM cdp_ce.customer_events WHERE id = ANY(%s) ORDER BY id",
+        [[rows[0][0], rows[1][0]]],
+    ).fetchall()
+    firsts = sorted([rows[0], rows[1]])
+    assert [(t, p) for t, p in stored] == [(r[4], json.loads(r[5])) for r in firsts]
+    [(twin_payload,)] = db.execute(
+        "SELECT payload FROM cdp_ce.customer_events WHERE id = 'twin'"
+    ).fetchall()
+    assert twin_payload == json.loads(twin[5])
