@@ -35,8 +35,11 @@ from stream_cps.db import schema
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.kafka import KafkaLoop
 from stream_cps.service.process import webhook_server
+from stream_cps.sources.changefeed.webhook import envelopes_of
 from stream_cps.sources.kafka.replay import run_replay
 from stream_cps.sources.messages import MAX_REASON
+from stream_cps.stitching.ingest import Applier
+from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev.encode import avro_event, json_event
 from stream_cps_dev.sample import generator
 from tests.fixtures.kafka import create_topics
@@ -366,7 +369,7 @@ def test_changefeed_messages_with_duplicates_resolved_and_deletes(
     messages.append((messages[0][0], json.dumps(echo).encode()))
     deleted = rows[1][0]
     messages.append((json.dumps([deleted]).encode(), b'{"after": null, "updated": "9.0"}'))
-    messages.append((b'["gone"]', None))  # tombstone
+    messages.append((b"gone", None))  # tombstone (a JSON-array key would be key_only)
     messages.append((None, b'{"something": "else"}'))  # unknown kind
     produce(settings.kafka.bootstrap_servers, topic, messages)
     producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
@@ -787,3 +790,161 @@ def test_a_redelivered_id_with_different_content_is_a_dead_letter(
         "SELECT payload FROM cdp_ce.customer_events WHERE id = 'twin'"
     ).fetchall()
     assert twin_payload == json.loads(twin[5])
+
+
+def _after(row: Row) -> dict[str, Any]:
+    """A customer_events row as a changefeed carries it."""
+    eid, source, etype, version, when, payload = row
+    return {
+        "id": eid,
+        "source_id": source,
+        "type": etype,
+        "version": version,
+        "event_time": when.isoformat(),
+        "payload": json.loads(payload),
+        "created": when.isoformat(),
+        "stitched": None,
+        "identifiers": None,
+    }
+
+
+# What `envelope = enriched, enriched_properties = 'source,schema'` adds around the payload.
+ENRICHED_SCHEMA = {
+    "type": "struct",
+    "name": "cockroachdb.envelope",
+    "optional": False,
+    "fields": [
+        {
+            "field": "after",
+            "type": "struct",
+            "optional": True,
+            "fields": [{"field": c} for c in "x" * 60],
+        },
+        {"field": "op", "type": "string", "optional": False},
+        {"field": "ts_ns", "type": "int64", "optional": False},
+    ],
+}
+KEY_ONLY = "key_only changefeed message carries no row; use envelope=wrapped/bare/enriched"
+
+
+def _envelopes(rows: list[Row]) -> list[tuple[bytes | None, bytes | None]]:
+    """Rows 0-9 enriched without schema, 10-19 enriched with schema, 20-29 bare (with
+    ``__crdb__``), 30-34 key_only (no value), then an enriched delete with schema."""
+    out: list[tuple[bytes | None, bytes | None]] = []
+    for n, row in enumerate(rows[:35]):
+        key = json.dumps([row[0]]).encode()
+        payload = {"after": _after(row), "op": "c", "ts_ns": 1772366400000000000 + n}
+        if n < 10:
+            value: dict[str, Any] | None = payload
+        elif n < 20:
+            value = {
+                "payload": {**payload, "source": {"table_name": "customer_events"}},
+                "schema": ENRICHED_SCHEMA,
+            }
+        elif n < 30:
+            value = {**_after(row), "__crdb__": {"updated": f"{1772366400 + n}.0000000000"}}
+        else:
+            value = None
+        out.append((key, None if value is None else json.dumps(value).encode()))
+    gone = rows[35]
+    delete = {
+        "payload": {"after": None, "before": _after(gone), "op": "d", "ts_ns": 1},
+        "schema": ENRICHED_SCHEMA,
+    }
+    out.append((json.dumps([gone[0]]).encode(), json.dumps(delete).encode()))
+    return out
+
+
+def test_enriched_bare_and_key_only_changefeeds_are_stitched_or_dead_letters(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """Enriched (with and without schema) and bare rows are stitched; key_only messages carry
+    no row and are dead letters saying so; ``__crdb__`` resolved messages are counted."""
+    settings, topic = kafka_env
+    rows = sample(36, seed=59)
+    generator.copy_events(db.cursor(), generator_table(settings), rows)
+    messages = _envelopes(rows)
+    produce(settings.kafka.bootstrap_servers, topic, messages)
+    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    for partition in range(3):
+        producer.produce(
+            topic, value=b'{"__crdb__": {"resolved": "1800000000.0000000000"}}', partition=partition
+        )
+    assert producer.flush(10) == 0
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(messages) + 3, 30, "all consumed")
+    p = service.progress
+    assert (p.changefeed_rows, p.deletes, p.resolved, p.ignored) == (30, 1, 3, 0)
+    assert p.last_resolved == "1800000000.0000000000"
+    stitched = {
+        str(r[0])
+        for r in db.execute("SELECT id FROM cdp_ce.customer_events WHERE stitched IS NOT NULL")
+    }
+    assert stitched == {r[0] for r in rows[:30]}
+    dead = db.execute(
+        "SELECT message_key, reason FROM cdp_ps.kafka_dead_letters ORDER BY message_key"
+    ).fetchall()
+    assert [(bytes(k), str(r)) for k, r in dead] == sorted(
+        (json.dumps([r[0]]).encode(), KEY_ONLY) for r in rows[30:35]
+    )
+
+
+def test_webhook_enriched_key_only_and_crdb_resolved(
+    settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """The webhook path: enriched entries stitched, a key_only entry dead-lettered, a
+    ``__crdb__`` resolved body counted as resolved (not a dead letter)."""
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(12, seed=61)
+    generator.copy_events(db.cursor(), generator_table(settings), rows)
+    cert, key = _self_signed(tmp_path)
+    server = webhook_server(
+        settings.replace(
+            **{
+                "webhook.host": "127.0.0.1",
+                "webhook.port": 0,
+                "webhook.cert_file": str(cert),
+                "webhook.key_file": str(key),
+            }
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def post(body: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{server.port}/changefeed", data=body, method="POST"
+        )
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            assert response.status == 200
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+
+    resolved = b'{"__crdb__": {"resolved": "1800000000.0000000000"}}'
+    try:
+        entries: list[Any] = [
+            {
+                "payload": {"after": _after(row), "op": "c", "ts_ns": n},
+                "schema": ENRICHED_SCHEMA,
+                "key": [row[0]],
+                "topic": "customer_events",
+            }
+            for n, row in enumerate(rows[:10])
+        ]
+        entries.append({"after": _after(rows[10]), "op": "u", "key": [rows[10][0]]})
+        entries.append({"key": [rows[11][0]], "topic": "customer_events"})  # key_only
+        answer = post(json.dumps({"payload": entries, "length": len(entries)}).encode())
+        assert answer == {"messages": 12, "stitched": 11, "dead_letters": 1}
+        assert post(resolved) == {"messages": 1, "stitched": 0, "dead_letters": 0}
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    [(reason,)] = db.execute(
+        "SELECT reason FROM cdp_ps.kafka_dead_letters WHERE source = 'webhook'"
+    ).fetchall()
+    assert reason == KEY_ONLY
+    # The same body through the webhook's decoding and the shared ingest: counted as resolved.
+    stats = Applier(settings.schemas, Stitcher(settings)).apply(db, envelopes_of(resolved))
+    assert (stats.resolved, stats.last_resolved) == (1, "1800000000.0000000000")
