@@ -5,10 +5,16 @@ Four outcomes, decided by shape and never by topic name, so one topic may carry 
 
 - ``CustomerEvent``: a collector's event, Avro (Confluent framing) or a JSON object with
   ``id``, ``source_id``, ``type``, ``version``, ``event_time`` (ISO 8601 with offset), ``payload``.
-- ``ChangefeedRow``: a CockroachDB changefeed ``wrapped`` message (top-level ``after``); the row
-  lives in the database already, so only its id matters. ``after: null`` is a delete.
-- ``Resolved``: a changefeed ``resolved`` timestamp (sent on every partition).
+- ``ChangefeedRow``: a CockroachDB changefeed ``wrapped`` or ``enriched`` message (``after``,
+  at the top or under ``payload`` next to ``schema``) or a ``bare`` one (columns plus
+  ``__crdb__``); the row lives in the database already, so only its id matters. ``after: null``
+  is a delete.
+- ``Resolved``: a changefeed ``resolved`` timestamp (sent on every partition; ``bare`` puts it
+  under ``__crdb__``).
 - ``Ignored``: a tombstone (null value) or a well-formed message of a kind we do not know.
+
+A ``key_only`` changefeed message (a JSON-array key, no value) carries no row and is a dead
+letter saying so, never mistaken for a tombstone and dropped.
 
 Anything that cannot be decoded, or is a customer event that violates the schema, raises
 ``InvalidInput`` with the reason; the caller dead-letters it.
@@ -25,8 +31,12 @@ from stream_cps.errors import InvalidInput
 from stream_cps.sources.kafka.framing import MAGIC
 
 MAX_TEXT = 255  # source_id, type, version are varchar(255) in the guide's DDL
+MAX_REASON = 500  # characters of a dead-letter reason (table and topic header)
 EVENT_FIELDS = frozenset({"id", "source_id", "type", "version", "event_time", "payload"})
 FORMATS = ("auto", "avro", "json")
+KEY_ONLY = "key_only changefeed message carries no row; use envelope=wrapped/bare/enriched"
+# All a key_only webhook entry has (the Kafka sink sends the key with no value at all).
+KEY_ONLY_FIELDS = frozenset({"key", "topic", "updated", "mvcc_timestamp"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ def decode(
 ) -> Decoded:
     """Decode one Kafka message; raises ``InvalidInput`` for a dead letter."""
     if value is None or value == b"":
+        if _is_changefeed_key(key):
+            raise InvalidInput(KEY_ONLY)
         return Ignored("tombstone", "null value")
     if value[0] == MAGIC:
         if message_format == "json":
@@ -112,15 +124,43 @@ def decode_object(obj: dict[str, Any], key: bytes | list[Any] | None) -> Decoded
     if "after" in obj:
         return _changefeed_row(obj, key)
     if "resolved" in obj:
-        resolved = obj["resolved"]
-        if not isinstance(resolved, str):
-            raise InvalidInput("changefeed resolved timestamp is not a string")
-        return Resolved(resolved)
+        return _resolved(obj["resolved"])
+    if "__crdb__" in obj:
+        return _bare(obj, key)
+    enriched = obj.get("payload")
+    if "schema" in obj and isinstance(enriched, dict) and ("after" in enriched or "op" in enriched):
+        # envelope=enriched with the schema property: the message is {"payload", "schema"}.
+        return decode_object({**enriched, "key": obj.get("key", key)}, key)
+    if "key" in obj and set(obj) <= KEY_ONLY_FIELDS:
+        raise InvalidInput(KEY_ONLY)  # a webhook entry of a key_only changefeed
     if EVENT_FIELDS.intersection(obj):
         # Looks like a customer event: one with a field missing is a dead letter naming it,
         # not an "unknown kind" that would be dropped.
         return customer_event(obj, from_avro=False)
     return Ignored("unknown", "JSON object with neither after, resolved nor event fields")
+
+
+def _resolved(resolved: Any) -> Resolved:
+    if not isinstance(resolved, str):
+        raise InvalidInput("changefeed resolved timestamp is not a string")
+    return Resolved(resolved)
+
+
+def _bare(obj: dict[str, Any], key: bytes | list[Any] | None) -> Decoded:
+    """envelope=bare: the row's columns at the top, the metadata under ``__crdb__``."""
+    crdb = obj["__crdb__"]
+    if not isinstance(crdb, dict):
+        raise InvalidInput("changefeed __crdb__ is not an object")
+    if "resolved" in crdb:
+        return _resolved(crdb["resolved"])
+    row = {k: v for k, v in obj.items() if k not in ("__crdb__", "key", "topic")}
+    return _changefeed_row({"after": row, "updated": crdb.get("updated")}, obj.get("key", key))
+
+
+def short_reason(text: str) -> str:
+    """A dead-letter reason fit for a table row, a Kafka header and a log line: one quoting a
+    whole value (a schema, a huge field) is cut to ``MAX_REASON`` characters with an ellipsis."""
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "\u2026"
 
 
 def parse_json(data: bytes) -> Any:
@@ -205,6 +245,17 @@ def _changefeed_row(obj: dict[str, Any], key: bytes | list[Any] | None) -> Chang
     )
 
 
+def _is_changefeed_key(key: bytes | None) -> bool:
+    """A changefeed's key: the primary key as a non-empty JSON array."""
+    if not key or key[:1] != b"[":
+        return False
+    try:
+        parsed = json.loads(key.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(parsed, list) and bool(parsed)
+
+
 def _key_id(key: bytes | list[Any] | None) -> str | None:
     """The event id from a changefeed key: a JSON array of the primary key, ``["<id>"]``."""
     if isinstance(key, bytes):
@@ -220,14 +271,16 @@ def _key_id(key: bytes | list[Any] | None) -> str | None:
 def webhook_entries(body: bytes) -> list[Any] | Resolved:
     """The messages in a changefeed webhook request: ``{"payload": [...], "length": N}``.
 
-    A webhook sink posts ``resolved`` messages as a bare ``{"resolved": "..."}`` body.
+    A webhook sink posts ``resolved`` messages as a bare ``{"resolved": "..."}`` body
+    (``{"__crdb__": {"resolved": "..."}}`` with envelope=bare).
     """
     obj = parse_json(body)
     if not isinstance(obj, dict):
         raise InvalidInput("webhook body is not a JSON object")
-    if "resolved" in obj and "payload" not in obj:
+    if "payload" not in obj and ("resolved" in obj or "__crdb__" in obj):
         resolved = decode_object(obj, None)
-        assert isinstance(resolved, Resolved)
+        if not isinstance(resolved, Resolved):
+            raise InvalidInput("webhook body without payload is not a resolved message")
         return resolved
     payload, length = obj.get("payload"), obj.get("length")
     if not isinstance(payload, list) or not isinstance(length, int) or isinstance(length, bool):

@@ -3,10 +3,11 @@
 Shared by the Kafka loop and the changefeed webhook.
 
 Customer events are inserted with ``ON CONFLICT (id) DO NOTHING`` (a redelivered id is not
-duplicated; the first stored version wins) and stitched in the same transaction, so an event is
-never visible unstitched because of us, and a crash before the commit leaves no trace. Changefeed
-rows are already in the table and are only stitched by id; the stitcher skips rows that are
-stitched already, which makes duplicates and replays harmless.
+duplicated; the first stored version wins; a redelivery whose content differs from it is a
+conflict someone should see, so it is dead-lettered) and stitched in the same transaction, so
+an event is never visible unstitched because of us, and a crash before the commit leaves no
+trace. Changefeed rows are already in the table and are only stitched by id; the stitcher skips
+rows that are stitched already, which makes duplicates and replays harmless.
 
 The SQL here stays in the subset CockroachDB speaks: multi-row ``INSERT ... ON CONFLICT DO
 NOTHING RETURNING``, savepoints, ``= ANY(array)``; no advisory locks, no PostgreSQL-only
@@ -16,6 +17,7 @@ functions. The transaction, its isolation and its retry on 40001/40P01 are ``Sti
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from stream_cps.sources.messages import (
     Envelope,
     Ignored,
     Resolved,
+    short_reason,
 )
 from stream_cps.stitching.stitcher import BatchResult, Stitcher, StitchIn
 
@@ -56,7 +59,7 @@ class ApplyStats:
 
     messages: int = 0
     events_new: int = 0
-    events_seen: int = 0  # redelivered ids: already in the table, or twice in the batch
+    events_seen: int = 0  # redelivered ids with the same content: in the table or the batch
     changefeed_rows: int = 0
     echoes: int = 0  # changefeed rows that carry stitched already (our own writes)
     deletes: int = 0
@@ -87,21 +90,35 @@ class Applier:
         self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope], stitch_in: StitchIn
     ) -> ApplyStats:
         stats = _classify(envelopes)
-        events: dict[str, tuple[CustomerEvent, Envelope]] = {}
+        events: dict[str, tuple[CustomerEvent, list[Envelope]]] = {}
+        conflicts: list[Envelope] = []
         stitch_ids: dict[str, None] = {}
         received = 0
         for envelope in envelopes:
             decoded = envelope.decoded
             if isinstance(decoded, CustomerEvent):
                 received += 1
-                events.setdefault(decoded.id, (decoded, envelope))
+                first = events.setdefault(decoded.id, (decoded, []))
+                if _same_event(first[0], decoded):
+                    first[1].append(envelope)
+                else:
+                    conflicts.append(envelope)
             elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
                 stitch_ids[decoded.event_id] = None
         inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
-        stats.events_new = inserted
-        stats.events_seen = received - inserted - len(failed)
         for event_id, reason in failed.items():
-            stats.dead_letters.append(dataclasses.replace(events[event_id][1], reason=reason))
+            stats.dead_letters.append(dataclasses.replace(events[event_id][1][0], reason=reason))
+        present = [
+            ev for eid, (ev, _) in events.items() if eid not in inserted and eid not in failed
+        ]
+        for event_id in self._differing(conn, present):
+            conflicts += events[event_id][1]
+        stats.events_new = len(inserted)
+        stats.events_seen = received - len(inserted) - len(failed) - len(conflicts)
+        stats.dead_letters += [
+            dataclasses.replace(e, reason=_conflict(e.decoded)) for e in conflicts
+        ]
+        stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
         self._record_dead(conn, stats.dead_letters)
         ids = [eid for eid in events if eid not in failed]
         ids += [eid for eid in stitch_ids if eid not in events]
@@ -110,25 +127,27 @@ class Applier:
 
     def _insert(
         self, conn: psycopg.Connection[Any], events: list[CustomerEvent]
-    ) -> tuple[int, dict[str, str]]:
-        """Insert new events; rows the database refuses are isolated with savepoints."""
+    ) -> tuple[set[str], dict[str, str]]:
+        """Insert new events (the ids inserted); rows the database refuses are isolated with
+        savepoints."""
         if not events:
-            return 0, {}
+            return set(), {}
         try:
             with conn.transaction():
                 return self._insert_rows(conn, events), {}
         except (psycopg.DataError, psycopg.IntegrityError):
             pass
-        inserted, failed = 0, {}
+        inserted: set[str] = set()
+        failed: dict[str, str] = {}
         for event in events:
             try:
                 with conn.transaction():
-                    inserted += self._insert_rows(conn, [event])
+                    inserted |= self._insert_rows(conn, [event])
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
                 failed[event.id] = f"database refused the event: {exc.diag.message_primary}"
         return inserted, failed
 
-    def _insert_rows(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> int:
+    def _insert_rows(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> set[str]:
         # One statement with one array per column: no per-row placeholders to parse, and
         # multi-argument unnest exists in CockroachDB too. Payloads travel as text[] and are
         # cast row by row (jsonb[] parameters are newer in CockroachDB). Binary parameters (%b)
@@ -136,20 +155,24 @@ class Applier:
         statement = sql.SQL(
             "INSERT INTO {} ({}) "
             "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb) "
-            "FROM unnest(CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), "
-            "CAST(%b AS text[]), CAST(%b AS timestamptz[]), CAST(%b AS text[])) "
-            "AS u (id, source_id, type, version, event_time, payload) "
-            "ON CONFLICT (id) DO NOTHING RETURNING id"
-        ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)))
-        columns: list[list[Any]] = [[], [], [], [], [], []]
-        for ev in events:
-            for column, value in zip(
-                columns,
-                (ev.id, ev.source_id, ev.type, ev.version, ev.event_time, ev.payload),
-                strict=True,
-            ):
-                column.append(value)
-        return len(conn.execute(statement, columns).fetchall())
+            "FROM {} ON CONFLICT (id) DO NOTHING RETURNING id"
+        ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), _UNNEST)
+        return {str(row[0]) for row in conn.execute(statement, _columns(events))}
+
+    def _differing(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> list[str]:
+        """Ids among ``events`` (not inserted: already stored) whose stored content differs.
+
+        Compared as stored: timestamps as instants, payloads as jsonb (key order and spacing
+        do not count), so a redelivery in the other encoding is still the same event."""
+        if not events:
+            return []
+        statement = sql.SQL(
+            "SELECT u.id FROM {} JOIN {} AS e ON e.id = u.id "
+            "WHERE e.source_id IS DISTINCT FROM u.source_id OR e.type IS DISTINCT FROM u.type "
+            "OR e.version IS DISTINCT FROM u.version OR e.event_time <> u.event_time "
+            "OR e.payload <> CAST(u.payload AS jsonb)"
+        ).format(_UNNEST, self._events)
+        return [str(row[0]) for row in conn.execute(statement, _columns(events))]
 
     def _record_dead(self, conn: psycopg.Connection[Any], dead: list[Envelope]) -> None:
         if not dead:
@@ -173,6 +196,48 @@ class Applier:
                 e.reason or "unknown",
             ]
         conn.execute(statement, params)
+
+
+_UNNEST = sql.SQL(
+    "unnest(CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), "
+    "CAST(%b AS timestamptz[]), CAST(%b AS text[])) "
+    "AS u (id, source_id, type, version, event_time, payload)"
+)
+
+
+def _columns(events: list[CustomerEvent]) -> list[list[Any]]:
+    """The events as one list per column, for ``_UNNEST``."""
+    columns: list[list[Any]] = [[], [], [], [], [], []]
+    for ev in events:
+        for column, value in zip(
+            columns,
+            (ev.id, ev.source_id, ev.type, ev.version, ev.event_time, ev.payload),
+            strict=True,
+        ):
+            column.append(value)
+    return columns
+
+
+def _same_event(first: CustomerEvent, other: CustomerEvent) -> bool:
+    """Two decodings of the same id with equal content (the payload compared as JSON)."""
+    if (first.source_id, first.type, first.version, first.event_time) != (
+        other.source_id,
+        other.type,
+        other.version,
+        other.event_time,
+    ):
+        return False
+    return first.payload == other.payload or json.loads(first.payload) == json.loads(other.payload)
+
+
+def _conflict(decoded: object) -> str:
+    assert isinstance(decoded, CustomerEvent)
+    return f"event id {decoded.id} already stored with different content (the first version stays)"
+
+
+def _shortened(envelope: Envelope) -> Envelope:
+    reason = short_reason(envelope.reason or "unknown")
+    return envelope if reason == envelope.reason else dataclasses.replace(envelope, reason=reason)
 
 
 def _values(rows: int, placeholders: list[str]) -> sql.Composed:

@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,11 @@ from stream_cps.db import schema
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.kafka import KafkaLoop
 from stream_cps.service.process import webhook_server
+from stream_cps.sources.changefeed.webhook import envelopes_of
 from stream_cps.sources.kafka.replay import run_replay
+from stream_cps.sources.messages import MAX_REASON
+from stream_cps.stitching.ingest import Applier
+from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev.encode import avro_event, json_event
 from stream_cps_dev.sample import generator
 from tests.fixtures.kafka import create_topics
@@ -365,7 +369,7 @@ def test_changefeed_messages_with_duplicates_resolved_and_deletes(
     messages.append((messages[0][0], json.dumps(echo).encode()))
     deleted = rows[1][0]
     messages.append((json.dumps([deleted]).encode(), b'{"after": null, "updated": "9.0"}'))
-    messages.append((b'["gone"]', None))  # tombstone
+    messages.append((b"gone", None))  # tombstone (a JSON-array key would be key_only)
     messages.append((None, b'{"something": "else"}'))  # unknown kind
     produce(settings.kafka.bootstrap_servers, topic, messages)
     producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
@@ -640,3 +644,307 @@ def test_member_reports_a_backlog_while_polls_come_back_full(
         wait_until(lambda: not backlog.busy, 30, "the backlog reported cleared")
     assert True in backlog.reports  # full polls while the topic was ahead
     assert backlog.reports[-1] is False
+
+
+def dead_letter_copies(settings: config.Settings, n: int) -> list[Message]:
+    """The first ``n`` messages on the dead-letter topic (waits up to 20 s)."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.kafka.bootstrap_servers,
+            "group.id": f"dlq-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    reader.subscribe([settings.kafka.dead_letter_topic])
+    copies: list[Message] = []
+    deadline = time.monotonic() + 20
+    try:
+        while len(copies) < n and time.monotonic() < deadline:
+            msg = reader.poll(0.5)
+            if msg is not None and msg.error() is None:
+                copies.append(msg)
+    finally:
+        reader.close()
+    return copies
+
+
+def headers_of(msg: Message) -> dict[str, bytes]:
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return {str(k): v if isinstance(v, bytes) else str(v).encode() for k, v in pairs}
+
+
+def committed_total(settings: config.Settings, topic: str) -> int:
+    """The sum of the group's committed offsets over the topic's three partitions."""
+    reader = Consumer(
+        {"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": settings.kafka.group_id}
+    )
+    try:
+        parts = reader.committed([TopicPartition(topic, p) for p in range(3)], timeout=10)
+    finally:
+        reader.close()
+    return sum(max(tp.offset, 0) for tp in parts)
+
+
+def test_dead_letter_reasons_are_capped_in_the_table_and_on_the_topic(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """A reason quoting a 5,000-character value is cut to MAX_REASON with an ellipsis."""
+    settings, topic = kafka_env
+    template = json.loads(json_event(sample(1, seed=43)[0]))
+    value = json.dumps({**template, "id": "long-time", "event_time": "x" * 5000}).encode()
+    produce(settings.kafka.bootstrap_servers, topic, [(b"bad", value)])
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == 1, 30, "consumed")
+    [(reason,)] = db.execute("SELECT reason FROM cdp_ps.kafka_dead_letters").fetchall()
+    assert str(reason).startswith("event_time: not ISO 8601: 'xxx")
+    assert len(reason) == MAX_REASON and str(reason).endswith("…")
+    [copy] = dead_letter_copies(settings, 1)
+    assert headers_of(copy)["stream_cps.reason"].decode() == reason
+
+
+def test_a_dead_letter_too_large_for_the_dead_letter_topic_goes_as_a_reference(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """A 2 MB message on a topic allowing 8 MB is over the dead-letter producer's limit, a
+    10 KB one over the dead-letter topic's (4 KB): both are whole in the table, on the topic
+    without their value, and the member carries on and stores the offsets."""
+    settings, topic = kafka_env
+    bootstrap = settings.kafka.bootstrap_servers
+    wide, narrow = topic + "-8mb", topic + "-dlq-4kb"
+    create_topics(bootstrap, wide, config={"max.message.bytes": str(8 * 1024 * 1024)})
+    create_topics(bootstrap, narrow, config={"max.message.bytes": "4096"})
+    settings = settings.replace(**{"kafka.topics": [wide], "kafka.dead_letter_topic": narrow})
+    huge = b'{"id": "' + b"x" * (2 * 1024 * 1024)  # not JSON: cut off
+    big = b'{"id": "' + b"y" * (10 * 1024)
+    good = sample(10, seed=47)
+    messages = [*events_of(good[:5]), (b"huge", huge), (b"big", big), *events_of(good[5:])]
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 10 * 1024 * 1024})
+    for key, value in messages:
+        producer.produce(wide, key=key, value=value)
+    assert producer.flush(30) == 0
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(messages), 60, "all consumed")
+    assert all_stitched(db, len(good))
+    stored = {
+        bytes(r[0]): (bytes(r[1]), str(r[2]))
+        for r in db.execute(
+            "SELECT message_key, message_value, id FROM cdp_ps.kafka_dead_letters"
+        ).fetchall()
+    }
+    assert {k: v[0] for k, v in stored.items()} == {b"huge": huge, b"big": big}
+    copies = dead_letter_copies(settings, 2)
+    assert len(copies) == 2
+    for msg in copies:
+        headers = headers_of(msg)
+        key = headers["stream_cps.key"]
+        assert msg.value() == b""
+        assert headers["stream_cps.value_dropped"] == str(len(stored[key][0])).encode()
+        assert headers["stream_cps.origin"].decode() == stored[key][1]
+        assert "not valid JSON" in headers["stream_cps.reason"].decode()
+    assert committed_total(settings, wide) == len(messages)
+
+
+def test_a_redelivered_id_with_different_content_is_a_dead_letter(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """Same id, other payload or time: a dead letter naming the id, the stored version kept.
+    The same content again (even in the other encoding) stays a silent redelivery count."""
+    settings, topic = kafka_env
+    bootstrap = settings.kafka.bootstrap_servers
+    rows = sample(10, seed=53)
+    produce(bootstrap, topic, events_of(rows))
+    changed = (*rows[0][:5], json.dumps({**json.loads(rows[0][5]), "extra": "changed"}))
+    later = (*rows[1][:4], rows[1][4] + timedelta(seconds=1), rows[1][5])
+    twin = ("twin", *rows[5][1:])
+    twin_changed = (*twin[:5], json.dumps({"other": "content"}))
+    again: list[tuple[bytes | None, bytes | None]] = [
+        (changed[0].encode(), json_event(changed)),
+        (later[0].encode(), avro_event(later)),
+        # the other encoding than the first time: equal content all the same
+        (rows[3][0].encode(), json_event(rows[3])),
+        (rows[4][0].encode(), avro_event(rows[4])),
+        (b"twin", json_event(twin)),
+        (b"twin", json_event(twin_changed)),
+    ]
+    with member(settings) as service:
+        wait_until(lambda: all_stitched(db, len(rows)), 30, "all events stitched")
+        produce(bootstrap, topic, again)
+        total = len(rows) + len(again)
+        wait_until(lambda: service.progress.messages == total, 30, "redeliveries consumed")
+    assert (service.progress.events_new, service.progress.events_seen) == (11, 2)
+    reasons = {
+        str(r[0]) for r in db.execute("SELECT reason FROM cdp_ps.kafka_dead_letters").fetchall()
+    }
+    assert reasons == {
+        f"event id {eid} already stored with different content (the first version stays)"
+        for eid in (rows[0][0], rows[1][0], "twin")
+    }
+    stored = db.execute(
+        "SELECT event_time, payload FROM cdp_ce.customer_events WHERE id = ANY(%s) ORDER BY id",
+        [[rows[0][0], rows[1][0]]],
+    ).fetchall()
+    firsts = sorted([rows[0], rows[1]])
+    assert [(t, p) for t, p in stored] == [(r[4], json.loads(r[5])) for r in firsts]
+    [(twin_payload,)] = db.execute(
+        "SELECT payload FROM cdp_ce.customer_events WHERE id = 'twin'"
+    ).fetchall()
+    assert twin_payload == json.loads(twin[5])
+
+
+def _after(row: Row) -> dict[str, Any]:
+    """A customer_events row as a changefeed carries it."""
+    eid, source, etype, version, when, payload = row
+    return {
+        "id": eid,
+        "source_id": source,
+        "type": etype,
+        "version": version,
+        "event_time": when.isoformat(),
+        "payload": json.loads(payload),
+        "created": when.isoformat(),
+        "stitched": None,
+        "identifiers": None,
+    }
+
+
+# What `envelope = enriched, enriched_properties = 'source,schema'` adds around the payload.
+ENRICHED_SCHEMA = {
+    "type": "struct",
+    "name": "cockroachdb.envelope",
+    "optional": False,
+    "fields": [
+        {
+            "field": "after",
+            "type": "struct",
+            "optional": True,
+            "fields": [{"field": c} for c in "x" * 60],
+        },
+        {"field": "op", "type": "string", "optional": False},
+        {"field": "ts_ns", "type": "int64", "optional": False},
+    ],
+}
+KEY_ONLY = "key_only changefeed message carries no row; use envelope=wrapped/bare/enriched"
+
+
+def _envelopes(rows: list[Row]) -> list[tuple[bytes | None, bytes | None]]:
+    """Rows 0-9 enriched without schema, 10-19 enriched with schema, 20-29 bare (with
+    ``__crdb__``), 30-34 key_only (no value), then an enriched delete with schema."""
+    out: list[tuple[bytes | None, bytes | None]] = []
+    for n, row in enumerate(rows[:35]):
+        key = json.dumps([row[0]]).encode()
+        payload = {"after": _after(row), "op": "c", "ts_ns": 1772366400000000000 + n}
+        if n < 10:
+            value: dict[str, Any] | None = payload
+        elif n < 20:
+            value = {
+                "payload": {**payload, "source": {"table_name": "customer_events"}},
+                "schema": ENRICHED_SCHEMA,
+            }
+        elif n < 30:
+            value = {**_after(row), "__crdb__": {"updated": f"{1772366400 + n}.0000000000"}}
+        else:
+            value = None
+        out.append((key, None if value is None else json.dumps(value).encode()))
+    gone = rows[35]
+    delete = {
+        "payload": {"after": None, "before": _after(gone), "op": "d", "ts_ns": 1},
+        "schema": ENRICHED_SCHEMA,
+    }
+    out.append((json.dumps([gone[0]]).encode(), json.dumps(delete).encode()))
+    return out
+
+
+def test_enriched_bare_and_key_only_changefeeds_are_stitched_or_dead_letters(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """Enriched (with and without schema) and bare rows are stitched; key_only messages carry
+    no row and are dead letters saying so; ``__crdb__`` resolved messages are counted."""
+    settings, topic = kafka_env
+    rows = sample(36, seed=59)
+    generator.copy_events(db.cursor(), generator_table(settings), rows)
+    messages = _envelopes(rows)
+    produce(settings.kafka.bootstrap_servers, topic, messages)
+    producer = Producer({"bootstrap.servers": settings.kafka.bootstrap_servers})
+    for partition in range(3):
+        producer.produce(
+            topic, value=b'{"__crdb__": {"resolved": "1800000000.0000000000"}}', partition=partition
+        )
+    assert producer.flush(10) == 0
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(messages) + 3, 30, "all consumed")
+    p = service.progress
+    assert (p.changefeed_rows, p.deletes, p.resolved, p.ignored) == (30, 1, 3, 0)
+    assert p.last_resolved == "1800000000.0000000000"
+    stitched = {
+        str(r[0])
+        for r in db.execute("SELECT id FROM cdp_ce.customer_events WHERE stitched IS NOT NULL")
+    }
+    assert stitched == {r[0] for r in rows[:30]}
+    dead = db.execute(
+        "SELECT message_key, reason FROM cdp_ps.kafka_dead_letters ORDER BY message_key"
+    ).fetchall()
+    assert [(bytes(k), str(r)) for k, r in dead] == sorted(
+        (json.dumps([r[0]]).encode(), KEY_ONLY) for r in rows[30:35]
+    )
+
+
+def test_webhook_enriched_key_only_and_crdb_resolved(
+    settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """The webhook path: enriched entries stitched, a key_only entry dead-lettered, a
+    ``__crdb__`` resolved body counted as resolved (not a dead letter)."""
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(12, seed=61)
+    generator.copy_events(db.cursor(), generator_table(settings), rows)
+    cert, key = _self_signed(tmp_path)
+    server = webhook_server(
+        settings.replace(
+            **{
+                "webhook.host": "127.0.0.1",
+                "webhook.port": 0,
+                "webhook.cert_file": str(cert),
+                "webhook.key_file": str(key),
+            }
+        )
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
+    thread.start()
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def post(body: bytes) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{server.port}/changefeed", data=body, method="POST"
+        )
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            assert response.status == 200
+            answer: dict[str, Any] = json.loads(response.read())
+            return answer
+
+    resolved = b'{"__crdb__": {"resolved": "1800000000.0000000000"}}'
+    try:
+        entries: list[Any] = [
+            {
+                "payload": {"after": _after(row), "op": "c", "ts_ns": n},
+                "schema": ENRICHED_SCHEMA,
+                "key": [row[0]],
+                "topic": "customer_events",
+            }
+            for n, row in enumerate(rows[:10])
+        ]
+        entries.append({"after": _after(rows[10]), "op": "u", "key": [rows[10][0]]})
+        entries.append({"key": [rows[11][0]], "topic": "customer_events"})  # key_only
+        answer = post(json.dumps({"payload": entries, "length": len(entries)}).encode())
+        assert answer == {"messages": 12, "stitched": 11, "dead_letters": 1}
+        assert post(resolved) == {"messages": 1, "stitched": 0, "dead_letters": 0}
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    [(reason,)] = db.execute(
+        "SELECT reason FROM cdp_ps.kafka_dead_letters WHERE source = 'webhook'"
+    ).fetchall()
+    assert reason == KEY_ONLY
+    # The same body through the webhook's decoding and the shared ingest: counted as resolved.
+    stats = Applier(settings.schemas, Stitcher(settings)).apply(db, envelopes_of(resolved))
+    assert (stats.resolved, stats.last_resolved) == (1, "1800000000.0000000000")

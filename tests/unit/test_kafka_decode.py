@@ -17,11 +17,13 @@ from stream_cps.errors import InvalidInput
 from stream_cps.sources.changefeed.webhook import envelopes_of
 from stream_cps.sources.kafka import avro as kafka_avro
 from stream_cps.sources.messages import (
+    MAX_REASON,
     ChangefeedRow,
     CustomerEvent,
     Ignored,
     Resolved,
     decode,
+    short_reason,
     webhook_entries,
 )
 from stream_cps_dev import encode
@@ -189,3 +191,31 @@ def test_any_valid_event_round_trips_through_both_encodings(
         assert (event.id, event.source_id, event.type, event.version) == (eid, *names)
         assert event.event_time == when
         assert json.loads(event.payload) == payload
+
+
+def test_short_reason_keeps_short_reasons_and_cuts_long_ones_with_an_ellipsis() -> None:
+    assert short_reason("payload: must be a JSON object") == "payload: must be a JSON object"
+    assert short_reason("x" * MAX_REASON) == "x" * MAX_REASON
+    cut = short_reason("y" * (MAX_REASON + 1))
+    assert len(cut) == MAX_REASON and cut == "y" * (MAX_REASON - 1) + "\u2026"
+
+
+def test_enriched_bare_key_only_and_crdb_resolved_changefeed_shapes() -> None:
+    after = {"id": "e1", "stitched": None}
+    key = b'["e1"]'
+    enriched = {"payload": {"after": after, "op": "c", "ts_ns": 1}, "schema": {"type": "struct"}}
+    row = ChangefeedRow("e1", deleted=False, needs_stitch=True, updated=None)
+    assert decode(key, _json(enriched), "auto", AVRO) == row
+    assert decode(key, _json({"after": after, "op": "u", "ts_ns": 1}), "auto", AVRO) == row
+    gone = {"payload": {"after": None, "before": after, "op": "d"}, "schema": {}}
+    assert decode(key, _json(gone), "auto", AVRO) == ChangefeedRow("e1", True, False, None)
+    bare = {**after, "__crdb__": {"updated": "5.0"}}
+    assert decode(None, _json(bare), "auto", AVRO) == ChangefeedRow("e1", False, True, "5.0")
+    crdb_resolved = _json({"__crdb__": {"resolved": "7.0"}})
+    assert decode(None, crdb_resolved, "auto", AVRO) == Resolved("7.0")
+    assert webhook_entries(crdb_resolved) == Resolved("7.0")
+    with pytest.raises(InvalidInput, match="key_only changefeed message carries no row"):
+        decode(key, None, "auto", AVRO)
+    [entry] = envelopes_of(_json({"payload": [{"key": ["e1"], "topic": "t"}], "length": 1}))
+    assert entry.reason is not None and entry.reason.startswith("key_only changefeed message")
+    assert decode(b"e1", None, "auto", AVRO) == Ignored("tombstone", "null value")
