@@ -64,7 +64,11 @@ class StitchStore:
 
         self.has_purge = q("SELECT EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)")
         self.purge_entities = q(
-            "DELETE FROM {ca} WHERE modified IS NULL RETURNING customer_entity_id"
+            "DELETE FROM {ca} WHERE modified IS NULL RETURNING customer_entity_id, identifiers"
+        )
+        self.reset_orphans = q(
+            "UPDATE {ce} SET stitched = NULL, identifiers = NULL "
+            "WHERE identifiers && %(idents)b::text[] AND stitched IS NOT NULL"
         )
         self.free_identifiers = q("DELETE FROM {ie} WHERE entity_id = ANY(%(ids)b)")
         self.outbox_deletes = q(
@@ -141,9 +145,19 @@ class StitchStore:
 
     def purge(self, conn: psycopg.Connection[Any]) -> list[str]:
         """Delete entities whose ``modified`` was set to NULL, free their identifiers and queue
-        OpenSearch deletes (the guide's clean-up routine)."""
-        ids = [r[0] for r in conn.execute(self.purge_entities).fetchall()]
+        OpenSearch deletes (the guide's clean-up routine).
+
+        Every event of a deleted entity that is still stitched is reset for the sweep: an
+        event never stays stitched inside no entity. The guide's restitch-one script resets
+        the events its statement's snapshot saw; one the stitcher added to the entity just
+        after that snapshot (before the script locked the row) was missed, and a later event
+        with the same identifier then founded a second entity."""
+        rows = conn.execute(self.purge_entities).fetchall()
+        ids = [r[0] for r in rows]
         if ids:
+            idents = sorted({i for r in rows for i in r[1] or ()})
+            if idents:
+                conn.execute(self.reset_orphans, {"idents": TextArray(idents)})
             conn.execute(self.free_identifiers, {"ids": TextArray(ids)})
             if self.outbox:
                 conn.execute(self.outbox_deletes, {"ids": TextArray(ids)})
