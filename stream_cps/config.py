@@ -103,6 +103,12 @@ FIELDS: dict[str, Field] = {
     "attributes.max_value_bytes": Field(
         int, 1048576, "largest value one attribute may store for one entity (bytes, as jsonb)"
     ),
+    "attributes.worker_timeout_ms": Field(
+        int, 300000, "statement timeout for the worker's own SQL (loading events, storing, caches)"
+    ),
+    "attributes.large_entity_identifiers": Field(
+        int, 1000, "entities with more identifiers are calculated one at a time, after the rest"
+    ),
     "attributes.poll_interval": Field(float, 0.5, "seconds between looks for due entities"),
     "attributes.max_defer": Field(
         float, 5.0, "longest wait of calculation while stitching works through a backlog"
@@ -198,6 +204,8 @@ class AttributeSettings:
     batch_size: int
     statement_timeout_ms: int
     max_value_bytes: int
+    worker_timeout_ms: int
+    large_entity_identifiers: int
     poll_interval: float
     max_defer: float
     context_max_age_hours: float
@@ -364,6 +372,8 @@ def load(
         "attributes.batch_size",
         "attributes.statement_timeout_ms",  # 0 would switch the timeout off silently
         "attributes.max_value_bytes",
+        "attributes.worker_timeout_ms",
+        "attributes.large_entity_identifiers",
         "kafka.batch_size",
         "opensearch.batch_size",
     )

@@ -2,8 +2,16 @@
 
 A pass: reload definitions if they changed, refresh due context values, calculate up to
 ``max_batches`` batches of due entities (then of entities calculated before the last definition
-change), refresh the UI caches if due. Each batch is its own transaction, so stitching waits at
-most for one batch's row updates, never for a whole recalculation.
+change), then one large entity, refresh the UI caches if due. Each batch is its own
+transaction, so stitching waits at most for one batch's row updates, never for a whole
+recalculation.
+
+Large entities (more than ``attributes.large_entity_identifiers`` identifiers: a hub that glued
+thousands of logins) have a lane of their own, one per pass after the ordinary batches, so a
+50,000-identifier entity cannot hold a batch of ordinary ones behind it. Every statement of the
+worker's session is under ``attributes.worker_timeout_ms``; a large entity that cannot be
+loaded within it is recorded in ``attribute_errors`` (attribute ``*``) and left with its old
+attributes until it changes again.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -47,8 +56,12 @@ class CalculationWorker:
         self._batch_size = settings.attributes.batch_size
         self._timeout_ms = settings.attributes.statement_timeout_ms
         self._max_batches = max_batches
+        self._large = settings.attributes.large_entity_identifiers
         # walk over entities calculated before the last definition change: (changed, last id)
         self._stale_walk: tuple[datetime | None, str | None] = (None, "")
+        # large entities the stale walk met, for the large lane
+        self._stale_large: list[tuple[str, datetime]] = []
+        self._conn: psycopg.Connection[Any] | None = None
         self._plans = PlanLoader(self._schemas, self._timeout_ms)
         self._calculator = BatchCalculator(
             self._schemas,
@@ -76,8 +89,16 @@ class CalculationWorker:
             total += stored
             if picked < self._batch_size:
                 break
+        total += self._one_large(conn, plan)
         self._caches.refresh_if_due(conn)
         return total
+
+    def cancel(self) -> None:
+        """Cancel the statement in flight (on stop): no backend keeps running our query."""
+        self._calculator.stopping = True
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.cancel_safe(timeout=2.0)
 
     def run_forever(self, stop: threading.Event) -> None:
         """Pass after pass until ``stop`` is set; reconnects with backoff (``retry.DATABASE``)
@@ -90,7 +111,17 @@ class CalculationWorker:
 
     def _session(self, stop: threading.Event) -> None:
         with connect(self._settings.dsn, role="attributes", autocommit=True) as conn:
-            self._serve(conn, stop)
+            # A query whose client went away (kill -9) is ended by the server within 2 s.
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false), "
+                "set_config('client_connection_check_interval', '2000', false)",
+                [str(self._settings.attributes.worker_timeout_ms)],
+            )
+            self._conn = conn
+            try:
+                self._serve(conn, stop)
+            finally:
+                self._conn = None
 
     def _serve(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
         poll = self._settings.attributes.poll_interval
@@ -121,18 +152,47 @@ class CalculationWorker:
 
     def _one_batch(self, conn: psycopg.Connection[Any], plan: Plan) -> tuple[int, int]:
         """(entities picked, entities stored); a conflict with the stitcher retries later."""
+        return self._calculate(conn, plan, lambda: self._pick(conn, plan), large=False)
+
+    def _one_large(self, conn: psycopg.Connection[Any], plan: Plan) -> int:
+        """The large lane: one large entity per pass; one that times out is recorded."""
+        picked: list[tuple[str, datetime]] = []
+
+        def pick() -> list[tuple[str, datetime]]:
+            picked[:] = self._pick_large(conn)
+            return picked
+
+        try:
+            return self._calculate(conn, plan, pick, large=True)[1]
+        except psycopg.errors.QueryCanceled as exc:
+            if conn.broken or conn.closed or not picked:
+                raise
+            self._give_up(conn, picked[0], exc)
+            return 0
+
+    def _calculate(
+        self,
+        conn: psycopg.Connection[Any],
+        plan: Plan,
+        pick: Callable[[], list[tuple[str, datetime]]],
+        large: bool,
+    ) -> tuple[int, int]:
         try:
             span = telemetry.tracer().start_as_current_span(telemetry.SPAN_ATTR_BATCH)
             with span, conn.transaction():
                 conn.execute(
                     "SELECT set_config('TimeZone', 'UTC', true), "
-                    "set_config('DateStyle', 'ISO, YMD', true)"
+                    "set_config('DateStyle', 'ISO, YMD', true), "
+                    "set_config('statement_timeout', %s, true)",
+                    [str(self._settings.attributes.worker_timeout_ms)],
                 )
-                entities = self._pick(conn, plan)
+                entities = pick()
                 if not entities:
                     return 0, 0
-                outcome = self._calculator.run(conn, plan, entities)
+                outcome = self._calculator.run(conn, plan, entities, large=large)
         except psycopg.Error as exc:
+            if large and isinstance(exc, psycopg.errors.QueryCanceled):
+                raise
             if not _retry_later(conn, exc):
                 raise
             log.warning("attribute batch interrupted (%s); will retry", exc)
@@ -142,15 +202,60 @@ class CalculationWorker:
             self._errors.add(len(outcome.failures))
         return outcome.picked, outcome.stored
 
+    def _give_up(
+        self, conn: psycopg.Connection[Any], entity: tuple[str, datetime], exc: psycopg.Error
+    ) -> None:
+        """A large entity that cannot be calculated within the timeout: recorded, its old
+        attributes kept, and not tried again until it changes (or is recalculated)."""
+        entity_id, modified = entity
+        message = (
+            f"entity too large to calculate within attributes.worker_timeout_ms "
+            f"({self._settings.attributes.worker_timeout_ms} ms): {exc.diag.message_primary}; "
+            "previous attributes kept"
+        )
+        log.error("entity %s: %s", entity_id, message)
+        with conn.transaction():
+            conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET calculated = greatest(now(), modified) "
+                    "WHERE customer_entity_id = %s AND modified = %s"
+                ).format(sql.Identifier(self._schemas.cdp, "customer_attributes")),
+                [entity_id, modified],
+            )
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (attribute_id, customer_entity_id, message) "
+                    "VALUES ('*', %s, %s)"
+                ).format(sql.Identifier(self._schemas.attr, "attribute_errors")),
+                [entity_id, message],
+            )
+        self._errors.add(1)
+
+    def _pick_large(self, conn: psycopg.Connection[Any]) -> list[tuple[str, datetime]]:
+        """The oldest due large entity, else one the stale walk set aside."""
+        row = conn.execute(
+            sql.SQL(
+                "SELECT customer_entity_id, modified FROM {} WHERE modified IS NOT NULL "
+                "AND (calculated IS NULL OR calculated < modified) "
+                "AND cardinality(identifiers) > %s ORDER BY modified LIMIT 1"
+            ).format(sql.Identifier(self._schemas.cdp, "customer_attributes")),
+            [self._large],
+        ).fetchone()
+        if row:
+            return [(str(row[0]), row[1])]
+        return [self._stale_large.pop()] if self._stale_large else []
+
     def _pick(self, conn: psycopg.Connection[Any], plan: Plan) -> list[tuple[str, datetime]]:
-        """Due entities first (oldest change first), then those older than the definitions."""
+        """Due entities first (oldest change first), then those older than the definitions;
+        large entities go to their own lane."""
         ca = sql.Identifier(self._schemas.cdp, "customer_attributes")
         rows = conn.execute(
             sql.SQL(
                 "SELECT customer_entity_id, modified FROM {} WHERE modified IS NOT NULL "
-                "AND (calculated IS NULL OR calculated < modified) ORDER BY modified LIMIT %s"
+                "AND (calculated IS NULL OR calculated < modified) "
+                "AND cardinality(identifiers) <= %s ORDER BY modified LIMIT %s"
             ).format(ca),
-            [self._batch_size],
+            [self._large, self._batch_size],
         ).fetchall()
         if rows or plan.changed is None:
             return [(str(r[0]), r[1]) for r in rows]
@@ -161,14 +266,15 @@ class CalculationWorker:
             return []
         rows = conn.execute(
             sql.SQL(
-                "SELECT customer_entity_id, modified FROM {} WHERE customer_entity_id > %s "
-                "AND modified IS NOT NULL AND calculated < %s "
+                "SELECT customer_entity_id, modified, cardinality(identifiers) > %s FROM {} "
+                "WHERE customer_entity_id > %s AND modified IS NOT NULL AND calculated < %s "
                 "ORDER BY customer_entity_id LIMIT %s"
             ).format(ca),
-            [after, changed, self._batch_size],
+            [self._large, after, changed, self._batch_size],
         ).fetchall()
         self._stale_walk = (changed, str(rows[-1][0]) if rows else None)
-        return [(str(r[0]), r[1]) for r in rows]
+        self._stale_large += [(str(r[0]), r[1]) for r in rows if r[2]]
+        return [(str(r[0]), r[1]) for r in rows if not r[2]]
 
 
 def _retry_later(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:

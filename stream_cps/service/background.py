@@ -28,6 +28,7 @@ class Background:
         self.backlog = backlog
         self.threads: list[threading.Thread] = []
         self.failure: BaseException | None = None
+        self._cancels: list[Callable[[], None]] = []
 
     def start(self) -> None:
         if self.threads:
@@ -38,6 +39,7 @@ class Background:
 
             worker = CalculationWorker(self.settings, backlog=self.backlog)
             jobs.append(("attributes", worker.run_forever))
+            self._cancels.append(worker.cancel)
         if self.settings.opensearch.url:
             from stream_cps.sinks.relay import Relay
 
@@ -56,5 +58,12 @@ class Background:
             self.stop.set()
 
     def join(self, timeout: float = 10.0) -> None:
+        """Wait for the threads (``stop`` is set); a long calculation statement in flight is
+        cancelled first, so no backend keeps running our query after we exit."""
+        for cancel in self._cancels:
+            try:
+                cancel()
+            except Exception as exc:  # the connection may be gone already
+                log.debug("cancel on stop: %s", exc)
         for thread in self.threads:
             thread.join(timeout)

@@ -376,13 +376,13 @@ def test_cancelled_batch_is_retried_not_fatal(
     original = calculate.BatchCalculator._load_events
     calls = 0
 
-    def cancelled_once(self: Any, conn: Any, ids: list[str]) -> None:
+    def cancelled_once(self: Any, conn: Any, ids: list[str], large: bool = False) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             conn.execute("SET LOCAL statement_timeout = '10ms'")
             conn.execute("SELECT pg_sleep(1)")
-        original(self, conn, ids)
+        original(self, conn, ids, large)
 
     monkeypatch.setattr(calculate.BatchCalculator, "_load_events", cancelled_once)
     assert world.run() == 0
