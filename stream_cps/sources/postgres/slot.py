@@ -82,8 +82,7 @@ class SlotSource:
             [self.slot],
         ).fetchone()
         if not slot:
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [self.slot])
-            log.info("created logical replication slot %s (pgoutput)", self.slot)
+            self._create(conn)
             return
         plugin, database, here = slot
         if database != here:
@@ -94,6 +93,21 @@ class SlotSource:
             )
         if plugin != "pgoutput":
             raise SchemaError(f"slot {self.slot} uses plugin {plugin}, expected pgoutput")
+
+    def _create(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [self.slot])
+        except psycopg.errors.ConfigurationLimitExceeded as exc:
+            # 53400 passes as a resource shortage elsewhere, but no slot frees itself here:
+            # retrying would wait for ever for an operator who is never told.
+            limit = conn.execute("SHOW max_replication_slots").fetchone()
+            raise SchemaError(
+                f"cannot create replication slot {self.slot}: all replication slots are in use "
+                f"(max_replication_slots = {limit[0] if limit else '?'}); drop one nobody reads "
+                "(SELECT pg_drop_replication_slot('<name>')) or raise max_replication_slots "
+                "(postgresql.conf, then restart PostgreSQL)"
+            ) from exc
+        log.info("created logical replication slot %s (pgoutput)", self.slot)
 
     def _is_unstitched(self, change: RowChange) -> bool:
         rel = change.relation
