@@ -69,7 +69,8 @@ class SlotSource:
         self.decoder = Decoder(NEEDED_COLUMNS)
 
     def ensure(self, conn: psycopg.Connection[Any]) -> None:
-        """Create the publication and the slot if missing (autocommit connection)."""
+        """Create the publication and the slot if missing, or the slot again if the server
+        invalidated it (autocommit connection)."""
         level = conn.execute("SHOW wal_level").fetchone()
         if not level or level[0] != "logical":
             raise SchemaError(
