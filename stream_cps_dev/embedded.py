@@ -14,12 +14,24 @@ import socket
 import subprocess
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream_cps.errors import StreamCpsError
 
 _SERVER_USER = "embedded_postgres"
+# Server parameters of every embedded server; ``start(settings=...)`` overrides them.
+_DEFAULTS = {
+    "listen_addresses": "127.0.0.1",
+    "unix_socket_directories": "''",
+    "wal_level": "logical",
+    "max_replication_slots": "20",
+    "max_wal_senders": "20",
+    "max_connections": "200",
+    "fsync": "off",
+    "full_page_writes": "off",
+}
 
 
 def bin_dir() -> Path:
@@ -33,10 +45,13 @@ def bin_dir() -> Path:
 
 @dataclass
 class EmbeddedPostgres:
-    """A running server; ``dsn`` connects as the superuser ``postgres``."""
+    """A running server; ``dsn`` connects as the superuser ``postgres``.
+
+    ``settings`` override the defaults below (e.g. a test's ``max_replication_slots``)."""
 
     datadir: Path
     port: int
+    settings: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def dsn(self) -> str:
@@ -54,12 +69,8 @@ class EmbeddedPostgres:
     def start(self, timeout: float = 60.0) -> None:
         """(Re)start on the same data directory and port."""
         log = self.datadir / "server.log"
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
-            "-c wal_level=logical -c max_replication_slots=20 -c max_wal_senders=20 "
-            "-c max_connections=200 -c fsync=off "
-            "-c full_page_writes=off"
-        )
+        settings = {**_DEFAULTS, **self.settings}
+        options = f"-p {self.port} " + " ".join(f"-c {k}={v}" for k, v in settings.items())
         result = _run_as_server_user(
             [
                 str(bin_dir() / "pg_ctl"),
@@ -85,8 +96,14 @@ class EmbeddedPostgres:
         _wait_for_port(self.port, timeout)
 
 
-def start(datadir: Path, port: int | None = None, timeout: float = 60.0) -> EmbeddedPostgres:
-    """Initialise ``datadir`` if it is new, then start a server on ``port`` (default: free)."""
+def start(
+    datadir: Path,
+    port: int | None = None,
+    timeout: float = 60.0,
+    settings: Mapping[str, str] | None = None,
+) -> EmbeddedPostgres:
+    """Initialise ``datadir`` if it is new, then start a server on ``port`` (default: free),
+    with ``settings`` (server parameters) over the defaults."""
     datadir = datadir.resolve()
     datadir.mkdir(parents=True, exist_ok=True)
     _prepare_permissions(datadir)
@@ -106,7 +123,7 @@ def start(datadir: Path, port: int | None = None, timeout: float = 60.0) -> Embe
         )
         if result.returncode != 0:
             raise StreamCpsError(f"initdb failed in {datadir}: {result.stderr or result.stdout}")
-    server = EmbeddedPostgres(datadir, port or free_port())
+    server = EmbeddedPostgres(datadir, port or free_port(), dict(settings or {}))
     if (datadir / "postmaster.pid").exists():
         server.stop("immediate")
     server.start(timeout)

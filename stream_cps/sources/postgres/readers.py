@@ -25,7 +25,7 @@ from psycopg.conninfo import make_conninfo
 from stream_cps.config import Schemas, Settings
 from stream_cps.errors import Transient
 from stream_cps.sources.postgres.pgoutput import Commit, Decoder, RowChange, format_lsn, parse_lsn
-from stream_cps.sources.postgres.slot import NEEDED_COLUMNS, SlotBatch, SlotSource
+from stream_cps.sources.postgres.slot import NEEDED_COLUMNS, SlotBatch, SlotSource, invalidated
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class PeekReader(SlotSource):
     def poll(self, conn: psycopg.Connection[Any], max_changes: int, wait: float) -> SlotBatch:
         head_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
         head = parse_lsn(head_row[0]) if head_row else None
-        rows = conn.execute(self._peek, [self.slot, max_changes, self.publication]).fetchall()
+        with self.recognise_invalidation():
+            rows = conn.execute(self._peek, [self.slot, max_changes, self.publication]).fetchall()
         ids: dict[str, None] = {}
         ack: int | None = None
         for lsn, data in rows:
@@ -62,9 +63,10 @@ class PeekReader(SlotSource):
         ).fetchone()
         if row and row[0] and parse_lsn(row[0]) >= lsn:
             return
-        conn.execute(
-            "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [self.slot, format_lsn(lsn)]
-        )
+        with self.recognise_invalidation():
+            conn.execute(
+                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [self.slot, format_lsn(lsn)]
+            )
 
 
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for status updates.
@@ -105,6 +107,9 @@ class StreamReader(SlotSource):
                 break
             message = (result.error_message if result else b"").decode(errors="replace").strip()
             repl.close()
+            lost = invalidated(self.slot, message)
+            if lost is not None:
+                raise lost
             # A dying predecessor's walsender can hold the slot for a moment after a takeover.
             if "is active for PID" not in message or time.monotonic() > deadline:
                 raise Transient(f"START_REPLICATION on slot {self.slot} failed: {message}")
@@ -132,7 +137,9 @@ class StreamReader(SlotSource):
             if size < 0:
                 error = pg.error_message.decode(errors="replace").strip()
                 self.close()
-                raise Transient(f"replication stream ended: {error or 'closed by server'}")
+                raise invalidated(self.slot, error) or Transient(
+                    f"replication stream ended: {error or 'closed by server'}"
+                )
             chunk = bytes(data)
             if chunk[:1] == b"w":
                 messages += 1

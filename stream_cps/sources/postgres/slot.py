@@ -9,6 +9,8 @@ from the wire to the acknowledgement; they are formatted only where SQL needs ``
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +18,34 @@ import psycopg
 from psycopg import sql
 
 from stream_cps.config import Schemas
-from stream_cps.errors import SchemaError
+from stream_cps.errors import SchemaError, Transient
 from stream_cps.sources.postgres.pgoutput import Decoder, RowChange
 
 log = logging.getLogger(__name__)
 
 # All the stitcher takes from a change: the row is re-read anyway (TOAST, replays).
 NEEDED_COLUMNS = frozenset({"id", "stitched"})
+# What a reader of an invalidated slot is told (SQLSTATE 55000): PostgreSQL 16/17 "can no
+# longer get changes from replication slot" ("This slot has been invalidated because ..."),
+# 18 "can no longer access replication slot" ("... has been invalidated due to ...").
+_INVALIDATED = (
+    "can no longer get changes from replication slot",
+    "can no longer access replication slot",
+    "has been invalidated",
+)
+
+
+class SlotInvalidated(Transient):
+    """The server invalidated the slot while it was read; the next session's ``ensure``
+    recreates it."""
+
+
+def invalidated(slot: str, message: str) -> SlotInvalidated | None:
+    """The error to raise when ``message`` says the slot was invalidated, else None."""
+    if not any(marker in message for marker in _INVALIDATED):
+        return None
+    first = message.strip().splitlines()[0] if message.strip() else message
+    return SlotInvalidated(f"replication slot {slot} was invalidated: {first}")
 
 
 @dataclass(frozen=True)
@@ -46,7 +69,8 @@ class SlotSource:
         self.decoder = Decoder(NEEDED_COLUMNS)
 
     def ensure(self, conn: psycopg.Connection[Any]) -> None:
-        """Create the publication and the slot if missing (autocommit connection)."""
+        """Create the publication and the slot if missing, or the slot again if the server
+        invalidated it (autocommit connection)."""
         level = conn.execute("SHOW wal_level").fetchone()
         if not level or level[0] != "logical":
             raise SchemaError(
@@ -76,16 +100,17 @@ class SlotSource:
                 )
             )
             log.info("publication %s now carries inserts only", self.publication)
+        # invalidation_reason exists from PostgreSQL 17 on; to_jsonb reads it where it does.
         slot = conn.execute(
-            "SELECT plugin, database, current_database() FROM pg_replication_slots "
+            "SELECT plugin, database, current_database(), wal_status, "
+            "to_jsonb(s) ->> 'invalidation_reason' FROM pg_replication_slots s "
             "WHERE slot_name = %s",
             [self.slot],
         ).fetchone()
         if not slot:
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [self.slot])
-            log.info("created logical replication slot %s (pgoutput)", self.slot)
+            self._create(conn)
             return
-        plugin, database, here = slot
+        plugin, database, here, wal_status, reason = slot
         if database != here:
             # Slot names are per server; the lease is per database, so both would "hold" it.
             raise SchemaError(
@@ -94,6 +119,51 @@ class SlotSource:
             )
         if plugin != "pgoutput":
             raise SchemaError(f"slot {self.slot} uses plugin {plugin}, expected pgoutput")
+        if wal_status == "lost":
+            self._recreate(conn, reason)
+
+    def _recreate(self, conn: psycopg.Connection[Any], reason: str | None) -> None:
+        """Replace a slot the server invalidated: it can never stream again. Nothing is lost,
+        because the slot only announces rows; the ones it missed are still ``stitched IS NULL``
+        and the sweep stitches them. Only our own slot gets here (database, plugin checked)."""
+        try:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", [self.slot])
+        except psycopg.errors.ObjectInUse as exc:  # a walsender not yet gone: try again soon
+            raise Transient(f"invalidated replication slot {self.slot} still in use") from exc
+        self._create(conn)
+        log.warning(
+            "replication slot %s was invalidated by the server (%s; e.g. more WAL than "
+            "max_slot_wal_keep_size behind while the service was away or slow): dropped and "
+            "recreated it; the sweep stitches the events inserted meanwhile (stitched IS NULL)",
+            self.slot,
+            reason or "wal_status lost",
+        )
+
+    def _create(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [self.slot])
+        except psycopg.errors.ConfigurationLimitExceeded as exc:
+            # 53400 passes as a resource shortage elsewhere, but no slot frees itself here:
+            # retrying would wait for ever for an operator who is never told.
+            limit = conn.execute("SHOW max_replication_slots").fetchone()
+            raise SchemaError(
+                f"cannot create replication slot {self.slot}: all replication slots are in use "
+                f"(max_replication_slots = {limit[0] if limit else '?'}); drop one nobody reads "
+                "(SELECT pg_drop_replication_slot('<name>')) or raise max_replication_slots "
+                "(postgresql.conf, then restart PostgreSQL)"
+            ) from exc
+        log.info("created logical replication slot %s (pgoutput)", self.slot)
+
+    @contextmanager
+    def recognise_invalidation(self) -> Iterator[None]:
+        """Turn the SQL functions' "slot invalidated" error into ``SlotInvalidated``."""
+        try:
+            yield
+        except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+            lost = invalidated(self.slot, str(exc))
+            if lost is None:
+                raise
+            raise lost from exc
 
     def _is_unstitched(self, change: RowChange) -> bool:
         rel = change.relation
