@@ -108,7 +108,6 @@ def _kafka_transient(exc: BaseException) -> bool:
 _KAFKA_PERMANENT = frozenset(
     {
         "MSG_SIZE_TOO_LARGE",
-        "_MSG_SIZE_TOO_LARGE",
         "TOPIC_AUTHORIZATION_FAILED",
         "GROUP_AUTHORIZATION_FAILED",
         "CLUSTER_AUTHORIZATION_FAILED",
