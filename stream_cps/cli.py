@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no publication or slot (Kafka-only deployments: a slot nothing reads keeps WAL)",
     )
+    init.add_argument(
+        "--service-role",
+        metavar="ROLE",
+        help="grant a non-superuser ROLE what `run` needs (docs/security.md)",
+    )
     init.set_defaults(handler=_cmd_init)
 
     relay = sub.add_parser(
@@ -139,6 +144,12 @@ def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:
         applied = schema.migrate(conn, settings.schemas)
         version = schema.latest_version()
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
+        if args.service_role:
+            from stream_cps.db import roles
+
+            with conn.transaction():
+                granted = roles.grant_service(conn, settings.schemas, args.service_role)
+            print(f"granted {args.service_role} what `run` needs ({len(granted)} statements)")
         if settings.opensearch.url:
             from stream_cps.sinks.relay import prepare_index
 

@@ -88,6 +88,9 @@ FIELDS: dict[str, Field] = {
         choices=("stream", "peek"),
     ),
     "stitching.standby_poll": Field(float, 2.0, "seconds a standby waits between takeover tries"),
+    "stitching.rule_timeout_ms": Field(
+        int, 5000, "statement timeout for evaluating the stitching rules over one batch"
+    ),
     "stitching.rule_max_failures": Field(
         int,
         100,
@@ -195,6 +198,7 @@ class StitchingSettings:
     publication: str
     replication: str
     standby_poll: float
+    rule_timeout_ms: int
     rule_max_failures: int
 
 
@@ -372,6 +376,7 @@ def load(
         "attributes.batch_size",
         "attributes.statement_timeout_ms",  # 0 would switch the timeout off silently
         "attributes.max_value_bytes",
+        "stitching.rule_timeout_ms",
         "attributes.worker_timeout_ms",
         "attributes.large_entity_identifiers",
         "kafka.batch_size",

@@ -27,11 +27,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from stream_cps.attributes import sandbox
 from stream_cps.attributes.compiler import EVENTS, EVENTS_TABLE, CompiledAttribute
 from stream_cps.attributes.plan import Plan
 from stream_cps.attributes.statement import statement
 from stream_cps.config import Schemas
+from stream_cps.db import roles, sandbox
 from stream_cps.errors import Stopped
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class BatchCalculator:
                 sql.SQL("SELECT entity_id, count(*)::int FROM {} GROUP BY entity_id").format(EVENTS)
             ).fetchall()
         )
-        with sandbox.read_only(conn, self._timeout_ms):
+        with sandbox.read_only(conn, self._timeout_ms, roles.ATTRIBUTES):
             results = self._compute(conn, plan.attributes, ids)
         stored = self._store(conn, entities, counts, results, plan.invalid_ids)
         self._record(conn, results.failures)
@@ -289,6 +289,10 @@ class BatchCalculator:
             )
         )
         conn.execute(sql.SQL("CREATE INDEX ON {} (entity_id)").format(sql.Identifier(EVENTS_TABLE)))
+        # the batch's own events are all the sandbox role may read
+        conn.execute(
+            sql.SQL("GRANT SELECT ON {} TO {}").format(EVENTS, sql.Identifier(roles.ATTRIBUTES))
+        )
 
     def _load_events(
         self, conn: psycopg.Connection[Any], ids: list[str], large: bool = False

@@ -31,6 +31,11 @@ EVENTS_TABLE = "stream_cps_attr_events"
 EVENTS = sql.SQL("pg_temp.{}").format(sql.Identifier(EVENTS_TABLE))
 # The batch's entity ids: an array parameter every statement takes.
 IDS = sql.Placeholder("ids")
+# The columns of an event as fragments see them, typed as in customer_events, with no rows.
+EVENT_SHAPE = sql.SQL(
+    "(VALUES (NULL::text, NULL::varchar, NULL::varchar, NULL::varchar, NULL::timestamptz, "
+    "NULL::jsonb)) AS e(id, source_id, type, version, event_time, payload)"
+)
 # Rows of the entities asked for. The events table holds only the batch, so the usual call
 # (``whole`` true) needs no test at all; one `= ANY(array)` per event would be a linear search
 # of the array in a prepared (generic) plan. Only the isolation path asks for a subset.
@@ -93,22 +98,25 @@ class Compiler:
             return CompiledAttribute(definition, index, params, body=body)
         return self._row_form(index, definition, where, params)
 
-    def probes(self, d: Definition, ce: sql.Composable) -> list[sql.Composed]:
-        """Statements that fail (at parse time) when a value expression returns a set."""
+    def probes(self, d: Definition) -> list[sql.Composed]:
+        """Statements that fail (at parse time) when a value expression returns a set; over a
+        typed row of no data shaped like an event (the sandbox role reads no events table).
+        ``%(never)s`` is False: a parameter, so the probe goes by the extended protocol."""
         assert d.value is not None
         weight = frag(d.weight) if d.weight else sql.SQL("1")
         probes = [
             sql.SQL(
-                "SELECT CASE WHEN true THEN {} END, CASE WHEN true THEN {} END FROM {} WHERE false"
-            ).format(frag(d.value), weight, ce)
+                "SELECT CASE WHEN true THEN {} END, CASE WHEN true THEN {} END FROM {} "
+                "WHERE %(never)s"
+            ).format(frag(d.value), weight, EVENT_SHAPE)
         ]
         outer = [frag(x) for x in (d.outer_value, d.outer_weight, d.outer_filter) if x]
         for expr in outer:
             probes.append(
                 sql.SQL(
                     "SELECT CASE WHEN true THEN {} END FROM (SELECT {} AS value "
-                    "FROM {} WHERE false) AS t"
-                ).format(expr, frag(d.value), ce)
+                    "FROM {} WHERE %(never)s) AS t"
+                ).format(expr, frag(d.value), EVENT_SHAPE)
             )
         return probes
 

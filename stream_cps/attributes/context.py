@@ -16,10 +16,9 @@ import psycopg
 from psycopg import sql
 
 from stream_cps import telemetry
-from stream_cps.attributes import sandbox
 from stream_cps.attributes.compiler import frag
-from stream_cps.attributes.definitions import sql_problem
 from stream_cps.config import Schemas
+from stream_cps.db import roles, sandbox, sqllex
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +51,19 @@ def _refresh_one(
 ) -> None:
     text = query.strip().rstrip(";").strip()
     outcome: list[tuple[Any, ...]] | sandbox.SqlFailure
-    problem = sql_problem(text)
+    problem = sqllex.problem(text)
     with conn.transaction():
         conn.execute("SET LOCAL TimeZone = 'UTC'")
         if problem:
             outcome = sandbox.SqlFailure("42601", problem)
         else:
-            with sandbox.read_only(conn, timeout_ms):
+            with sandbox.read_only(conn, timeout_ms, roles.CONTEXT):
                 outcome = sandbox.fetch(
                     conn,
-                    sql.SQL("SELECT (q.value)::text FROM {} AS q LIMIT 2").format(frag(text)),
-                    {},
+                    sql.SQL("SELECT (q.value)::text FROM {} AS q LIMIT %(rows)s").format(
+                        frag(text)
+                    ),
+                    {"rows": 2},
                 )
         if not isinstance(outcome, sandbox.SqlFailure) and len(outcome) > 1:
             outcome = sandbox.SqlFailure("21000", "context query returned more than one row")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from stream_cps.db import sqllex
 from stream_cps.errors import DefinitionError
 
 
@@ -155,55 +156,12 @@ def check_query(name: str, query: str) -> str:
     text = query.strip()
     while text.endswith(";"):
         text = text[:-1].rstrip()
-    problem = sql_problem(text)
+    problem = sqllex.problem(text)
     if problem:
         raise DefinitionError(name, f"query: {problem}")
     if not re.match(r"^\(*\s*(select|with|values)\b", text, re.IGNORECASE):
         raise DefinitionError(name, "query must be a SELECT")
     return text
-
-
-def sql_problem(text: str) -> str | None:
-    """Why ``text`` cannot be embedded in generated SQL, or None.
-
-    Comments, semicolons and unbalanced parentheses would change the statement around the
-    fragment; quoted strings and identifiers are skipped so that ``'a--b'`` stays legal.
-    """
-    depth = 0
-    i = 0
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch in "'\"":
-            end = text.find(ch, i + 1)
-            while end != -1 and end + 1 < n and text[end + 1] == ch:
-                end = text.find(ch, end + 2)
-            if end == -1:
-                return "unterminated quoted string"
-            i = end + 1
-            continue
-        if ch == "$":
-            tag = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", text[i:])
-            if tag and not (i > 0 and (text[i - 1].isalnum() or text[i - 1] == "_")):
-                end = text.find(tag.group(0), i + len(tag.group(0)))
-                if end == -1:
-                    return "unterminated dollar-quoted string"
-                i = end + len(tag.group(0))
-                continue
-        if text.startswith("--", i) or text.startswith("/*", i):
-            return "comments are not allowed"
-        if ch == ";":
-            return "only one statement is allowed (remove ';')"
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth < 0:
-                return "unbalanced parentheses"
-        i += 1
-    if depth:
-        return "unbalanced parentheses"
-    return None
 
 
 def _as_object(attribute_id: str, definition: Any) -> Mapping[str, Any]:
@@ -251,7 +209,7 @@ def _sql_fragment(attribute_id: str, name: str, value: Any) -> str | None:
     if not text:
         return None
     if name != "query":
-        problem = sql_problem(text)
+        problem = sqllex.problem(text)
         if problem:
             raise DefinitionError(attribute_id, f"{name}: {problem}")
     return text

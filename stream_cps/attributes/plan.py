@@ -17,9 +17,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from stream_cps.attributes import definitions, sandbox
+from stream_cps.attributes import definitions
 from stream_cps.attributes.compiler import CompiledAttribute, Compiler, referenced
 from stream_cps.config import Schemas
+from stream_cps.db import roles, sandbox
 from stream_cps.errors import DefinitionError
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,9 @@ class PlanLoader:
         broken expression) keeps the general form, which reports errors at calculation time."""
         if d.type is definitions.CalcType.CUSTOM:
             return False
-        ce = sql.Identifier(self._schemas.ce, "customer_events")
-        with conn.transaction(), sandbox.read_only(conn, self._timeout_ms):
-            for probe in self._compiler.probes(d, ce):
-                if isinstance(sandbox.fetch(conn, probe, {}), sandbox.SqlFailure):
+        with conn.transaction(), sandbox.read_only(conn, self._timeout_ms, roles.ATTRIBUTES):
+            for probe in self._compiler.probes(d):
+                if isinstance(sandbox.fetch(conn, probe, {"never": False}), sandbox.SqlFailure):
                     return False
         return True
 

@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from stream_cps.config import Schemas
+from stream_cps.db import roles
 from stream_cps.errors import SchemaError
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,23 @@ def migrate(conn: psycopg.Connection[Any], schemas: Schemas) -> list[int]:
             )
             applied.append(version)
         _create_aliases(conn, schemas)
+        roles.ensure(conn, schemas)
     return applied
 
 
 def check(conn: psycopg.Connection[Any], schemas: Schemas) -> None:
-    """Refuse to run unless the schema is exactly the version this build writes."""
+    """Refuse to run unless the schema is exactly the version this build writes, and the
+    role may use it and the sandbox roles."""
+    try:
+        _check(conn, schemas)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise SchemaError(
+            f"{exc.diag.message_primary}: run `stream-cps init --service-role "
+            f"<this role>` as the schema owner (docs/security.md)"
+        ) from exc
+
+
+def _check(conn: psycopg.Connection[Any], schemas: Schemas) -> None:
     schema_row = conn.execute(
         "SELECT count(*) FROM pg_namespace WHERE nspname = ANY(%s)",
         [[schemas.cdp, schemas.ce, schemas.ps, schemas.attr]],
@@ -119,6 +132,7 @@ def check(conn: psycopg.Connection[Any], schemas: Schemas) -> None:
             f"schema version {version} is newer than this stream-cps understands "
             f"({latest_version()}); upgrade stream-cps"
         )
+    roles.check(conn)
 
 
 def _create_aliases(conn: psycopg.Connection[Any], schemas: Schemas) -> None:

@@ -11,6 +11,12 @@ reported by name at load time and left out. A rule that fails on some event at r
 isolated: the batch is re-evaluated without the failing (rule, event) pairs, which are recorded.
 A rule that has failed on ``stitching.rule_max_failures`` events is disabled, with one error,
 until its row changes: a rule that fails on every event must not write an error per event.
+
+The expressions are admin-written SQL: checked by ``db/sqllex`` at load, and always evaluated in
+the rules sandbox (``db/sandbox``: read-only, ``stitching.rule_timeout_ms``, as a role that can
+read the events table and nothing else), so a rule cannot reset a sequence or hold stitching
+for as long as it likes. A rule that alone cannot evaluate a batch within the timeout is
+disabled at once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from psycopg import sql
 from psycopg.adapt import PyFormat
 
 from stream_cps.config import Schemas
+from stream_cps.db import roles, sandbox, sqllex
 from stream_cps.db.arrays import TextArray
 from stream_cps.db.timestamps import fetch_all
 from stream_cps.errors import DefinitionError
@@ -57,6 +64,7 @@ class RuleFailure:
     event_id: str | None
     message: str
     rule: Rule | None = None
+    disable: bool = False  # the rule is disabled at once (it timed out on its own)
 
 
 @dataclass
@@ -85,9 +93,10 @@ class RuleBook:
     """Holds the current rule set; reloads it when the configuration tables change, and
     leaves out rules that failed too often (``max_failures``; 0 = never)."""
 
-    def __init__(self, schemas: Schemas, max_failures: int = 0) -> None:
+    def __init__(self, schemas: Schemas, max_failures: int = 0, timeout_ms: int = 5000) -> None:
         self.schemas = schemas
         self.max_failures = max_failures
+        self.timeout_ms = timeout_ms
         self._fingerprint: tuple[object, ...] | None = None
         self.current = RuleSet([], Blocklist())
         # Counted per Rule, which holds its whole row: a changed row is a new rule, counted
@@ -98,13 +107,19 @@ class RuleBook:
 
     def note(self, failures: Sequence[RuleFailure]) -> list[RuleFailure]:
         """Count run-time failures per rule; returns one failure more per rule disabled now."""
-        if not self.max_failures:
-            return []
         notices: list[RuleFailure] = []
+        disabled = False
         with self._lock:
             for failure in failures:
                 rule = failure.rule
                 if rule is None or rule in self._disabled:
+                    continue
+                if failure.disable:
+                    self._disabled.add(rule)
+                    disabled = True
+                    log.error("%s", failure.message)
+                    continue
+                if not self.max_failures:
                     continue
                 self._failed[rule] += 1
                 if self._failed[rule] < self.max_failures:
@@ -117,7 +132,7 @@ class RuleBook:
                 )
                 log.error("%s", message)
                 notices.append(RuleFailure(rule.attribute_id, None, message, rule))
-            if notices:
+            if notices or disabled:
                 self.current = RuleSet(
                     [r for r in self.current.rules if r not in self._disabled],
                     self.current.blocklist,
@@ -178,31 +193,55 @@ class RuleBook:
             return f"attribute id must not contain {SEPARATOR!r}"
         if not (rule.expression or "").strip():
             return "value_expression is empty"
-        query = sql.SQL("SELECT ({})::text FROM {} LIMIT 0").format(
-            sql.SQL(rule.expression),
+        problem = sqllex.problem(rule.expression)
+        if problem:
+            return problem
+        query = sql.SQL("SELECT ({})::text FROM {} LIMIT %(rows)s").format(
+            sql.SQL(rule.expression.replace("%", "%%")),
             sql.Identifier(self.schemas.ce, "customer_events"),
         )
         try:
-            with conn.transaction():
-                conn.execute(query)
+            _evaluate(conn, self.timeout_ms, query, {"rows": 0})
         except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise
             return _message(exc)
         return None
 
 
+def _evaluate(
+    conn: psycopg.Connection[Any], timeout_ms: int, query: Any, params: dict[str, object]
+) -> list[tuple[Any, ...]]:
+    """Rows of a query holding rule expressions, run in the rules sandbox."""
+    with sandbox.read_only(conn, timeout_ms, roles.RULES):
+        return fetch_all(conn, query, params)
+
+
+def _timed_out(exc: psycopg.Error) -> bool:
+    """Our statement timeout, not an operator's cancel (which stops the batch)."""
+    return isinstance(exc, psycopg.errors.QueryCanceled) and "timeout" in _message(exc)
+
+
 def extract(
-    conn: psycopg.Connection[Any], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+    conn: psycopg.Connection[Any],
+    schemas: Schemas,
+    rules: Sequence[Rule],
+    event_ids: list[str],
+    timeout_ms: int,
 ) -> Extracted:
     """Evaluate every rule against the unstitched events among ``event_ids``, in one query."""
     try:
-        with conn.transaction():
-            rows = fetch_all(conn, *_by_ids(schemas, rules, event_ids))
+        rows = _evaluate(conn, timeout_ms, *_by_ids(schemas, rules, event_ids))
         return _collect(rows, rules, [])
-    except psycopg.errors.QueryCanceled:
-        raise
-    except psycopg.Error:
+    except psycopg.Error as exc:
+        if (
+            conn.broken
+            or conn.closed
+            or (isinstance(exc, psycopg.errors.QueryCanceled) and not _timed_out(exc))
+        ):
+            raise
         log.warning("rule evaluation failed for a batch of %d events; isolating", len(event_ids))
-    return _isolate(conn, schemas, rules, event_ids)
+    return _isolate(conn, schemas, rules, event_ids, timeout_ms)
 
 
 def extract_next(
@@ -211,6 +250,7 @@ def extract_next(
     rules: Sequence[Rule],
     limit: int,
     after: Cursor | None,
+    timeout_ms: int,
 ) -> Extracted:
     """Evaluate every rule against the next ``limit`` unstitched events after ``after`` in
     (event_time, id) order, finding and reading them in the same query (the sweep's read).
@@ -232,14 +272,17 @@ def extract_next(
     if after:
         params["after_time"], params["after_id"] = after
     try:
-        with conn.transaction():
-            rows = fetch_all(conn, *_query(schemas, rules, source, params, ordered=True))
+        rows = _evaluate(conn, timeout_ms, *_query(schemas, rules, source, params, ordered=True))
         extracted = _collect(rows, rules, [])
         extracted.last = _cursor(rows)
         return extracted
-    except psycopg.errors.QueryCanceled:
-        raise
-    except psycopg.Error:
+    except psycopg.Error as exc:
+        if (
+            conn.broken
+            or conn.closed
+            or (isinstance(exc, psycopg.errors.QueryCanceled) and not _timed_out(exc))
+        ):
+            raise
         log.warning("rule evaluation failed for the next %d unstitched events; isolating", limit)
     with conn.transaction():
         found = conn.execute(
@@ -248,7 +291,7 @@ def extract_next(
             ).format(source),
             params,
         ).fetchall()
-    extracted = _isolate(conn, schemas, rules, [str(r[0]) for r in found])
+    extracted = _isolate(conn, schemas, rules, [str(r[0]) for r in found], timeout_ms)
     extracted.last = _cursor(found)
     return extracted
 
@@ -324,27 +367,46 @@ def _collect(
 
 
 def _isolate(
-    conn: psycopg.Connection[Any], schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+    conn: psycopg.Connection[Any],
+    schemas: Schemas,
+    rules: Sequence[Rule],
+    event_ids: list[str],
+    timeout_ms: int,
 ) -> Extracted:
-    """Slow path: find the failing (rule, event) pairs and evaluate the rest without them."""
+    """Slow path: find the failing (rule, event) pairs and evaluate the rest without them. A
+    rule that times out on its own is not split further: it is disabled (one failure)."""
     failures: list[RuleFailure] = []
     good_rules: list[Rule] = []
     bad_rules: list[Rule] = []
     for rule in rules:
         try:
-            with conn.transaction():
-                fetch_all(conn, *_by_ids(schemas, [rule], event_ids))
+            _evaluate(conn, timeout_ms, *_by_ids(schemas, [rule], event_ids))
             good_rules.append(rule)
-        except psycopg.Error:
-            bad_rules.append(rule)
-    with conn.transaction():
-        rows = fetch_all(conn, *_by_ids(schemas, good_rules, event_ids))
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise
+            if _timed_out(exc):
+                failures.append(_too_slow(rule, len(event_ids), timeout_ms))
+            else:
+                bad_rules.append(rule)
+    rows = _evaluate(conn, timeout_ms, *_by_ids(schemas, good_rules, event_ids))
     extracted = _collect(rows, good_rules, failures)
     for rule in bad_rules:
-        for event_id, value in _split_until_clean(conn, schemas, rule, event_ids, failures):
+        for event_id, value in _split_until_clean(
+            conn, schemas, rule, event_ids, failures, timeout_ms
+        ):
             if event_id in extracted.events:
                 extracted.events[event_id][1].append((rule.attribute_id, value))
     return extracted
+
+
+def _too_slow(rule: Rule, events: int, timeout_ms: int) -> RuleFailure:
+    message = (
+        f"stitching rule {rule.attribute_id}/{rule.event_id} disabled: evaluating it over "
+        f"{events} events took longer than stitching.rule_timeout_ms ({timeout_ms} ms); "
+        "changing its row enables it again"
+    )
+    return RuleFailure(rule.attribute_id, None, message, rule, disable=True)
 
 
 def _split_until_clean(
@@ -353,14 +415,16 @@ def _split_until_clean(
     rule: Rule,
     event_ids: list[str],
     failures: list[RuleFailure],
+    timeout_ms: int,
 ) -> list[tuple[str, str | None]]:
     """Values of ``rule`` for the events it does not fail on, halving the failing sets: a rule
     that fails on k of n events costs about k * log2(n) queries, not n."""
     try:
-        with conn.transaction():
-            rows = fetch_all(conn, *_by_ids(schemas, [rule], event_ids))
+        rows = _evaluate(conn, timeout_ms, *_by_ids(schemas, [rule], event_ids))
         return [(str(r[0]), r[3]) for r in rows if r[2] is not None]
     except psycopg.Error as exc:
+        if conn.broken or conn.closed:
+            raise
         if len(event_ids) == 1:
             failures.append(RuleFailure(rule.attribute_id, event_ids[0], _message(exc), rule))
             log.error(
@@ -372,8 +436,8 @@ def _split_until_clean(
             return []
     middle = len(event_ids) // 2
     return [
-        *_split_until_clean(conn, schemas, rule, event_ids[:middle], failures),
-        *_split_until_clean(conn, schemas, rule, event_ids[middle:], failures),
+        *_split_until_clean(conn, schemas, rule, event_ids[:middle], failures, timeout_ms),
+        *_split_until_clean(conn, schemas, rule, event_ids[middle:], failures, timeout_ms),
     ]
 
 

@@ -92,7 +92,9 @@ class Stitcher:
         self.schemas = settings.schemas
         self.batch_size = settings.stitching.batch_size
         self.store = StitchStore(self.schemas, settings.opensearch.writes_outbox)
-        self.rulebook = rules.RuleBook(self.schemas, settings.stitching.rule_max_failures)
+        self.rulebook = rules.RuleBook(
+            self.schemas, settings.stitching.rule_max_failures, settings.stitching.rule_timeout_ms
+        )
         meter = telemetry.meter()
         self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)
         self._merged = meter.create_counter(telemetry.METRIC_ENTITIES_MERGED)
@@ -201,7 +203,9 @@ class Stitcher:
         limit = self.batch_size
         ruleset = self.rulebook.refresh(conn)
         with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
-            extracted = rules.extract_next(conn, self.schemas, ruleset.rules, limit, after)
+            extracted = rules.extract_next(
+                conn, self.schemas, ruleset.rules, limit, after, self.rulebook.timeout_ms
+            )
         prepared = self._normalise(list(extracted.events), extracted, ruleset)
         return prepared, (extracted.last if len(extracted.events) == limit else None)
 
@@ -244,7 +248,9 @@ class Stitcher:
         extracted = rules.Extracted({}, [])
         if event_ids:
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
-                extracted = rules.extract(conn, self.schemas, ruleset.rules, event_ids)
+                extracted = rules.extract(
+                    conn, self.schemas, ruleset.rules, event_ids, self.rulebook.timeout_ms
+                )
         return self._normalise(event_ids, extracted, ruleset)
 
     def _normalise(
