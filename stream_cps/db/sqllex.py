@@ -108,15 +108,7 @@ def tokens(text: str) -> list[Token]:
 
 def _string_end(text: str, start: int) -> int:
     """Index after the closing quote of a standard string whose body starts at ``start``."""
-    i = start
-    while True:
-        close = text.find("'", i)
-        if close == -1:
-            raise LexError("unterminated quoted string")
-        if text.startswith("''", close):
-            i = close + 2
-            continue
-        return close + 1
+    return _closing(text, start, "'", "unterminated quoted string")
 
 
 def _escaped_string_end(text: str, start: int) -> int:
@@ -138,12 +130,17 @@ def _escaped_string_end(text: str, start: int) -> int:
 
 
 def _quoted_end(text: str, start: int) -> int:
+    return _closing(text, start, '"', "unterminated quoted identifier")
+
+
+def _closing(text: str, start: int, quote: str, unterminated: str) -> int:
+    """Index after the ``quote`` that closes a body starting at ``start`` (doubled = literal)."""
     i = start
     while True:
-        close = text.find('"', i)
+        close = text.find(quote, i)
         if close == -1:
-            raise LexError("unterminated quoted identifier")
-        if text.startswith('""', close):
+            raise LexError(unterminated)
+        if text.startswith(quote * 2, close):
             i = close + 2
             continue
         return close + 1

@@ -222,6 +222,15 @@ def _timed_out(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.errors.QueryCanceled) and "timeout" in _message(exc)
 
 
+def _raise_unless_isolable(conn: psycopg.Connection[Any], exc: psycopg.Error) -> None:
+    """A rule's error or timeout is isolated; a lost connection or an operator's cancel is
+    the batch's, and raised."""
+    if conn.broken or conn.closed:
+        raise exc
+    if isinstance(exc, psycopg.errors.QueryCanceled) and not _timed_out(exc):
+        raise exc
+
+
 def extract(
     conn: psycopg.Connection[Any],
     schemas: Schemas,
@@ -234,12 +243,7 @@ def extract(
         rows = _evaluate(conn, timeout_ms, *_by_ids(schemas, rules, event_ids))
         return _collect(rows, rules, [])
     except psycopg.Error as exc:
-        if (
-            conn.broken
-            or conn.closed
-            or (isinstance(exc, psycopg.errors.QueryCanceled) and not _timed_out(exc))
-        ):
-            raise
+        _raise_unless_isolable(conn, exc)
         log.warning("rule evaluation failed for a batch of %d events; isolating", len(event_ids))
     return _isolate(conn, schemas, rules, event_ids, timeout_ms)
 
@@ -277,12 +281,7 @@ def extract_next(
         extracted.last = _cursor(rows)
         return extracted
     except psycopg.Error as exc:
-        if (
-            conn.broken
-            or conn.closed
-            or (isinstance(exc, psycopg.errors.QueryCanceled) and not _timed_out(exc))
-        ):
-            raise
+        _raise_unless_isolable(conn, exc)
         log.warning("rule evaluation failed for the next %d unstitched events; isolating", limit)
     with conn.transaction():
         found = conn.execute(
