@@ -138,6 +138,21 @@ FIELDS: dict[str, Field] = {
     "webhook.port": Field(int, 8443, "HTTPS port of `stream-cps webhook`"),
     "webhook.cert_file": Field(str, None, "PEM certificate (chain) of the webhook server"),
     "webhook.key_file": Field(str, None, "PEM private key of the webhook server"),
+    "webhook.client_ca_file": Field(
+        str, None, "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
+    ),
+    "webhook.auth_header": Field(
+        str, "Authorization", "request header that must carry webhook.auth_secret"
+    ),
+    "webhook.auth_secret": Field(
+        str, None, "the whole value the auth header must have (better from the environment)"
+    ),
+    "webhook.auth_secret_file": Field(
+        str, None, "file holding webhook.auth_secret (one trailing newline is dropped)"
+    ),
+    "webhook.allow_unauthenticated": Field(
+        bool, False, "serve without client certificates or a secret header (trusted networks)"
+    ),
     "opensearch.url": Field(
         str, None, "OpenSearch URL (credentials may go in it); unset = no index, relay off"
     ),
@@ -231,6 +246,11 @@ class WebhookSettings:
     port: int
     cert_file: str | None
     key_file: str | None
+    client_ca_file: str | None
+    auth_header: str
+    auth_secret: str | None = field(repr=False)
+    auth_secret_file: str | None
+    allow_unauthenticated: bool
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,17 @@ def reindex(settings: Settings) -> int:
 
 
 def webhook_server(settings: Settings) -> WebhookServer:
-    """The changefeed webhook, applying each request with the Kafka path's ingest."""
-    with connect(settings.dsn, role="check", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    """The changefeed webhook, applying each request with the Kafka path's ingest. Its
+    settings (TLS, client authentication) are checked before the database is."""
     ingest = WebhookIngest(settings)
-    return WebhookServer(settings.webhook, ingest, on_close=ingest.close)
+    server = WebhookServer(settings.webhook, ingest, on_close=ingest.close)
+    try:
+        with connect(settings.dsn, role="check", autocommit=True) as conn:
+            schema.check(conn, settings.schemas)
+    except BaseException:
+        server.httpd.server_close()
+        raise
+    return server
 
 
 def webhook(settings: Settings, stop: threading.Event) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,13 +25,19 @@ from typing import Any
 
 from stream_cps import retry
 from stream_cps.config import WebhookSettings
-from stream_cps.errors import ConfigError, InvalidInput
+from stream_cps.errors import InvalidInput
+from stream_cps.sources.changefeed.auth import header_auth, server_context
 from stream_cps.sources.messages import Envelope, Resolved, decode_object, webhook_entries
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0  # also the idle timeout of a connection
+# Closing a socket with unread input resets the connection, and the reset can destroy our
+# answer (a 401, a 413) before the client read it; so before closing, this much of what the
+# client still sends is read and thrown away.
+LINGER_BYTES = 4 * 1024 * 1024
+LINGER_SECONDS = 2.0
 
 
 def envelopes_of(body: bytes) -> list[Envelope]:
@@ -84,19 +91,10 @@ class WebhookServer:
         handle: Handler,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        cert, key = settings.cert_file, settings.key_file
-        if not cert or not key:
-            raise ConfigError(
-                "webhook.cert_file and webhook.key_file: required (changefeed webhook sinks "
-                "only speak HTTPS)"
-            )
+        context = server_context(settings)
+        self.auth = header_auth(settings)
         self.handle = handle
         self.on_close = on_close  # e.g. close the handler's pooled connections
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"webhook.cert_file/key_file: cannot load: {exc}") from exc
         self.httpd = _TLSServer((settings.host, settings.port), _handler(self), context)
 
     @property
@@ -142,8 +140,24 @@ class _TLSServer(ThreadingHTTPServer):
             return
         try:
             super().finish_request(tls, client_address)
+            _linger(tls)
         finally:
             tls.close()
+
+
+def _linger(tls: ssl.SSLSocket) -> None:
+    """Discard the client's unread input, bounded in bytes and time (see LINGER_BYTES)."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    left = LINGER_BYTES
+    try:
+        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+            tls.settimeout(remaining)
+            chunk = tls.recv(min(left, 65536))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except (OSError, ssl.SSLError):
+        return
 
 
 def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
@@ -151,6 +165,15 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
+            if not server.auth.allows(self.headers):
+                log.warning(
+                    "webhook: %s: missing or wrong %s header; answered 401",
+                    self.client_address[0],
+                    server.auth.header,
+                )
+                self.close_connection = True  # the body is not read
+                self._reply(401, {"error": "unauthorized"})
+                return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY:
                 self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
@@ -173,6 +196,8 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 

@@ -1,0 +1,138 @@
+"""The webhook's controls (docs/security.md) against the real server over real TLS, with the
+real PostgreSQL behind it: who may post, what a post may carry, how much of it is read, how
+many requests and database sessions run at once, where the server listens."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from stream_cps import config
+from stream_cps.errors import ConfigError
+from stream_cps.service.process import webhook_server
+from stream_cps_dev.sample import generator
+from tests.webhook_support import (
+    SECRET,
+    changefeed_body,
+    client_context,
+    client_pki,
+    post,
+    running,
+    webhook_settings,
+)
+
+Row = tuple[Any, ...]
+
+
+def count(conn: psycopg.Connection[Any], query: str) -> int:
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else -1
+
+
+STITCHED = "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
+
+
+@pytest.fixture
+def rows(settings: config.Settings, db: psycopg.Connection[Any]) -> list[Row]:
+    """Sample rules and 20 events in the table, unstitched (a changefeed would carry them)."""
+    db.execute(generator.config_sql(settings.schemas))
+    events = list(generator.events(seed=7, persons=10, per_person=4))[:20]
+    from psycopg import sql
+
+    generator.copy_events(
+        db.cursor(), sql.Identifier(settings.schemas.ce, "customer_events"), events
+    )
+    return events
+
+
+def test_client_certificates_are_verified_against_the_client_ca(
+    settings: config.Settings, db: psycopg.Connection[Any], rows: list[Row], tmp_path: Path
+) -> None:
+    trusted = client_pki(tmp_path / "trusted", "changefeed")
+    stranger = client_pki(tmp_path / "stranger", "stranger")
+    s = webhook_settings(settings, tmp_path, **{"webhook.client_ca_file": str(trusted.ca)})
+    with running(s) as server:
+        for context in (client_context(s), client_context(s, stranger)):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                post(server, context, changefeed_body(rows[:5]))
+        assert count(db, STITCHED) == 0
+        status, answer = post(server, client_context(s, trusted), changefeed_body(rows))
+    assert (status, answer["stitched"]) == (200, len(rows))
+
+
+def test_a_secret_header_is_required_and_compared_whole(
+    settings: config.Settings,
+    db: psycopg.Connection[Any],
+    rows: list[Row],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    s = webhook_settings(settings, tmp_path, **{"webhook.auth_secret": SECRET})
+    with running(s) as server:
+        context = client_context(s)
+        body = changefeed_body(rows[:5])
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SECRET[:-1]}):
+            status, _ = post(server, context, body, headers)
+            assert status == 401
+        assert count(db, STITCHED) == 0
+        status, answer = post(server, context, changefeed_body(rows), {"Authorization": SECRET})
+    assert (status, answer["stitched"]) == (200, len(rows))
+    assert SECRET not in caplog.text and "s3cr3t" not in caplog.text
+
+
+def test_the_secret_comes_from_the_environment_or_a_file_and_the_header_is_configurable(
+    settings: config.Settings, db: psycopg.Connection[Any], rows: list[Row], tmp_path: Path
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-a-file\n")  # the trailing newline is not part of it
+    env = {"STREAM_CPS_WEBHOOK_AUTH_SECRET": "from-env"}
+    from_env = config.load(flags=dict(settings.values), environ=env)
+    from_file = settings.replace(
+        **{"webhook.auth_secret_file": str(secret_file), "webhook.auth_header": "X-Feed-Token"}
+    )
+    cases = [(from_env, "Authorization", "from-env"), (from_file, "X-Feed-Token", "from-a-file")]
+    for n, (base, header, secret) in enumerate(cases):
+        s = webhook_settings(base, tmp_path / str(n))
+        with running(s) as server:
+            context = client_context(s)
+            assert post(server, context, changefeed_body(rows[:1]))[0] == 401
+            status, _ = post(server, context, changefeed_body(rows), {header: secret})
+            assert status == 200
+    assert count(db, STITCHED) == len(rows)
+
+
+def test_without_any_client_authentication_the_server_refuses_to_start(
+    settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    s = webhook_settings(settings, tmp_path)
+    with pytest.raises(ConfigError, match="webhook.allow_unauthenticated"):
+        webhook_server(s)
+    tls = ["--cert", str(s.webhook.cert_file), "--key", str(s.webhook.key_file)]
+    cli = subprocess.run(
+        [sys.executable, "-m", "stream_cps.cli", "webhook", "--dsn", settings.dsn, *tls],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={k: v for k, v in os.environ.items() if not k.startswith("STREAM_CPS_WEBHOOK")},
+    )
+    assert cli.returncode == 2
+    [line] = cli.stderr.strip().splitlines()
+    assert line.startswith("stream-cps: webhook:") and "allow_unauthenticated" in line
+
+
+def test_an_explicitly_unauthenticated_server_serves_anyone(
+    settings: config.Settings, db: psycopg.Connection[Any], rows: list[Row], tmp_path: Path
+) -> None:
+    s = webhook_settings(settings, tmp_path, **{"webhook.allow_unauthenticated": True})
+    with running(s) as server:
+        status, answer = post(server, client_context(s), changefeed_body(rows))
+    assert (status, answer["stitched"]) == (200, len(rows))
