@@ -153,6 +153,9 @@ FIELDS: dict[str, Field] = {
     "webhook.allow_unauthenticated": Field(
         bool, False, "serve without client certificates or a secret header (trusted networks)"
     ),
+    "webhook.accept_events": Field(
+        bool, False, "also insert plain customer events posted to the webhook (else dead letters)"
+    ),
     "opensearch.url": Field(
         str, None, "OpenSearch URL (credentials may go in it); unset = no index, relay off"
     ),
@@ -251,6 +254,7 @@ class WebhookSettings:
     auth_secret: str | None = field(repr=False)
     auth_secret_file: str | None
     allow_unauthenticated: bool
+    accept_events: bool
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ many requests and database sessions run at once, where the server listens."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
@@ -18,6 +19,7 @@ import pytest
 from stream_cps import config
 from stream_cps.errors import ConfigError
 from stream_cps.service.process import webhook_server
+from stream_cps_dev.encode import json_event
 from stream_cps_dev.sample import generator
 from tests.webhook_support import (
     SECRET,
@@ -136,3 +138,40 @@ def test_an_explicitly_unauthenticated_server_serves_anyone(
     with running(s) as server:
         status, answer = post(server, client_context(s), changefeed_body(rows))
     assert (status, answer["stitched"]) == (200, len(rows))
+
+
+def _secured(settings: config.Settings, tmp_path: Path, **changes: Any) -> config.Settings:
+    return webhook_settings(settings, tmp_path, **{"webhook.auth_secret": SECRET, **changes})
+
+
+AUTH = {"Authorization": SECRET}
+
+
+def test_plain_customer_events_are_dead_letters_unless_accepted(
+    settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """The webhook is a changefeed's: a body of plain events would write rows no table change
+    produced, so they are refused unless webhook.accept_events says otherwise."""
+    db.execute(generator.config_sql(settings.schemas))
+    events = list(generator.events(seed=9, persons=5, per_person=4))[:8]
+    entries = [json.loads(json_event(row)) for row in events]
+
+    def body(part: list[Any]) -> bytes:
+        return json.dumps({"payload": part, "length": len(part)}).encode()
+
+    off = _secured(settings, tmp_path / "off")
+    with running(off) as server:
+        status, answer = post(server, client_context(off), body(entries[:4]), AUTH)
+    assert (status, answer["dead_letters"]) == (200, 4)
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == 0
+    reasons = db.execute(
+        "SELECT DISTINCT reason FROM cdp_ps.kafka_dead_letters WHERE source = 'webhook'"
+    ).fetchall()
+    assert reasons == [
+        ("a plain customer event, not a changefeed row (webhook.accept_events is off)",)
+    ]
+    on = _secured(settings, tmp_path / "on", **{"webhook.accept_events": True})
+    with running(on) as server:
+        status, answer = post(server, client_context(on), body(entries[4:]), AUTH)
+    assert (status, answer["stitched"], answer["dead_letters"]) == (200, 4, 0)
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == 4

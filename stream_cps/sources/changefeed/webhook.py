@@ -27,7 +27,13 @@ from stream_cps import retry
 from stream_cps.config import WebhookSettings
 from stream_cps.errors import InvalidInput
 from stream_cps.sources.changefeed.auth import header_auth, server_context
-from stream_cps.sources.messages import Envelope, Resolved, decode_object, webhook_entries
+from stream_cps.sources.messages import (
+    CustomerEvent,
+    Envelope,
+    Resolved,
+    decode_object,
+    webhook_entries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +46,15 @@ LINGER_BYTES = 4 * 1024 * 1024
 LINGER_SECONDS = 2.0
 
 
-def envelopes_of(body: bytes) -> list[Envelope]:
-    """One envelope per changefeed message in a request body (dead letters carry a reason)."""
+PLAIN_EVENT = "a plain customer event, not a changefeed row (webhook.accept_events is off)"
+
+
+def envelopes_of(body: bytes, accept_events: bool = False) -> list[Envelope]:
+    """One envelope per changefeed message in a request body (dead letters carry a reason).
+
+    A changefeed only reports rows that are in the table already; a plain customer event
+    would be inserted, so one is a dead letter unless ``accept_events`` (docs/security.md).
+    """
     digest = hashlib.sha256(body).hexdigest()[:32]
     now = datetime.now(UTC)
 
@@ -71,9 +84,14 @@ def envelopes_of(body: bytes) -> list[Envelope]:
             found.append(envelope(n, value, reason="webhook entry is not a JSON object"))
             continue
         try:
-            found.append(envelope(n, value, decoded=decode_object(entry, entry.get("key"))))
+            decoded = decode_object(entry, entry.get("key"))
         except InvalidInput as exc:
             found.append(envelope(n, value, reason=str(exc)))
+            continue
+        if isinstance(decoded, CustomerEvent) and not accept_events:
+            found.append(envelope(n, value, reason=PLAIN_EVENT))
+        else:
+            found.append(envelope(n, value, decoded=decoded))
     return found
 
 
@@ -93,6 +111,7 @@ class WebhookServer:
     ) -> None:
         context = server_context(settings)
         self.auth = header_auth(settings)
+        self.accept_events = settings.accept_events
         self.handle = handle
         self.on_close = on_close  # e.g. close the handler's pooled connections
         self.httpd = _TLSServer((settings.host, settings.port), _handler(self), context)
@@ -180,7 +199,7 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length)
             try:
-                answer = server.handle(envelopes_of(body))
+                answer = server.handle(envelopes_of(body, server.accept_events))
             except Exception as exc:
                 if retry.is_transient(exc):
                     log.warning("webhook: %s; answered 503, the sink will retry", exc)
