@@ -142,3 +142,43 @@ def changefeed_body(rows: list[tuple[str, str, str, str, datetime, str]], first:
             }
         )
     return json.dumps({"payload": entries, "length": len(entries)}).encode()
+
+
+def raw_post(
+    server: WebhookServer, context: ssl.SSLContext, head: str, body: bytes = b"", more: int = 0
+) -> tuple[int | None, int]:
+    """POST hand-made headers (``head``, without the request line) over TLS, then ``body`` and
+    up to ``more`` further bytes while the server keeps reading. Returns the status (None if no
+    answer came) and how many body bytes the server took before it closed the connection."""
+    import select
+    import socket
+
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    request = f"POST /changefeed HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode()
+    answer, sent = b"", 0
+    try:
+        tls.sendall(request + body)
+        sent = len(body)
+        chunk = b"x" * (1024 * 1024)
+        while sent < len(body) + more:
+            if select.select([tls], [], [], 0)[0] or tls.pending():
+                break  # the server answered: stop sending
+            tls.sendall(chunk)
+            sent += len(chunk)
+    except OSError:
+        pass  # the server closed the connection
+    try:
+        tls.settimeout(5)
+        while b"\r\n\r\n" not in answer:
+            data = tls.recv(65536)
+            if not data:
+                break
+            answer += data
+    except OSError:
+        pass
+    finally:
+        tls.close()
+    if not answer.startswith(b"HTTP/1.1 "):
+        return None, sent
+    return int(answer.split(b" ", 2)[1]), sent

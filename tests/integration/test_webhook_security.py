@@ -19,6 +19,7 @@ import pytest
 from stream_cps import config
 from stream_cps.errors import ConfigError
 from stream_cps.service.process import webhook_server
+from stream_cps.sources.changefeed.webhook import MAX_BODY
 from stream_cps_dev.encode import json_event
 from stream_cps_dev.sample import generator
 from tests.webhook_support import (
@@ -27,6 +28,7 @@ from tests.webhook_support import (
     client_context,
     client_pki,
     post,
+    raw_post,
     running,
     webhook_settings,
 )
@@ -175,3 +177,30 @@ def test_plain_customer_events_are_dead_letters_unless_accepted(
         status, answer = post(server, client_context(on), body(entries[4:]), AUTH)
     assert (status, answer["stitched"], answer["dead_letters"]) == (200, 4, 0)
     assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == 4
+
+
+def test_the_body_limit_holds_for_the_bytes_actually_read(
+    settings: config.Settings, db: psycopg.Connection[Any], rows: list[Row], tmp_path: Path
+) -> None:
+    s = _secured(settings, tmp_path)
+    auth = f"Authorization: {SECRET}\r\n"
+    forty_mb = 40 * 1024 * 1024
+    with running(s) as server:
+        context = client_context(s)
+        # A negative length once read to the end of the stream: 40 MB became a dead letter.
+        status, taken = raw_post(server, context, auth + "Content-Length: -1\r\n", more=forty_mb)
+        assert status == 400
+        assert taken < 16 * 1024 * 1024, taken  # stopped reading: not the 40 MB
+        assert raw_post(server, context, auth + "Content-Length: many\r\n")[0] == 400
+        assert (
+            raw_post(server, context, auth + "Content-Length: 5\r\nContent-Length: 6\r\n")[0] == 400
+        )
+        assert raw_post(server, context, auth)[0] == 411  # no length at all
+        assert raw_post(server, context, auth + "Transfer-Encoding: chunked\r\n")[0] == 411
+        too_big = f"Content-Length: {MAX_BODY + 1}\r\n"
+        status, taken = raw_post(server, context, auth + too_big, more=forty_mb)
+        assert (status, taken < 16 * 1024 * 1024) == (413, True)
+        # The server still serves a proper request afterwards.
+        status, answer = post(server, context, changefeed_body(rows), AUTH)
+        assert (status, answer["stitched"]) == (200, len(rows))
+    assert count(db, "SELECT count(*) FROM cdp_ps.kafka_dead_letters") == 0

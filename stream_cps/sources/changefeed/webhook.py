@@ -27,6 +27,7 @@ from stream_cps import retry
 from stream_cps.config import WebhookSettings
 from stream_cps.errors import InvalidInput
 from stream_cps.sources.changefeed.auth import header_auth, server_context
+from stream_cps.sources.changefeed.limits import Refused, body_length
 from stream_cps.sources.messages import (
     CustomerEvent,
     Envelope,
@@ -184,20 +185,14 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
-            if not server.auth.allows(self.headers):
-                log.warning(
-                    "webhook: %s: missing or wrong %s header; answered 401",
-                    self.client_address[0],
-                    server.auth.header,
-                )
-                self.close_connection = True  # the body is not read
-                self._reply(401, {"error": "unauthorized"})
+            try:
+                body = self._body()
+            except Refused as refused:
+                self.close_connection = True  # what is left of the body is not read
+                self._reply(refused.status, {"error": str(refused)})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
+            if body is None:
                 return
-            body = self.rfile.read(length)
             try:
                 answer = server.handle(envelopes_of(body, server.accept_events))
             except Exception as exc:
@@ -209,6 +204,27 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                     self._reply(500, {"error": "internal error"})
                 return
             self._reply(200, answer)
+
+        def _body(self) -> bytes | None:
+            """The authenticated request's body, never more than MAX_BODY bytes read; None
+            when the client did not send all of it (nothing to answer)."""
+            if not server.auth.allows(self.headers):
+                log.warning(
+                    "webhook: %s: missing or wrong %s header; answered 401",
+                    self.client_address[0],
+                    server.auth.header,
+                )
+                raise Refused(401, "unauthorized")
+            length = body_length(self.headers, MAX_BODY)
+            try:
+                body = self.rfile.read(length)
+            except OSError as exc:
+                body = b""
+                log.info("webhook: %s: body not received: %s", self.client_address[0], exc)
+            if len(body) < length:
+                self.close_connection = True
+                return None
+            return body
 
         def _reply(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
