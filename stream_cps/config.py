@@ -156,6 +156,12 @@ FIELDS: dict[str, Field] = {
     "webhook.accept_events": Field(
         bool, False, "also insert plain customer events posted to the webhook (else dead letters)"
     ),
+    "webhook.max_connections": Field(
+        int, 8, "requests applied at once, and the most database connections the webhook holds"
+    ),
+    "webhook.max_wait": Field(
+        float, 5.0, "seconds a request waits for one of webhook.max_connections before a 503"
+    ),
     "opensearch.url": Field(
         str, None, "OpenSearch URL (credentials may go in it); unset = no index, relay off"
     ),
@@ -255,6 +261,8 @@ class WebhookSettings:
     auth_secret_file: str | None
     allow_unauthenticated: bool
     accept_events: bool
+    max_connections: int
+    max_wait: float
 
 
 @dataclass(frozen=True)
@@ -399,11 +407,14 @@ def load(
         "attributes.worker_timeout_ms",
         "attributes.large_entity_identifiers",
         "kafka.batch_size",
+        "webhook.max_connections",
         "opensearch.batch_size",
     )
     for key in at_least_one:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    if values["webhook.max_wait"] < 0:
+        raise ConfigError("webhook.max_wait: must not be negative")
     return Settings(values)
 
 

@@ -10,6 +10,9 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from stream_cps.service.process import webhook_server
 from stream_cps.sources.changefeed.webhook import MAX_BODY
 from stream_cps_dev.encode import json_event
 from stream_cps_dev.sample import generator
+from tests.support import expected, observed
 from tests.webhook_support import (
     SECRET,
     changefeed_body,
@@ -204,3 +208,95 @@ def test_the_body_limit_holds_for_the_bytes_actually_read(
         status, answer = post(server, context, changefeed_body(rows), AUTH)
         assert (status, answer["stitched"]) == (200, len(rows))
     assert count(db, "SELECT count(*) FROM cdp_ps.kafka_dead_letters") == 0
+
+
+def _webhook_sessions(conn: psycopg.Connection[Any]) -> int:
+    return count(
+        conn,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'stream-cps webhook%'",
+    )
+
+
+def test_concurrent_posts_are_capped_and_none_is_lost(
+    settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """40 posts at once, at most 3 applied at a time: never more than 3 webhook sessions, and
+    each post is applied (200, its rows stitched) or refused with 503 (the sink retries)."""
+    db.execute(generator.config_sql(settings.schemas))
+    events = list(generator.events(seed=11, persons=60, per_person=4))[:200]
+    from psycopg import sql
+
+    generator.copy_events(
+        db.cursor(), sql.Identifier(settings.schemas.ce, "customer_events"), events
+    )
+    parts = [events[n : n + 5] for n in range(0, len(events), 5)]
+    s = _secured(settings, tmp_path, **{"webhook.max_connections": 3, "webhook.max_wait": 0.5})
+    peak, watching = [0], threading.Event()
+
+    def watch() -> None:
+        with psycopg.connect(settings.dsn, autocommit=True) as conn:
+            while not watching.is_set():
+                peak[0] = max(peak[0], _webhook_sessions(conn))
+                time.sleep(0.005)
+
+    with running(s) as server:
+        context = client_context(s)
+        start = threading.Barrier(len(parts))
+
+        def send(n: int) -> int:
+            start.wait()
+            return post(server, context, changefeed_body(parts[n], first=5 * n), AUTH)[0]
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        with ThreadPoolExecutor(len(parts)) as pool:
+            statuses = list(pool.map(send, range(len(parts))))
+        after = _webhook_sessions(db)
+        applied = {e[0] for n, part in enumerate(parts) if statuses[n] == 200 for e in part}
+        stitched = db.execute(
+            "SELECT id FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
+        ).fetchall()
+        assert applied and applied <= {eid for (eid,) in stitched}
+        for n, status in enumerate(statuses):  # the sink's retry of what was refused
+            if status == 503:
+                assert post(server, context, changefeed_body(parts[n], first=5 * n), AUTH)[0] == 200
+        watching.set()
+        watcher.join()
+    assert set(statuses) <= {200, 503}, statuses
+    assert peak[0] <= 3 and after <= 3, (peak[0], after)
+    assert count(db, STITCHED) == len(events)
+    assert observed(db) == expected(db)
+
+
+def test_a_request_without_a_free_slot_is_answered_503_after_max_wait(
+    settings: config.Settings, db: psycopg.Connection[Any], rows: list[Row], tmp_path: Path
+) -> None:
+    """Two requests hold both slots (their bodies still on the way); a third waits
+    webhook.max_wait and gets 503 with Retry-After, and is applied once retried."""
+    import socket
+
+    s = _secured(settings, tmp_path, **{"webhook.max_connections": 2, "webhook.max_wait": 0.3})
+    with running(s) as server:
+        context = client_context(s)
+        held = []
+        for n in range(2):
+            body = changefeed_body(rows[n * 5 : n * 5 + 5], first=n * 5)
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            tls.sendall(
+                f"POST / HTTP/1.1\r\nHost: x\r\nAuthorization: {SECRET}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            held.append((tls, body))
+        time.sleep(0.3)  # both requests are in, waiting for their bodies
+        started = time.monotonic()
+        status, answer = post(server, context, changefeed_body(rows[10:]), AUTH)
+        assert status == 503 and answer["error"].startswith("busy")
+        assert time.monotonic() - started >= 0.3
+        for tls, body in held:
+            tls.sendall(body)
+            assert tls.recv(4096).startswith(b"HTTP/1.1 200 ")
+            tls.close()
+        assert post(server, context, changefeed_body(rows[10:], first=10), AUTH)[0] == 200
+    assert count(db, STITCHED) == len(rows)

@@ -113,6 +113,10 @@ class WebhookServer:
         context = server_context(settings)
         self.auth = header_auth(settings)
         self.accept_events = settings.accept_events
+        # At most max_connections requests are read and applied at once: it bounds the
+        # bodies held in memory and the database sessions (one per request being applied).
+        self.slots = threading.BoundedSemaphore(settings.max_connections)
+        self.max_wait = settings.max_wait
         self.handle = handle
         self.on_close = on_close  # e.g. close the handler's pooled connections
         self.httpd = _TLSServer((settings.host, settings.port), _handler(self), context)
@@ -186,9 +190,29 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             try:
-                body = self._body()
+                self._authenticated()
+                if not server.slots.acquire(timeout=server.max_wait):
+                    log.info(
+                        "webhook: %s: no free slot of webhook.max_connections in %.1f s; "
+                        "answered 503",
+                        self.client_address[0],
+                        server.max_wait,
+                    )
+                    raise Refused(503, "busy: too many requests at once; retry")
             except Refused as refused:
                 self.close_connection = True  # what is left of the body is not read
+                self._reply(refused.status, {"error": str(refused)}, retry=refused.status == 503)
+                return
+            try:
+                self._apply()
+            finally:
+                server.slots.release()
+
+        def _apply(self) -> None:
+            try:
+                body = self._body()
+            except Refused as refused:
+                self.close_connection = True
                 self._reply(refused.status, {"error": str(refused)})
                 return
             if body is None:
@@ -205,9 +229,7 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                 return
             self._reply(200, answer)
 
-        def _body(self) -> bytes | None:
-            """The authenticated request's body, never more than MAX_BODY bytes read; None
-            when the client did not send all of it (nothing to answer)."""
+        def _authenticated(self) -> None:
             if not server.auth.allows(self.headers):
                 log.warning(
                     "webhook: %s: missing or wrong %s header; answered 401",
@@ -215,6 +237,10 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                     server.auth.header,
                 )
                 raise Refused(401, "unauthorized")
+
+        def _body(self) -> bytes | None:
+            """The body, never more than MAX_BODY bytes read; None when the client did not
+            send all of it (nothing to answer)."""
             length = body_length(self.headers, MAX_BODY)
             try:
                 body = self.rfile.read(length)
@@ -226,9 +252,11 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                 return None
             return body
 
-        def _reply(self, status: int, body: dict[str, Any]) -> None:
+        def _reply(self, status: int, body: dict[str, Any], retry: bool = False) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            if retry:
+                self.send_header("Retry-After", "1")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:
