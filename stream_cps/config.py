@@ -134,7 +134,9 @@ FIELDS: dict[str, Field] = {
     "kafka.session_timeout": Field(
         float, 10.0, "seconds without heartbeat before a dead member's partitions move"
     ),
-    "webhook.host": Field(str, "0.0.0.0", "address `stream-cps webhook` listens on"),
+    "webhook.host": Field(
+        str, "127.0.0.1", "address `stream-cps webhook` listens on (0.0.0.0: every interface)"
+    ),
     "webhook.port": Field(int, 8443, "HTTPS port of `stream-cps webhook`"),
     "webhook.cert_file": Field(str, None, "PEM certificate (chain) of the webhook server"),
     "webhook.key_file": Field(str, None, "PEM private key of the webhook server"),

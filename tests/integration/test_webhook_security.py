@@ -4,6 +4,7 @@ many requests and database sessions run at once, where the server listens."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -300,3 +301,33 @@ def test_a_request_without_a_free_slot_is_answered_503_after_max_wait(
             tls.close()
         assert post(server, context, changefeed_body(rows[10:], first=10), AUTH)[0] == 200
     assert count(db, STITCHED) == len(rows)
+
+
+def _other_local_addresses() -> list[str]:
+    """This machine's addresses other than 127.0.0.1 (e.g. 127.0.1.1, the outbound one)."""
+    import socket
+
+    found = set()
+    with contextlib.suppress(OSError):
+        found.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe, contextlib.suppress(OSError):
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent
+        found.add(probe.getsockname()[0])
+    found.add("127.0.0.2")  # loopback too, but not the address we bind
+    return sorted(found - {"127.0.0.1", "0.0.0.0"})
+
+
+def test_by_default_the_server_listens_on_loopback_only(
+    settings: config.Settings, db: psycopg.Connection[Any], rows: list[Row], tmp_path: Path
+) -> None:
+    import socket
+
+    s = _secured(settings, tmp_path)
+    s = s.replace(**{"webhook.host": config.FIELDS["webhook.host"].default})
+    with running(s) as server:
+        assert server.httpd.server_address[0] == "127.0.0.1"
+        for address in _other_local_addresses():
+            with pytest.raises(OSError):
+                socket.create_connection((address, server.port), timeout=2).close()
+        status, answer = post(server, client_context(s), changefeed_body(rows), AUTH)
+    assert (status, answer["stitched"]) == (200, len(rows))
