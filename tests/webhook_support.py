@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
+import socket
 import ssl
 import subprocess
 import threading
@@ -150,9 +152,6 @@ def raw_post(
     """POST hand-made headers (``head``, without the request line) over TLS, then ``body`` and
     up to ``more`` further bytes while the server keeps reading. Returns the status (None if no
     answer came) and how many body bytes the server took before it closed the connection."""
-    import select
-    import socket
-
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     tls = context.wrap_socket(raw, server_hostname="127.0.0.1")
     request = f"POST /changefeed HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}\r\n".encode()

@@ -8,6 +8,11 @@ retries are what makes delivery reliable. A body or an entry that cannot be deco
 dead-letter envelope (recorded, and still answered 200), so one bad message does not stall the
 feed; a transient failure (the database away) is answered 503 and the sink
 retries.
+
+Before any of that a request must pass the controls of docs/security.md, in this order: the
+TLS handshake (a client certificate when ``client_ca_file`` is set), the secret header (401),
+a free one of ``max_connections`` slots within ``max_wait`` (503), a valid ``Content-Length``
+up to ``MAX_BODY`` (411/400/413); only changefeed rows are applied unless ``accept_events``.
 """
 
 from __future__ import annotations
