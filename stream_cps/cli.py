@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     webhook = sub.add_parser(
         "webhook", parents=[common], help="HTTPS endpoint for a changefeed webhook sink"
     )
+    webhook.add_argument("--host", dest="webhook_host", help="listen address (127.0.0.1)")
     webhook.add_argument("--port", type=int, dest="webhook_port")
     webhook.add_argument("--cert", dest="webhook_cert", help="PEM certificate file")
     webhook.add_argument("--key", dest="webhook_key", help="PEM private key file")
@@ -121,6 +122,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "dsn": getattr(args, "dsn", None),
         "log_level": getattr(args, "log_level", None),
         "stitching.batch_size": getattr(args, "batch_size", None),
+        "webhook.host": getattr(args, "webhook_host", None),
         "webhook.port": getattr(args, "webhook_port", None),
         "webhook.cert_file": getattr(args, "webhook_cert", None),
         "webhook.key_file": getattr(args, "webhook_key", None),

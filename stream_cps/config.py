@@ -137,10 +137,36 @@ FIELDS: dict[str, Field] = {
     "kafka.session_timeout": Field(
         float, 10.0, "seconds without heartbeat before a dead member's partitions move"
     ),
-    "webhook.host": Field(str, "0.0.0.0", "address `stream-cps webhook` listens on"),
+    "webhook.host": Field(
+        str, "127.0.0.1", "address `stream-cps webhook` listens on (0.0.0.0: every interface)"
+    ),
     "webhook.port": Field(int, 8443, "HTTPS port of `stream-cps webhook`"),
     "webhook.cert_file": Field(str, None, "PEM certificate (chain) of the webhook server"),
     "webhook.key_file": Field(str, None, "PEM private key of the webhook server"),
+    "webhook.client_ca_file": Field(
+        str, None, "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"
+    ),
+    "webhook.auth_header": Field(
+        str, "Authorization", "request header that must carry webhook.auth_secret"
+    ),
+    "webhook.auth_secret": Field(
+        str, None, "the whole value the auth header must have (better from the environment)"
+    ),
+    "webhook.auth_secret_file": Field(
+        str, None, "file holding webhook.auth_secret (one trailing newline is dropped)"
+    ),
+    "webhook.allow_unauthenticated": Field(
+        bool, False, "serve without client certificates or a secret header (trusted networks)"
+    ),
+    "webhook.accept_events": Field(
+        bool, False, "also insert plain customer events posted to the webhook (else dead letters)"
+    ),
+    "webhook.max_connections": Field(
+        int, 8, "requests applied at once, and the most database connections the webhook holds"
+    ),
+    "webhook.max_wait": Field(
+        float, 5.0, "seconds a request waits for one of webhook.max_connections before a 503"
+    ),
     "opensearch.url": Field(
         str, None, "OpenSearch URL (credentials may go in it); unset = no index, relay off"
     ),
@@ -235,6 +261,14 @@ class WebhookSettings:
     port: int
     cert_file: str | None
     key_file: str | None
+    client_ca_file: str | None
+    auth_header: str
+    auth_secret: str | None = field(repr=False)
+    auth_secret_file: str | None
+    allow_unauthenticated: bool
+    accept_events: bool
+    max_connections: int
+    max_wait: float
 
 
 @dataclass(frozen=True)
@@ -380,11 +414,14 @@ def load(
         "attributes.worker_timeout_ms",
         "attributes.large_entity_identifiers",
         "kafka.batch_size",
+        "webhook.max_connections",
         "opensearch.batch_size",
     )
     for key in at_least_one:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    if values["webhook.max_wait"] < 0:
+        raise ConfigError("webhook.max_wait: must not be negative")
     return Settings(values)
 
 

@@ -8,7 +8,6 @@ to the command line, which turns it into one line and a non-zero exit.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from typing import Any
 
@@ -78,11 +77,17 @@ def reindex(settings: Settings) -> int:
 
 
 def webhook_server(settings: Settings) -> WebhookServer:
-    """The changefeed webhook, applying each request with the Kafka path's ingest."""
-    with connect(settings.dsn, role="check", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    """The changefeed webhook, applying each request with the Kafka path's ingest. Its
+    settings (TLS, client authentication) are checked before the database is."""
     ingest = WebhookIngest(settings)
-    return WebhookServer(settings.webhook, ingest, on_close=ingest.close)
+    server = WebhookServer(settings.webhook, ingest, on_close=ingest.close)
+    try:
+        with connect(settings.dsn, role="check", autocommit=True) as conn:
+            schema.check(conn, settings.schemas)
+    except BaseException:
+        server.httpd.server_close()
+        raise
+    return server
 
 
 def webhook(settings: Settings, stop: threading.Event) -> None:
@@ -92,12 +97,18 @@ def webhook(settings: Settings, stop: threading.Event) -> None:
 
 
 class WebhookIngest:
-    """Applies a request's envelopes; database connections are pooled across requests."""
+    """Applies a request's envelopes; database connections are pooled across requests.
+
+    The server applies at most ``webhook.max_connections`` requests at once, so no more
+    connections are open; the pool keeps at most that many idle ones and closes the rest, so a
+    burst does not leave sessions behind."""
 
     def __init__(self, settings: Settings) -> None:
         self.dsn = settings.dsn
         self.applier = Applier(settings.schemas, Stitcher(settings))
-        self._idle: queue.SimpleQueue[psycopg.Connection[Any]] = queue.SimpleQueue()
+        self.max_idle = settings.webhook.max_connections
+        self._lock = threading.Lock()
+        self._idle: list[psycopg.Connection[Any]] = []
 
     def __call__(self, envelopes: list[Envelope]) -> dict[str, Any]:
         stats = self._apply(envelopes)
@@ -108,21 +119,25 @@ class WebhookIngest:
         }
 
     def _apply(self, envelopes: list[Envelope]) -> ApplyStats:
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
             conn = connect(self.dsn, role="webhook", autocommit=True)
         try:
             return self.applier.apply(conn, envelopes)
         finally:
-            if conn.closed or conn.broken:
-                conn.close()
-            else:
-                self._idle.put(conn)
+            self._put_back(conn)
+
+    def _put_back(self, conn: psycopg.Connection[Any]) -> None:
+        if not (conn.closed or conn.broken):
+            with self._lock:
+                if len(self._idle) < self.max_idle:
+                    self._idle.append(conn)
+                    return
+        conn.close()
 
     def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()

@@ -44,6 +44,7 @@ from stream_cps_dev.encode import avro_event, json_event
 from stream_cps_dev.sample import generator
 from tests.fixtures.kafka import create_topics
 from tests.support import expected, observed, snapshot, wait_until
+from tests.webhook_support import self_signed
 
 Row = tuple[str, str, str, str, datetime, str]
 
@@ -511,40 +512,13 @@ def test_malformed_messages_go_to_the_dead_letter_topic_and_table(
         assert int(headers["stream_cps.offset"]) == row[2]
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
 def test_webhook_accepts_changefeed_payloads_over_tls(
     settings: config.Settings, db: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
     db.execute(generator.config_sql(settings.schemas))
     rows = sample(60, seed=41)
     generator.copy_events(db.cursor(), generator_table(settings), rows)
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     server = webhook_server(
         settings.replace(
             **{
@@ -552,6 +526,7 @@ def test_webhook_accepts_changefeed_payloads_over_tls(
                 "webhook.port": 0,
                 "webhook.cert_file": str(cert),
                 "webhook.key_file": str(key),
+                "webhook.allow_unauthenticated": True,  # tests/integration/test_webhook_security
             }
         )
     )
@@ -897,7 +872,7 @@ def test_webhook_enriched_key_only_and_crdb_resolved(
     db.execute(generator.config_sql(settings.schemas))
     rows = sample(12, seed=61)
     generator.copy_events(db.cursor(), generator_table(settings), rows)
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
     server = webhook_server(
         settings.replace(
             **{
@@ -905,6 +880,7 @@ def test_webhook_enriched_key_only_and_crdb_resolved(
                 "webhook.port": 0,
                 "webhook.cert_file": str(cert),
                 "webhook.key_file": str(key),
+                "webhook.allow_unauthenticated": True,  # tests/integration/test_webhook_security
             }
         )
     )

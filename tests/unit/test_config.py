@@ -133,3 +133,9 @@ def test_typed_sections_cover_every_field_with_its_resolved_value() -> None:
     assert settings.kafka.topics == ("a", "b")
     assert settings.stitching.batch_size == 17
     assert "host=x" not in repr(settings)  # the DSN (it may hold a password) never prints
+
+
+def test_the_webhook_secret_never_prints() -> None:
+    settings = config.load(environ={"STREAM_CPS_WEBHOOK_AUTH_SECRET": "hunter2-secret"})
+    assert settings.webhook.auth_secret == "hunter2-secret"
+    assert "hunter2" not in repr(settings) and "hunter2" not in repr(settings.webhook)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_cps.errors import InvalidInput
-from stream_cps.sources.changefeed.webhook import envelopes_of
+from stream_cps.sources.changefeed.webhook import PLAIN_EVENT, envelopes_of
 from stream_cps.sources.kafka import avro as kafka_avro
 from stream_cps.sources.messages import (
     MAX_REASON,
@@ -219,3 +219,12 @@ def test_enriched_bare_key_only_and_crdb_resolved_changefeed_shapes() -> None:
     [entry] = envelopes_of(_json({"payload": [{"key": ["e1"], "topic": "t"}], "length": 1}))
     assert entry.reason is not None and entry.reason.startswith("key_only changefeed message")
     assert decode(b"e1", None, "auto", AVRO) == Ignored("tombstone", "null value")
+
+
+def test_plain_events_in_a_webhook_body_are_dead_letters_unless_accepted() -> None:
+    body = _json({"payload": [JSON_EVENT, {"after": {"id": "e1"}}], "length": 2})
+    refused, row = envelopes_of(body)
+    assert (refused.reason, refused.decoded) == (PLAIN_EVENT, None)
+    assert row.reason is None
+    accepted, _ = envelopes_of(body, accept_events=True)
+    assert accepted.reason is None and accepted.decoded is not None

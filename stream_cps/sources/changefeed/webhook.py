@@ -8,6 +8,11 @@ retries are what makes delivery reliable. A body or an entry that cannot be deco
 dead-letter envelope (recorded, and still answered 200), so one bad message does not stall the
 feed; a transient failure (the database away) is answered 503 and the sink
 retries.
+
+Before any of that a request must pass the controls of docs/security.md, in this order: the
+TLS handshake (a client certificate when ``client_ca_file`` is set), the secret header (401),
+a free one of ``max_connections`` slots within ``max_wait`` (503), a valid ``Content-Length``
+up to ``MAX_BODY`` (411/400/413); only changefeed rows are applied unless ``accept_events``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,17 +30,37 @@ from typing import Any
 
 from stream_cps import retry
 from stream_cps.config import WebhookSettings
-from stream_cps.errors import ConfigError, InvalidInput
-from stream_cps.sources.messages import Envelope, Resolved, decode_object, webhook_entries
+from stream_cps.errors import InvalidInput
+from stream_cps.sources.changefeed.auth import header_auth, server_context
+from stream_cps.sources.changefeed.limits import Refused, body_length
+from stream_cps.sources.messages import (
+    CustomerEvent,
+    Envelope,
+    Resolved,
+    decode_object,
+    webhook_entries,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 1024 * 1024
 HANDSHAKE_TIMEOUT = 30.0  # also the idle timeout of a connection
+# Closing a socket with unread input resets the connection, and the reset can destroy our
+# answer (a 401, a 413) before the client read it; so before closing, this much of what the
+# client still sends is read and thrown away.
+LINGER_BYTES = 4 * 1024 * 1024
+LINGER_SECONDS = 2.0
 
 
-def envelopes_of(body: bytes) -> list[Envelope]:
-    """One envelope per changefeed message in a request body (dead letters carry a reason)."""
+PLAIN_EVENT = "a plain customer event, not a changefeed row (webhook.accept_events is off)"
+
+
+def envelopes_of(body: bytes, accept_events: bool = False) -> list[Envelope]:
+    """One envelope per changefeed message in a request body (dead letters carry a reason).
+
+    A changefeed only reports rows that are in the table already; a plain customer event
+    would be inserted, so one is a dead letter unless ``accept_events`` (docs/security.md).
+    """
     digest = hashlib.sha256(body).hexdigest()[:32]
     now = datetime.now(UTC)
 
@@ -64,9 +90,14 @@ def envelopes_of(body: bytes) -> list[Envelope]:
             found.append(envelope(n, value, reason="webhook entry is not a JSON object"))
             continue
         try:
-            found.append(envelope(n, value, decoded=decode_object(entry, entry.get("key"))))
+            decoded = decode_object(entry, entry.get("key"))
         except InvalidInput as exc:
             found.append(envelope(n, value, reason=str(exc)))
+            continue
+        if isinstance(decoded, CustomerEvent) and not accept_events:
+            found.append(envelope(n, value, reason=PLAIN_EVENT))
+        else:
+            found.append(envelope(n, value, decoded=decoded))
     return found
 
 
@@ -84,19 +115,15 @@ class WebhookServer:
         handle: Handler,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        cert, key = settings.cert_file, settings.key_file
-        if not cert or not key:
-            raise ConfigError(
-                "webhook.cert_file and webhook.key_file: required (changefeed webhook sinks "
-                "only speak HTTPS)"
-            )
+        context = server_context(settings)
+        self.auth = header_auth(settings)
+        self.accept_events = settings.accept_events
+        # At most max_connections requests are read and applied at once: it bounds the
+        # bodies held in memory and the database sessions (one per request being applied).
+        self.slots = threading.BoundedSemaphore(settings.max_connections)
+        self.max_wait = settings.max_wait
         self.handle = handle
         self.on_close = on_close  # e.g. close the handler's pooled connections
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"webhook.cert_file/key_file: cannot load: {exc}") from exc
         self.httpd = _TLSServer((settings.host, settings.port), _handler(self), context)
 
     @property
@@ -142,8 +169,24 @@ class _TLSServer(ThreadingHTTPServer):
             return
         try:
             super().finish_request(tls, client_address)
+            _linger(tls)
         finally:
             tls.close()
+
+
+def _linger(tls: ssl.SSLSocket) -> None:
+    """Discard the client's unread input, bounded in bytes and time (see LINGER_BYTES)."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    left = LINGER_BYTES
+    try:
+        while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+            tls.settimeout(remaining)
+            chunk = tls.recv(min(left, 65536))
+            if not chunk:
+                return
+            left -= len(chunk)
+    except (OSError, ssl.SSLError):
+        return
 
 
 def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
@@ -151,13 +194,36 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                self._reply(413, {"error": f"body over {MAX_BODY} bytes"})
-                return
-            body = self.rfile.read(length)
             try:
-                answer = server.handle(envelopes_of(body))
+                self._authenticated()
+                if not server.slots.acquire(timeout=server.max_wait):
+                    log.info(
+                        "webhook: %s: no free slot of webhook.max_connections in %.1f s; "
+                        "answered 503",
+                        self.client_address[0],
+                        server.max_wait,
+                    )
+                    raise Refused(503, "busy: too many requests at once; retry")
+            except Refused as refused:
+                self.close_connection = True  # what is left of the body is not read
+                self._reply(refused.status, {"error": str(refused)}, retry=refused.status == 503)
+                return
+            try:
+                self._apply()
+            finally:
+                server.slots.release()
+
+        def _apply(self) -> None:
+            try:
+                body = self._body()
+            except Refused as refused:
+                self.close_connection = True
+                self._reply(refused.status, {"error": str(refused)})
+                return
+            if body is None:
+                return
+            try:
+                answer = server.handle(envelopes_of(body, server.accept_events))
             except Exception as exc:
                 if retry.is_transient(exc):
                     log.warning("webhook: %s; answered 503, the sink will retry", exc)
@@ -168,11 +234,38 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                 return
             self._reply(200, answer)
 
-        def _reply(self, status: int, body: dict[str, Any]) -> None:
+        def _authenticated(self) -> None:
+            if not server.auth.allows(self.headers):
+                log.warning(
+                    "webhook: %s: missing or wrong %s header; answered 401",
+                    self.client_address[0],
+                    server.auth.header,
+                )
+                raise Refused(401, "unauthorized")
+
+        def _body(self) -> bytes | None:
+            """The body, never more than MAX_BODY bytes read; None when the client did not
+            send all of it (nothing to answer)."""
+            length = body_length(self.headers, MAX_BODY)
+            try:
+                body = self.rfile.read(length)
+            except OSError as exc:
+                body = b""
+                log.info("webhook: %s: body not received: %s", self.client_address[0], exc)
+            if len(body) < length:
+                self.close_connection = True
+                return None
+            return body
+
+        def _reply(self, status: int, body: dict[str, Any], retry: bool = False) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            if retry:
+                self.send_header("Retry-After", "1")
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
