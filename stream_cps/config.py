@@ -178,7 +178,17 @@ FIELDS: dict[str, Field] = {
         dict, {}, "more librdkafka properties for every Kafka client (a JSON object)"
     ),
     "kafka.schema_registry_url": Field(
-        str, None, "Confluent schema registry; else Avro ids resolve from the shipped schemas/"
+        str,
+        None,
+        "Confluent schema registry (user:password@ in it is sent as basic auth); else Avro ids "
+        "resolve from the shipped schemas/",
+    ),
+    "kafka.schema_registry_username": Field(str, None, "schema registry basic-auth user"),
+    "kafka.schema_registry_password": Field(
+        str, None, "schema registry basic-auth password; secret: prefer the env var or the _file"
+    ),
+    "kafka.schema_registry_password_file": Field(
+        str, None, "file holding the schema registry password"
     ),
     "kafka.message_format": Field(
         str, "auto", "customer event encoding", choices=("auto", "avro", "json")
@@ -284,7 +294,10 @@ class KafkaSettings:
     ssl_key_password_file: str | None
     ssl_endpoint_identification: str | None
     properties: Mapping[str, str] = field(repr=False)  # may hold secrets (OAuth client secret)
-    schema_registry_url: str | None
+    schema_registry_url: str | None = field(repr=False)  # may carry credentials
+    schema_registry_username: str | None
+    schema_registry_password: str | None = field(repr=False)
+    schema_registry_password_file: str | None
     message_format: str
     batch_size: int
     poll_timeout: float
@@ -488,7 +501,7 @@ _OWN_PROPERTIES = {
 
 def _check_kafka_security(values: Mapping[str, Any]) -> None:
     """Each secret comes from one place, and ``kafka.properties`` overrides nothing of ours."""
-    for secret in ("sasl_password", "ssl_key_password"):
+    for secret in ("sasl_password", "ssl_key_password", "schema_registry_password"):
         if values[f"kafka.{secret}"] is not None and values[f"kafka.{secret}_file"] is not None:
             raise ConfigError(f"kafka.{secret}: set it or kafka.{secret}_file, not both")
     for name in values["kafka.properties"]:

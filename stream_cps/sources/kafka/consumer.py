@@ -99,7 +99,7 @@ class KafkaSource:
         self.settings = settings
         self.schemas = schemas
         self.member = member
-        self.avro = SchemaResolver(settings.schema_registry_url)
+        self.avro = SchemaResolver.from_settings(settings)
         self.errors = ClientErrors("consumer")
         self.replays_applied = 0
         self.replay_due = True  # after an assignment: look for replay requests at once
