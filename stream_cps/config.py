@@ -38,7 +38,7 @@ class Field:
             value = _coerce(self.type, raw)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{key}: expected {self.type.__name__}, got {raw!r}") from exc
-        if self.choices and value not in self.choices:
+        if self.choices and value is not None and value not in self.choices:
             raise ConfigError(f"{key}: must be one of {', '.join(self.choices)}, got {value!r}")
         return value
 
@@ -59,9 +59,23 @@ def _coerce(kind: type, raw: Any) -> Any:
         if isinstance(raw, list):
             return [str(v) for v in raw]
         return [part.strip() for part in str(raw).split(",") if part.strip()]
+    if kind is dict:
+        data = json.loads(raw) if isinstance(raw, str) else raw  # a JSON object in env vars
+        if not isinstance(data, dict):
+            raise TypeError(raw)
+        return {str(k): _property(v) for k, v in data.items()}
     if kind in (int, float) and isinstance(raw, bool):
         raise TypeError(raw)
     return kind(raw)
+
+
+def _property(value: Any) -> str:
+    """A librdkafka property value as the string it wants (``true``, not ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list) or value is None:
+        raise TypeError(value)
+    return str(value)
 
 
 FIELDS: dict[str, Field] = {
@@ -126,8 +140,58 @@ FIELDS: dict[str, Field] = {
     "kafka.dead_letter_topic": Field(
         str, "stream-cps-dead-letters", "where undecodable messages are copied"
     ),
+    "kafka.security_protocol": Field(
+        str,
+        None,
+        "how every Kafka client connects (librdkafka security.protocol; unset: plaintext)",
+        choices=("plaintext", "ssl", "sasl_plaintext", "sasl_ssl"),
+    ),
+    "kafka.sasl_mechanism": Field(
+        str,
+        None,
+        "SASL mechanism (sasl.mechanism)",
+        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"),
+    ),
+    "kafka.sasl_username": Field(str, None, "SASL user name (sasl.username)"),
+    "kafka.sasl_password": Field(
+        str, None, "SASL password (sasl.password); secret: prefer the env var or the _file"
+    ),
+    "kafka.sasl_password_file": Field(
+        str, None, "file holding the SASL password (read at start, trailing newline dropped)"
+    ),
+    "kafka.ssl_ca_location": Field(
+        str, None, "PEM file of the CA(s) that sign the brokers' certificates (ssl.ca.location)"
+    ),
+    "kafka.ssl_certificate_location": Field(
+        str, None, "client certificate (PEM) for TLS client authentication"
+    ),
+    "kafka.ssl_key_location": Field(str, None, "client private key (PEM) for that certificate"),
+    "kafka.ssl_key_password": Field(
+        str, None, "password of the client private key; secret: prefer the env var or the _file"
+    ),
+    "kafka.ssl_key_password_file": Field(str, None, "file holding the client key's password"),
+    "kafka.ssl_endpoint_identification": Field(
+        str,
+        None,
+        "check the broker certificate's host name (ssl.endpoint.identification.algorithm; "
+        "librdkafka's default: https)",
+        choices=("https", "none"),
+    ),
+    "kafka.properties": Field(
+        dict, {}, "more librdkafka properties for every Kafka client (a JSON object)"
+    ),
     "kafka.schema_registry_url": Field(
-        str, None, "Confluent schema registry; else Avro ids resolve from the shipped schemas/"
+        str,
+        None,
+        "Confluent schema registry (user:password@ in it is sent as basic auth); else Avro ids "
+        "resolve from the shipped schemas/",
+    ),
+    "kafka.schema_registry_username": Field(str, None, "schema registry basic-auth user"),
+    "kafka.schema_registry_password": Field(
+        str, None, "schema registry basic-auth password; secret: prefer the env var or the _file"
+    ),
+    "kafka.schema_registry_password_file": Field(
+        str, None, "file holding the schema registry password"
     ),
     "kafka.message_format": Field(
         str, "auto", "customer event encoding", choices=("auto", "avro", "json")
@@ -248,7 +312,22 @@ class KafkaSettings:
     group_id: str
     topics: tuple[str, ...]
     dead_letter_topic: str
-    schema_registry_url: str | None
+    security_protocol: str | None
+    sasl_mechanism: str | None
+    sasl_username: str | None
+    sasl_password: str | None = field(repr=False)
+    sasl_password_file: str | None
+    ssl_ca_location: str | None
+    ssl_certificate_location: str | None
+    ssl_key_location: str | None
+    ssl_key_password: str | None = field(repr=False)
+    ssl_key_password_file: str | None
+    ssl_endpoint_identification: str | None
+    properties: Mapping[str, str] = field(repr=False)  # may hold secrets (OAuth client secret)
+    schema_registry_url: str | None = field(repr=False)  # may carry credentials
+    schema_registry_username: str | None
+    schema_registry_password: str | None = field(repr=False)
+    schema_registry_password_file: str | None
     message_format: str
     batch_size: int
     poll_timeout: float
@@ -422,7 +501,56 @@ def load(
             raise ConfigError(f"{key}: must be at least 1")
     if values["webhook.max_wait"] < 0:
         raise ConfigError("webhook.max_wait: must not be negative")
+    _check_kafka_security(values)
     return Settings(values)
+
+
+# librdkafka properties stream-cps sets itself: the typed settings, or what the delivery
+# guarantees depend on (docs/kafka.md). ``kafka.properties`` may not override them.
+_OWN_PROPERTIES = {
+    "bootstrap.servers": "kafka.bootstrap_servers",
+    "security.protocol": "kafka.security_protocol",
+    "sasl.mechanism": "kafka.sasl_mechanism",
+    "sasl.mechanisms": "kafka.sasl_mechanism",
+    "sasl.username": "kafka.sasl_username",
+    "sasl.password": "kafka.sasl_password",
+    "ssl.ca.location": "kafka.ssl_ca_location",
+    "ssl.certificate.location": "kafka.ssl_certificate_location",
+    "ssl.key.location": "kafka.ssl_key_location",
+    "ssl.key.password": "kafka.ssl_key_password",
+    "ssl.endpoint.identification.algorithm": "kafka.ssl_endpoint_identification",
+    "group.id": "kafka.group_id",
+    "session.timeout.ms": "kafka.session_timeout",
+    "heartbeat.interval.ms": "kafka.session_timeout",
+    **dict.fromkeys(
+        (
+            "client.id",
+            "enable.auto.offset.store",
+            "enable.auto.commit",
+            "auto.commit.interval.ms",
+            "auto.offset.reset",
+            "partition.assignment.strategy",
+            "enable.partition.eof",
+            "acks",
+            "enable.idempotence",
+            "error_cb",
+            "logger",
+        ),
+        "",
+    ),
+}
+
+
+def _check_kafka_security(values: Mapping[str, Any]) -> None:
+    """Each secret comes from one place, and ``kafka.properties`` overrides nothing of ours."""
+    for secret in ("sasl_password", "ssl_key_password", "schema_registry_password"):
+        if values[f"kafka.{secret}"] is not None and values[f"kafka.{secret}_file"] is not None:
+            raise ConfigError(f"kafka.{secret}: set it or kafka.{secret}_file, not both")
+    for name in values["kafka.properties"]:
+        if name in _OWN_PROPERTIES:
+            instead = _OWN_PROPERTIES[name]
+            hint = f"use {instead}" if instead else "stream-cps sets it itself"
+            raise ConfigError(f"kafka.properties: {name!r} cannot be set here ({hint})")
 
 
 def env_var(key: str) -> str:

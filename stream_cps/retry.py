@@ -123,6 +123,11 @@ _KAFKA_PERMANENT = frozenset(
 )
 
 
+def kafka_error_is_permanent(error: Any) -> bool:
+    """A librdkafka ``KafkaError`` no retry fixes (bad credentials, certificate, size ...)."""
+    return not _kafka_error_transient(error)
+
+
 def _kafka_error_transient(error: Any) -> bool:
     """A librdkafka ``KafkaError``: fatal ones and the permanent codes above are not."""
     fatal, name = getattr(error, "fatal", None), getattr(error, "name", None)

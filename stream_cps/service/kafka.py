@@ -57,7 +57,7 @@ class KafkaLoop:
         with connect(self.settings.dsn, role="check", autocommit=True) as conn:
             schema.check(conn, self.settings.schemas)
         kafka = self.settings.kafka
-        dead_topic = DeadLetterTopic(kafka.bootstrap_servers, kafka.dead_letter_topic)
+        dead_topic = DeadLetterTopic(kafka)
         try:
             self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
             self.source.open()

@@ -20,6 +20,7 @@ from stream_cps import retry
 from stream_cps.avro_schemas import schemas_dir
 from stream_cps.config import Settings
 from stream_cps.errors import ConfigError, Transient
+from stream_cps.kafka_client import ClientErrors, client_config
 from stream_cps.sinks.commands import Action
 
 SCHEMA_PATH = schemas_dir() / "opensearch_command.avsc"
@@ -67,8 +68,13 @@ class KafkaCommandPublisher:
         self.topic = str(settings.opensearch.kafka_topic)
         self.index = settings.opensearch.index
         self.flush_timeout = flush_timeout
+        self.errors = ClientErrors("command producer")
         self.producer = Producer(
-            {"bootstrap.servers": servers, "enable.idempotence": True, "acks": "all"}
+            {
+                **client_config(settings.kafka, self.errors),
+                "enable.idempotence": True,
+                "acks": "all",
+            }
         )
 
     def publish(self, actions: Sequence[Action]) -> None:
@@ -92,4 +98,5 @@ class KafkaCommandPublisher:
             raise retry.delivery_error(f"topic {self.topic!r}", [exc.args[0]], 0) from exc
         left = self.producer.flush(self.flush_timeout)
         if left or errors:
+            self.errors.check()  # the broker refused us: permanent, not a pending batch
             raise retry.delivery_error(f"topic {self.topic!r}", errors, left)

@@ -118,3 +118,18 @@ def test_stop_really_stops_the_broker(tmp_path: Path) -> None:
     ks.stop(workdir)  # idempotent
     with pytest.raises(ks.KafkaServiceError):
         ks.status(workdir)
+
+
+def test_the_sasl_ssl_listener_needs_the_password_and_the_ca(
+    kafka_secure_broker: ks.KafkaBroker,
+) -> None:
+    """The right settings round-trip over SASL_SSL; a wrong password or another CA is refused."""
+    secure = kafka_secure_broker.secure
+    assert secure is not None
+    ks.round_trip(secure.bootstrap, 20, secure.conf())
+    for wrong in (
+        {"sasl.password": "not-the-password"},
+        {"ssl.ca.location": "/etc/ssl/certs/ca-certificates.crt"},
+    ):
+        with pytest.raises(ks.KafkaServiceError):
+            ks.round_trip(secure.bootstrap, 5, {**secure.conf(), **wrong})

@@ -11,6 +11,7 @@ import pytest
 
 from stream_cps import config
 from stream_cps.errors import ConfigError
+from stream_cps.kafka_client import ClientErrors, client_config
 
 GUIDE = {
     "postgresql": {"host": "cdp.example", "user": "postgres", "password": "", "dbname": "postgres"},
@@ -139,3 +140,73 @@ def test_the_webhook_secret_never_prints() -> None:
     settings = config.load(environ={"STREAM_CPS_WEBHOOK_AUTH_SECRET": "hunter2-secret"})
     assert settings.webhook.auth_secret == "hunter2-secret"
     assert "hunter2" not in repr(settings) and "hunter2" not in repr(settings.webhook)
+
+
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_settings_never_show_kafka_secrets(where: str, tmp_path: Path) -> None:
+    """Neither ``repr(Settings)`` nor the typed section print a password."""
+    secret = "s3cr3t-a9e1"
+    if where == "file":
+        path = tmp_path / "c.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "kafka": {
+                        "sasl_password": secret,
+                        "ssl_key_password": secret,
+                        "properties": {"sasl.oauthbearer.client.secret": secret},
+                    }
+                }
+            )
+        )
+        loaded = config.load(path, environ={})
+    else:
+        loaded = config.load(environ={"STREAM_CPS_KAFKA_SASL_PASSWORD": secret})
+    assert loaded.kafka.sasl_password == secret
+    assert secret not in repr(loaded) and secret not in repr(loaded.kafka)
+
+
+def test_kafka_properties_and_secrets_are_checked(tmp_path: Path) -> None:
+    props = config.load(environ={"STREAM_CPS_KAFKA_PROPERTIES": '{"ssl.cipher.suites": "X"}'})
+    assert props.kafka.properties == {"ssl.cipher.suites": "X"}
+    with pytest.raises(ConfigError, match="'sasl.password' cannot be set here"):
+        config.load(environ={"STREAM_CPS_KAFKA_PROPERTIES": '{"sasl.password": "x"}'})
+    with pytest.raises(ConfigError, match="'enable.auto.commit' cannot be set here"):
+        config.load(environ={"STREAM_CPS_KAFKA_PROPERTIES": '{"enable.auto.commit": true}'})
+    with pytest.raises(ConfigError, match="kafka.properties: expected dict"):
+        config.load(environ={"STREAM_CPS_KAFKA_PROPERTIES": "[1]"})
+    both = {"STREAM_CPS_KAFKA_SASL_PASSWORD": "a", "STREAM_CPS_KAFKA_SASL_PASSWORD_FILE": "f"}
+    with pytest.raises(ConfigError, match="not both"):
+        config.load(environ=both)
+
+
+def test_every_kafka_client_gets_the_security_settings(tmp_path: Path) -> None:
+    """One builder: typed settings, the password from its file, ``kafka.properties``."""
+    secret = tmp_path / "pw"
+    secret.write_text("from-the-file\n")
+    settings = config.load(
+        environ={
+            "STREAM_CPS_KAFKA_SECURITY_PROTOCOL": "sasl_ssl",
+            "STREAM_CPS_KAFKA_SASL_MECHANISM": "SCRAM-SHA-256",
+            "STREAM_CPS_KAFKA_SASL_USERNAME": "cps",
+            "STREAM_CPS_KAFKA_SASL_PASSWORD_FILE": str(secret),
+            "STREAM_CPS_KAFKA_SSL_ENDPOINT_IDENTIFICATION": "none",
+            "STREAM_CPS_KAFKA_PROPERTIES": json.dumps(
+                {"ssl.cipher.suites": "X", "socket.nagle.disable": True}
+            ),
+        }
+    )
+    conf = client_config(settings.kafka, ClientErrors("test"))
+    assert {k: conf[k] for k in conf if k not in ("error_cb", "logger")} == {
+        "bootstrap.servers": "localhost:9092",
+        "security.protocol": "sasl_ssl",
+        "sasl.mechanism": "SCRAM-SHA-256",
+        "sasl.username": "cps",
+        "sasl.password": "from-the-file",
+        "ssl.endpoint.identification.algorithm": "none",
+        "ssl.cipher.suites": "X",
+        "socket.nagle.disable": "true",
+    }
+    missing = settings.replace(**{"kafka.sasl_password_file": str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="kafka.sasl_password_file: cannot read"):
+        client_config(missing.kafka, ClientErrors("test"))

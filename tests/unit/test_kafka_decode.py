@@ -158,7 +158,7 @@ def registry() -> Iterator[str]:
 
 
 def test_schema_ids_resolve_through_a_registry_when_configured(registry: str) -> None:
-    resolver = kafka_avro.SchemaResolver(registry)
+    resolver = kafka_avro.SchemaResolver(kafka_avro.Registry.parse(registry))
     event = decode(None, encode.encode(RECORD, SCHEMA, schema_id=42), "avro", resolver)
     assert isinstance(event, CustomerEvent) and event.id == "e1"
     with pytest.raises(InvalidInput, match="registry answered 404"):

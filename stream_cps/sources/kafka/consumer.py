@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from stream_cps.config import KafkaSettings, Schemas
 from stream_cps.errors import Fatal, InvalidInput
+from stream_cps.kafka_client import ClientErrors, client_config
 from stream_cps.sources.kafka import replay
 from stream_cps.sources.kafka.avro import SchemaResolver
 from stream_cps.sources.messages import Decoded, Envelope, decode
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 Partition = tuple[str, int]
 
 
-def consumer_config(settings: KafkaSettings, member: str) -> dict[str, Any]:
-    """librdkafka settings that give the delivery guarantees in the module docstring."""
+def consumer_config(settings: KafkaSettings, member: str, errors: ClientErrors) -> dict[str, Any]:
+    """librdkafka settings that give the delivery guarantees in the module docstring (on top
+    of the brokers and security settings every client gets)."""
     return {
-        "bootstrap.servers": settings.bootstrap_servers,
+        **client_config(settings, errors),
         "group.id": settings.group_id,
         "client.id": member,
         "partition.assignment.strategy": "cooperative-sticky",
@@ -97,13 +99,14 @@ class KafkaSource:
         self.settings = settings
         self.schemas = schemas
         self.member = member
-        self.avro = SchemaResolver(settings.schema_registry_url)
+        self.avro = SchemaResolver.from_settings(settings)
+        self.errors = ClientErrors("consumer")
         self.replays_applied = 0
         self.replay_due = True  # after an assignment: look for replay requests at once
         self._consumer: Consumer | None = None
 
     def open(self) -> None:
-        consumer = Consumer(consumer_config(self.settings, self.member), logger=log)
+        consumer = Consumer(consumer_config(self.settings, self.member, self.errors))
         self._consumer = consumer
         consumer.subscribe(
             list(self.settings.topics),
@@ -131,6 +134,7 @@ class KafkaSource:
         """Up to ``kafka.batch_size`` messages, waiting at most ``kafka.poll_timeout``."""
         size = self.settings.batch_size
         polled = self.consumer.consume(num_messages=size, timeout=self.settings.poll_timeout)
+        self.errors.check()  # a refused login or certificate: stop, do not retry for ever
         usable = [m for m in polled if self._usable(m)]
         nxt: dict[Partition, int] = {}
         for msg in usable:

@@ -22,6 +22,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from stream_cps import retry
+from stream_cps.config import KafkaSettings
+from stream_cps.kafka_client import ClientErrors, client_config
 from stream_cps.sources.messages import Envelope
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,11 @@ class _Round:
 class DeadLetterTopic:
     """Produces dead letters and waits until the broker has them all."""
 
-    def __init__(self, bootstrap: str, topic: str, extra: dict[str, Any] | None = None) -> None:
-        self.topic = topic
+    def __init__(self, settings: KafkaSettings, extra: dict[str, Any] | None = None) -> None:
+        self.topic = settings.dead_letter_topic
+        self.errors = ClientErrors("dead-letter producer")
         conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+            **client_config(settings, self.errors),
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
@@ -77,6 +80,7 @@ class DeadLetterTopic:
             failures += second.failures + [_size_error()] * len(second.too_large)
         left = len(self._producer)
         if left or failures:
+            self.errors.check()  # undelivered because the broker refused us: permanent
             raise retry.delivery_error(f"dead-letter topic {self.topic!r}", failures, left)
 
     def _round(self, dead: Sequence[Envelope], *, reference_only: bool) -> _Round:

@@ -30,6 +30,7 @@ from psycopg import sql
 from stream_cps.config import Schemas, Settings
 from stream_cps.db.connect import connect
 from stream_cps.errors import ConfigError, StreamCpsError
+from stream_cps.kafka_client import ClientErrors, client_config
 
 TIMEOUT = 30.0
 
@@ -84,13 +85,12 @@ class Replayer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.group = settings.kafka.group_id
-        bootstrap = settings.kafka.bootstrap_servers
-        self.admin = AdminClient({"bootstrap.servers": bootstrap})
+        self.errors = ClientErrors("replay")
+        common = client_config(settings.kafka, self.errors)
+        self.admin = AdminClient(common)
         # A consumer that never subscribes: it reads watermarks, times and the group's
         # committed offsets without joining the group.
-        self.reader = Consumer(
-            {"bootstrap.servers": bootstrap, "group.id": self.group, "enable.auto.commit": False}
-        )
+        self.reader = Consumer({**common, "group.id": self.group, "enable.auto.commit": False})
 
     def close(self) -> None:
         self.reader.close()
@@ -302,5 +302,8 @@ def _replay(
                 file=out,
             )
         return 0
+    except KafkaException:
+        replayer.errors.check()  # refused login or certificate: say so, not "timed out"
+        raise
     finally:
         replayer.close()
