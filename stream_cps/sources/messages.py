@@ -23,12 +23,17 @@ Anything that cannot be decoded, or is a customer event that violates the schema
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from stream_cps.errors import InvalidInput
 from stream_cps.sources.kafka.framing import MAGIC
+
+# A JSON escape of NUL: "\u0000" after an even number of backslashes (a "\\u0000" is the
+# six characters \u0000, which jsonb stores fine).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 MAX_TEXT = 255  # source_id, type, version are varchar(255) in the guide's DDL
 MAX_REASON = 500  # characters of a dead-letter reason (table and topic header)
@@ -198,7 +203,7 @@ def customer_event(record: dict[str, Any], *, from_avro: bool) -> CustomerEvent:
     if text is None:
         # Re-serialised from the parsed object; Avro's text is kept as sent (it parsed).
         text = json.dumps(payload, separators=(",", ":"))  # ASCII: lone surrogates stay escaped
-    if "\\u0000" in text or "\x00" in text:
+    if "\x00" in text or _NUL_ESCAPE.search(text):
         raise InvalidInput("payload: contains \\u0000, which jsonb cannot store")
     return CustomerEvent(event_id, fields[0], fields[1], fields[2], event_time, text)
 

@@ -111,6 +111,14 @@ def test_malformed_messages_raise_with_a_reason(value: bytes, reason: str) -> No
     assert reason in str(info.value)
 
 
+def test_a_backslash_u_text_is_not_a_nul() -> None:
+    """The six characters \\u0000 in a payload are fine for jsonb (hypothesis found the
+    check mistook their JSON text for a NUL escape)."""
+    event = decode(None, _json({**JSON_EVENT, "payload": {"\\u0000": "a\\u0000"}}), "auto", AVRO)
+    assert isinstance(event, CustomerEvent)
+    assert json.loads(event.payload) == {"\\u0000": "a\\u0000"}
+
+
 def test_declared_format_is_enforced() -> None:
     with pytest.raises(InvalidInput, match="message_format is json"):
         decode(None, encode.encode(RECORD, SCHEMA), "json", AVRO)
