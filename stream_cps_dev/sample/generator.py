@@ -38,9 +38,11 @@ def _uid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def people(rng: random.Random, count: int) -> list[Person]:
+def people(rng: random.Random, count: int, first: int = 0) -> list[Person]:
+    """``count`` people numbered from ``first``: distinct numbers never share an identifier
+    (cookies are random), so a burst of new customers takes a range of its own."""
     found = []
-    for n in range(count):
+    for n in range(first, first + count):
         cookies = [_uid(rng) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
         email = f"person{n}@example.com" if rng.random() < 0.7 else None
         phone = f"+420{600000000 + n}" if rng.random() < 0.4 else None
@@ -51,13 +53,18 @@ def people(rng: random.Random, count: int) -> list[Person]:
 
 
 def events(
-    seed: int = 7, persons: int = 300, per_person: int = 8, start: datetime | None = None
+    seed: int = 7,
+    persons: int = 300,
+    per_person: int = 8,
+    start: datetime | None = None,
+    first: int = 0,
 ) -> Iterator[tuple[str, str, str, str, datetime, str]]:
-    """Rows (id, source_id, type, version, event_time, payload JSON) in a shuffled order."""
+    """Rows (id, source_id, type, version, event_time, payload JSON) in a shuffled order, of
+    people numbered from ``first``."""
     rng = random.Random(seed)
     origin = start or datetime(2026, 1, 1, tzinfo=UTC)
     rows = []
-    for person in people(rng, persons):
+    for person in people(rng, persons, first):
         for _ in range(rng.randint(1, per_person * 2 - 1)):
             rows.append(_event(rng, person, origin + timedelta(minutes=rng.randint(0, 500_000))))
     rng.shuffle(rows)

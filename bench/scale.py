@@ -1,0 +1,297 @@
+"""Per-event stitching cost as the database grows: a burst into an empty database, into one of
+1M events and into one of 10M, and the rate of the history loads in between.
+
+    python bench/scale.py [--sizes 1000000,10000000] [--burst 100000] [--profile tuned]
+    python bench/scale.py --smoke          # what CI runs: tiny sizes, checks it all works
+
+One embedded PostgreSQL, one ``stream-cps run`` (replication path, attribute calculation off:
+this measures stitching), the same generator as bench/stitch.py. Each step COPYs events into
+``customer_events`` and times until the last is stitched:
+
+- **burst** (``--burst`` events): new customers (a person range of their own), plus
+  ``--returning`` of them from people already stored (their e-mails, user ids and phones link
+  them to existing entities: joins and merges against the grown tables);
+- **history**: events of further new customers up to the next size, in chunks of
+  ``--chunk``: the rate of a restitch from zero (a backlog the sweep works through).
+
+After each burst it records the service's RSS (``/proc/<pid>/status``), the sizes of the hot
+tables and indexes, and the time the guide's restitch-one script takes to come back stitched.
+Rates are reported as ratios against the empty-database burst of the same run (machines here
+are noisy; only the ratio means something). ``--profile defaults`` runs PostgreSQL's defaults
+(shared_buffers 128 MB, max_wal_size 1 GB), ``tuned`` the settings docs/benchmarks.md
+recommends. ``--check`` compares the final partition with the offline oracle (minutes at 10M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from stream_cps.config import Schemas
+from stream_cps.db import schema
+from stream_cps_dev import embedded
+from stream_cps_dev.sample import generator
+
+SCHEMAS = Schemas()
+EVENTS = sql.Identifier(SCHEMAS.ce, "customer_events")
+PER_PERSON = 8  # the generator's mean is about this many events per person
+PROFILES: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "tuned": {
+        "shared_buffers": "2GB",
+        "effective_cache_size": "12GB",
+        "max_wal_size": "8GB",
+        "checkpoint_timeout": "15min",
+        "work_mem": "32MB",
+        "maintenance_work_mem": "512MB",
+    },
+}
+SIZES_OF = (
+    ("customer_events", "cdp_ce.customer_events"),
+    ("events GIN identifiers", "cdp_ce.customer_events_identifiers_idx"),
+    ("events unstitched", "cdp_ce.customer_events_unstitched_time_idx"),
+    ("identifier_entities", "cdp_ps.identifier_entities"),
+    ("customer_attributes", "public.customer_attributes"),
+    ("entity_aliases", "cdp_ps.entity_aliases"),
+    ("outbox", "cdp_attr.outbox"),
+)
+
+
+class Loader:
+    """Generates people in ranges of their own and COPYs their events."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.people = 0  # people stored so far (numbered 0 .. people-1)
+        self.events = 0
+        self.seed = 100
+
+    def new_people(self, n_events: int) -> list[Any]:
+        """Events of people never seen before: about ``n_events`` (whole people)."""
+        rows: list[Any] = []
+        while len(rows) < n_events:
+            persons = max(1, (n_events - len(rows)) // PER_PERSON)
+            self.seed += 1
+            rows += generator.events(seed=self.seed, persons=persons, first=self.people)
+            self.people += persons
+        return rows
+
+    def returning(self, n_events: int, rng: random.Random) -> list[Any]:
+        """Events of people already stored: new cookies, their old e-mails/ids/phones."""
+        if not self.people or not n_events:
+            return []
+        rows: list[Any] = []
+        while len(rows) < n_events:
+            self.seed += 1
+            first = rng.randrange(max(1, self.people - 50))
+            rows += generator.events(seed=self.seed, persons=50, first=first)
+        return rows[:n_events]
+
+    def copy_and_wait(self, rows: list[Any]) -> float:
+        """Seconds from the start of the COPY until every event is stitched."""
+        started = time.perf_counter()
+        with self.conn.cursor() as cur:
+            generator.copy_events(cur, EVENTS, rows)
+        self.events += len(rows)
+        wait_stitched(self.conn)
+        return time.perf_counter() - started
+
+
+def wait_stitched(conn: psycopg.Connection[Any], timeout: float = 7200.0) -> None:
+    query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE stitched IS NULL)").format(EVENTS)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(query).fetchone()
+        if row and not row[0]:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("events still unstitched")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sizes(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    found = {}
+    for label, name in SIZES_OF:
+        row = conn.execute(
+            "SELECT coalesce(pg_total_relation_size(to_regclass(%s)), 0)", [name]
+        ).fetchone()
+        found[label] = int(row[0]) if row else 0
+    return found
+
+
+def restitch_one(conn: psycopg.Connection[Any]) -> float:
+    """The guide's restitch-one script on the biggest entity: seconds until stitched again."""
+    row = conn.execute(
+        "SELECT customer_entity_id FROM customer_attributes "
+        "ORDER BY cardinality(identifiers) DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return 0.0
+    started = time.perf_counter()
+    conn.execute(
+        "WITH entities AS (UPDATE customer_attributes SET modified = NULL "
+        "WHERE customer_entity_id = %s RETURNING identifiers) "
+        "UPDATE customer_events SET stitched = NULL, identifiers = NULL "
+        "FROM entities WHERE customer_events.identifiers <@ entities.identifiers",
+        [row[0]],
+    )
+    wait_stitched(conn)
+    return time.perf_counter() - started
+
+
+def service(dsn: str, workdir: Path, batch_size: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "STREAM_CPS_DSN": dsn,
+        "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.01",
+        "STREAM_CPS_STITCHING_BATCH_SIZE": str(batch_size),
+        "STREAM_CPS_OPENSEARCH_OUTBOX": "always",  # merges' deletes are part of the cost
+        "STREAM_CPS_ATTRIBUTES_ENABLED": "false",  # stitching only
+        "STREAM_CPS_LOG_LEVEL": "WARNING",
+    }
+    log = (workdir / "service.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_cps", "run"], env=env, stdout=log, stderr=log
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = 'stream_cps'"
+            ).fetchone():
+                return proc
+            if proc.poll() is not None:
+                raise RuntimeError((workdir / "service.log").read_text()[-3000:])
+            time.sleep(0.1)
+    raise TimeoutError("the service did not start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000000,10000000", help="database sizes (events)")
+    parser.add_argument("--burst", type=int, default=100_000, help="events per burst")
+    parser.add_argument("--returning", type=float, default=0.1, help="share of returning people")
+    parser.add_argument("--chunk", type=int, default=200_000, help="history COPY size")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="tuned")
+    parser.add_argument("--batch-size", type=int, default=5000, help="stitching.batch_size")
+    parser.add_argument("--check", action="store_true", help="compare with the offline oracle")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.burst, args.chunk, args.check = "3000", 1000, 1000, True
+    targets = [int(s) for s in args.sizes.split(",") if s]
+    rng = random.Random(5)
+
+    workdir = Path(tempfile.mkdtemp(prefix="stream-cps-scale-"))
+    server = embedded.start(workdir / "pg", settings=PROFILES[args.profile])
+    steps: list[dict[str, Any]] = []
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            schema.migrate(conn, SCHEMAS)
+            conn.execute(generator.config_sql(SCHEMAS))
+            proc = service(server.dsn, workdir, args.batch_size)
+            loader = Loader(conn)
+            try:
+                for target in [0, *targets]:
+                    while loader.events < target:
+                        rows = loader.new_people(min(args.chunk, target - loader.events))
+                        seconds = loader.copy_and_wait(rows)
+                        steps.append(_step("history", len(rows), seconds, loader, proc, conn))
+                        _print(steps[-1])
+                    returning = int(args.burst * args.returning) if loader.events else 0
+                    rows = loader.new_people(args.burst - returning)
+                    rows += loader.returning(returning, rng)
+                    rng.shuffle(rows)
+                    step = _step("burst", len(rows), loader.copy_and_wait(rows), loader, proc, conn)
+                    step["rss_mb"] = rss_mb(proc.pid)
+                    step["sizes"] = sizes(conn)
+                    step["restitch_one_s"] = restitch_one(conn)
+                    steps.append(step)
+                    _print(step)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+            if args.check:
+                check(conn)
+    finally:
+        embedded.destroy(server)
+    report(steps, args.profile)
+    if args.json:
+        args.json.write_text(json.dumps({"profile": args.profile, "steps": steps}, indent=1))
+    return 0
+
+
+def _step(
+    kind: str,
+    n: int,
+    seconds: float,
+    loader: Loader,
+    proc: subprocess.Popen[bytes],
+    conn: psycopg.Connection[Any],
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "events": n,
+        "db_events": loader.events,
+        "seconds": round(seconds, 2),
+        "rate": round(n / seconds),
+        "rss_mb": round(rss_mb(proc.pid), 1),
+    }
+
+
+def _print(step: dict[str, Any]) -> None:
+    print(
+        f"{step['kind']:8} {step['events']:>9,} events into {step['db_events']:>11,}: "
+        f"{step['rate']:>7,}/s  RSS {step['rss_mb']:.0f} MB"
+        + (f"  restitch-one {step['restitch_one_s']:.2f}s" if "restitch_one_s" in step else ""),
+        flush=True,
+    )
+
+
+def report(steps: list[dict[str, Any]], profile: str) -> None:
+    bursts = [s for s in steps if s["kind"] == "burst"]
+    history = [s for s in steps if s["kind"] == "history"]
+    base = bursts[0]["rate"] if bursts else 1
+    print(f"\nprofile {profile}: bursts as a ratio of the empty-database burst")
+    for s in bursts:
+        mb = {k: round(v / 2**20) for k, v in s.get("sizes", {}).items()}
+        print(
+            f"  at {s['db_events'] - s['events']:>11,} events: {s['rate']:>7,}/s "
+            f"ratio {s['rate'] / base:.2f}  RSS {s['rss_mb']:.0f} MB  sizes MB {mb}"
+        )
+    if history:
+        total = sum(s["events"] for s in history)
+        seconds = sum(s["seconds"] for s in history)
+        print(f"  history: {total:,} events in {seconds:.0f} s = {total / seconds:,.0f}/s")
+
+
+def check(conn: psycopg.Connection[Any]) -> None:
+    """The stored partition equals the offline union-find over every event."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's tests/
+    from tests.support import expected, observed
+
+    assert observed(conn) == expected(conn), "partition differs from the oracle"
+    print("check: partition equals the offline oracle")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
