@@ -146,6 +146,10 @@ def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:
         applied = schema.migrate(conn, settings.schemas)
         version = schema.latest_version()
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
+        from stream_cps.db.server_settings import slow_settings
+
+        for warning in slow_settings(conn):
+            print(f"stream-cps: warning: {warning}", file=sys.stderr)
         if args.service_role:
             from stream_cps.db import roles
 

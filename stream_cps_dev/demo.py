@@ -30,7 +30,7 @@ def run_demo(settings: Settings, workdir: str, persons: int) -> int:
     datadir = Path(workdir).resolve() / "pgdata"
     shutil.rmtree(datadir, ignore_errors=True)
     print(f"starting embedded PostgreSQL in {datadir} ...", flush=True)
-    server = embedded.start(datadir)
+    server = embedded.start(datadir, settings=embedded.STITCHING_SETTINGS)
     try:
         settings = settings.replace(dsn=server.dsn)
         with psycopg.connect(server.dsn, autocommit=True) as conn:

