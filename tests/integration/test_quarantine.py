@@ -4,6 +4,8 @@ does not depend on order or batching, admins release and block, the service goes
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,69 @@ def test_two_databases_fed_in_different_orders_and_batches_end_identical(pg_serv
             assert listed == [("cookie:kiosk", "quarantined"), ("email:office@x", "quarantined")]
             snapshots.append((snapshot(conn), listed))
     assert snapshots[0] == snapshots[1]
+
+
+def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stream_cps", "quarantine", *args, "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_release_stitches_it_again_and_block_keeps_it_out(
+    db: psycopg.Connection[Any], settings: config.Settings, pg_dsn: str
+) -> None:
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    kiosk(db, 150)
+    insert(db, [event("only-kiosk", 1, cookie="kiosk-1")])  # an event with nothing else
+    sweep(stitcher, db)
+    assert entities(db) == 150
+    listing = cli(pg_dsn, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.startswith("cookie:kiosk-1\tquarantined\t")
+
+    released = cli(pg_dsn, "release", "cookie:kiosk-1", "--reason", "it is one family")
+    assert released.returncode == 0, released.stderr
+    assert "quarantined -> released; 150 entities and 151 events" in released.stdout
+    sweep(stitcher, db)
+    assert entities(db) == 1
+    assert (
+        entity_of(db, "cookie:kiosk-1") == entity_of(db, "email:u3@x") == entity_id_for("k000000")
+    )
+    assert observed(db) == expected(db)
+    row = db.execute(
+        "SELECT state, decided IS NOT NULL, reason FROM cdp_ps.quarantined_identifiers"
+    ).fetchone()
+    assert row == ("released", True, "it is one family")
+    # more people on the kiosk: released is final, it is not quarantined again
+    kiosk(db, 10, first=150)
+    sweep(stitcher, db)
+    assert entities(db) == 1
+
+    blocked = cli(pg_dsn, "block", "cookie:kiosk-1")
+    assert blocked.returncode == 0, blocked.stderr
+    assert "released -> blocked; 1 entities" in blocked.stdout
+    sweep(stitcher, db)
+    assert entities(db) == 160
+    assert entity_of(db, "cookie:kiosk-1") is None
+    assert cli(pg_dsn, "list", "--state", "blocked").stdout.startswith("cookie:kiosk-1\tblocked")
+    mapping = observed(db)
+    assert mapping["only-kiosk"] is None
+    assert mapping == oracle_blocked(db, {"cookie:kiosk-1"})
+
+    unknown = cli(pg_dsn, "release", "cookie:nope")
+    assert unknown.returncode == 1
+    assert "not in quarantined_identifiers" in unknown.stderr
+
+
+def oracle_blocked(conn: psycopg.Connection[Any], blocked: set[str]) -> dict[str, str | None]:
+    from tests import oracle
+
+    events = conn.execute("SELECT id, event_time, identifiers FROM cdp_ce.customer_events")
+    return oracle.partition(((e, t, i or []) for e, t, i in events), blocked)
 
 
 def test_per_pair_limits_and_zero_turns_it_off(
