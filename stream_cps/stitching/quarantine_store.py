@@ -89,9 +89,11 @@ class QuarantineStore:
             "%(values)b::text[], %(others)b::text[], %(counts)s::int[], %(limits)s::int[]) "
             "ON CONFLICT (identifier) DO NOTHING RETURNING identifier"
         )
+        # A join, not ``= ANY``: on a small list the planner scans it and tests every row
+        # against the whole array (as on entity_aliases, store.py).
         self.states = q(
-            "SELECT identifier, state FROM {q} WHERE identifier = ANY(%(idents)b::text[]) "
-            "ORDER BY identifier FOR SHARE"
+            "SELECT qi.identifier, qi.state FROM unnest(%(idents)b::text[]) AS t(x) "
+            "JOIN {q} qi ON qi.identifier = t.x ORDER BY qi.identifier FOR SHARE OF qi"
         )
         self.purge_owners = q(
             "UPDATE {ca} SET modified = NULL WHERE customer_entity_id IN "
