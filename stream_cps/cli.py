@@ -1,4 +1,4 @@
-"""Command line: ``stream-cps init | run | demo | replay | webhook``.
+"""Command line: ``stream-cps init | run | demo | replay | webhook | quarantine``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -108,6 +108,21 @@ def _parser() -> argparse.ArgumentParser:
     webhook.add_argument("--key", dest="webhook_key", help="PEM private key file")
     webhook.set_defaults(handler=_cmd_webhook)
 
+    quarantine = sub.add_parser(
+        "quarantine", help="list, release or block hub identifiers (docs/operations.md)"
+    )
+    actions = quarantine.add_subparsers(required=True, metavar="ACTION", dest="action")
+    listing = actions.add_parser("list", parents=[common], help="the quarantined identifiers")
+    listing.add_argument("--state", choices=["quarantined", "released", "blocked"])
+    for action, text in (
+        ("release", "let it stitch again (restitches the entities it touches)"),
+        ("block", "keep it out of stitching for good"),
+    ):
+        decide = actions.add_parser(action, parents=[common], help=text)
+        decide.add_argument("identifier", metavar="ID", help="as listed, e.g. cookie:junk-cookie")
+        decide.add_argument("--reason", help="stored with the decision")
+    quarantine.set_defaults(handler=_cmd_quarantine)
+
     demo = sub.add_parser(
         "demo", parents=[common], help="run on an embedded PostgreSQL with sample data"
     )
@@ -208,6 +223,27 @@ def _cmd_reindex(settings: config.Settings, _args: argparse.Namespace) -> int:
 
 def _cmd_webhook(settings: config.Settings, _args: argparse.Namespace) -> int:
     process.webhook(settings, stop_on_signals())
+    return 0
+
+
+def _cmd_quarantine(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        rows = process.quarantine_list(settings, args.state)
+        for r in rows:
+            decided = f" decided {r.decided:%Y-%m-%d %H:%M}" if r.decided else ""
+            why = f" ({r.reason})" if r.reason else ""
+            print(
+                f"{r.identifier}\t{r.state}\t{r.cooccurring} {r.other_attribute_id} "
+                f"> {r.limit_value}\tsince {r.created:%Y-%m-%d %H:%M}{decided}{why}"
+            )
+        print(f"{len(rows)} identifiers", file=sys.stderr)
+        return 0
+    state = {"release": "released", "block": "blocked"}[args.action]
+    done = process.quarantine_decide(settings, args.identifier, state, args.reason)
+    print(
+        f"{done.identifier}: {done.before} -> {done.after}; {done.restitched} entities and "
+        f"{done.reset} events set to be restitched by the running service"
+    )
     return 0
 
 

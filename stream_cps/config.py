@@ -110,6 +110,18 @@ FIELDS: dict[str, Field] = {
         100,
         "failed events after which a stitching rule is disabled until its row changes (0: never)",
     ),
+    "stitching.quarantine_limit": Field(
+        int,
+        100,
+        "an identifier co-occurring with more distinct identifiers of one other attribute is "
+        "quarantined (0: never)",
+    ),
+    "stitching.quarantine_limits": Field(
+        dict,
+        {},
+        "per-pair overrides of stitching.quarantine_limit, a JSON object "
+        '{"ATTRIBUTE:OTHER_ATTRIBUTE": limit}',
+    ),
     "attributes.enabled": Field(
         bool, True, "this process calculates attributes (turn off on all but one Kafka member)"
     ),
@@ -290,6 +302,8 @@ class StitchingSettings:
     standby_poll: float
     rule_timeout_ms: int
     rule_max_failures: int
+    quarantine_limit: int
+    quarantine_limits: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -499,10 +513,28 @@ def load(
     for key in at_least_one:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    _check_quarantine(values)
     if values["webhook.max_wait"] < 0:
         raise ConfigError("webhook.max_wait: must not be negative")
     _check_kafka_security(values)
     return Settings(values)
+
+
+def _check_quarantine(values: Mapping[str, Any]) -> None:
+    """Limits are counts (0: off); an override names two stitching attributes, which hold no
+    ``:`` (docs/stitching.md), as ``ATTRIBUTE:OTHER_ATTRIBUTE``."""
+    if values["stitching.quarantine_limit"] < 0:
+        raise ConfigError("stitching.quarantine_limit: must not be negative")
+    for key, limit in values["stitching.quarantine_limits"].items():
+        attribute, sep, other = key.partition(":")
+        if not (sep and attribute and other) or ":" in other:
+            raise ConfigError(
+                f"stitching.quarantine_limits: {key!r} is not ATTRIBUTE:OTHER_ATTRIBUTE"
+            )
+        if not re.fullmatch(r"\d+", limit):
+            raise ConfigError(
+                f"stitching.quarantine_limits: {key}: expected a limit of 0 or more, got {limit!r}"
+            )
 
 
 # librdkafka properties stream-cps sets itself: the typed settings, or what the delivery

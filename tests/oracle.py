@@ -3,22 +3,48 @@
 Deliberately independent of the incremental code: it sees every event together and derives each
 entity id from the component's earliest event by (event_time, event id), as docs/stitching.md
 specifies.
+
+``quarantined`` is the hub rule done the slow, obvious way: every identifier's distinct partners
+per other attribute over all events at once; ``partition(..., blocked=...)`` then treats those
+identifiers as absent from the start.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from stream_cps.stitching.grouping import ENTITY_NAMESPACE
 
 
+def quarantined(
+    events: Iterable[tuple[str, datetime, Iterable[str]]], limit: Callable[[str, str], int]
+) -> set[str]:
+    """Identifiers that co-occur with more than ``limit(attribute, other)`` distinct identifiers
+    of one other attribute (a limit of 0: never)."""
+    partners: dict[tuple[str, str], set[str]] = {}
+    for _, _, idents in events:
+        ids = set(idents)
+        for x in ids:
+            for y in ids:
+                ax, ay = x.split(":", 1)[0], y.split(":", 1)[0]
+                if ax != ay:
+                    partners.setdefault((x, ay), set()).add(y)
+    return {
+        x
+        for (x, other), found in partners.items()
+        if 0 < limit(x.split(":", 1)[0], other) < len(found)
+    }
+
+
 def partition(
     events: Iterable[tuple[str, datetime, Iterable[str]]],
+    blocked: Iterable[str] = (),
 ) -> dict[str, str | None]:
-    """event id -> entity id (None for events with no identifier)."""
+    """event id -> entity id (None for events with no identifier outside ``blocked``)."""
     parent: dict[str, str] = {}
+    skip = set(blocked)
 
     def find(x: str) -> str:
         while parent.setdefault(x, x) != x:
@@ -26,7 +52,7 @@ def partition(
             x = parent[x]
         return x
 
-    rows = [(eid, when, list(idents)) for eid, when, idents in events]
+    rows = [(eid, when, [i for i in idents if i not in skip]) for eid, when, idents in events]
     for eid, _, idents in rows:
         for ident in idents:
             a, b = find("e:" + eid), find("i:" + ident)

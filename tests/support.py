@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from stream_cps.stitching import quarantine
 from tests import oracle
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -67,11 +68,15 @@ def insert(conn: psycopg.Connection[Any], rows: Iterable[tuple[Any, ...]]) -> No
 
 
 def observed(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
-    """event id -> entity id as the database says, after checking its internal consistency."""
+    """event id -> entity id as the database says, after checking its internal consistency.
+
+    Events keep quarantined identifiers, which link nothing: they are left out here."""
     events = conn.execute(
         "SELECT id, event_time, identifiers FROM cdp_ce.customer_events ORDER BY id"
     ).fetchall()
     assert all(idents is not None for _, _, idents in events), "unstitched events remain"
+    out = _excluded(conn)
+    events = [(eid, when, [i for i in idents if i not in out]) for eid, when, idents in events]
     owner = dict(conn.execute("SELECT identifier, entity_id FROM cdp_ps.identifier_entities"))
     rows = {
         r[0]: set(r[1])
@@ -92,12 +97,30 @@ def observed(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
     return mapping
 
 
-def expected(conn: psycopg.Connection[Any]) -> dict[str, str | None]:
-    """The oracle's answer over the identifiers the database extracted."""
-    events = conn.execute(
-        "SELECT id, event_time, identifiers FROM cdp_ce.customer_events"
-    ).fetchall()
-    return oracle.partition((eid, when, idents or []) for eid, when, idents in events)
+def expected(
+    conn: psycopg.Connection[Any], limits: quarantine.Limits | None = None
+) -> dict[str, str | None]:
+    """The oracle's answer over the identifiers the database extracted, with every identifier
+    over its limit (``limits``: the default settings') blocked from the start, except those an
+    admin released; the database must list exactly the oracle's over-limit identifiers."""
+    events = [
+        (eid, when, idents or [])
+        for eid, when, idents in conn.execute(
+            "SELECT id, event_time, identifiers FROM cdp_ce.customer_events"
+        )
+    ]
+    over = oracle.quarantined(events, (limits or quarantine.Limits()).of)
+    listed = dict(conn.execute("SELECT identifier, state FROM cdp_ps.quarantined_identifiers"))
+    assert set(listed) == over, "quarantined_identifiers differs from the oracle's hubs"
+    released = {i for i, state in listed.items() if state == quarantine.RELEASED}
+    return oracle.partition(events, over - released)
+
+
+def _excluded(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute(
+        "SELECT identifier FROM cdp_ps.quarantined_identifiers WHERE state <> 'released'"
+    )
+    return {r[0] for r in rows}
 
 
 def snapshot(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:

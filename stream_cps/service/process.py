@@ -24,6 +24,7 @@ from stream_cps.service.progress import Progress
 from stream_cps.sources.changefeed.webhook import WebhookServer
 from stream_cps.sources.messages import Envelope
 from stream_cps.stitching.ingest import Applier, ApplyStats
+from stream_cps.stitching.quarantine_store import Decision, Listed, QuarantineStore
 from stream_cps.stitching.stitcher import Stitcher
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,24 @@ def reindex(settings: Settings) -> int:
     with connect(settings.dsn, role="reindex", autocommit=True) as conn:
         schema.check(conn, settings.schemas)
         return OutboxStore(settings.schemas).queue_all(conn)
+
+
+def quarantine_list(settings: Settings, state: str | None) -> list[Listed]:
+    """``stream-cps quarantine list``: the quarantined identifiers, oldest first."""
+    with connect(settings.dsn, role="quarantine", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        return QuarantineStore(settings.schemas).list(conn, state)
+
+
+def quarantine_decide(
+    settings: Settings, identifier: str, state: str, reason: str | None
+) -> Decision:
+    """``stream-cps quarantine release|block``: one transaction that sets the state and the
+    purge signals of what must be restitched; a running service's sweep rebuilds them."""
+    with connect(settings.dsn, role="quarantine", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        with conn.transaction():
+            return QuarantineStore(settings.schemas).decide(conn, identifier, state, reason)
 
 
 def webhook_server(settings: Settings) -> WebhookServer:

@@ -36,8 +36,9 @@ from opentelemetry import metrics, trace
 from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db.timestamps import OutOfRange
-from stream_cps.stitching import grouping, rules
+from stream_cps.stitching import grouping, quarantine, rules
 from stream_cps.stitching.normalize import identifiers_of
+from stream_cps.stitching.quarantine_store import QuarantineStore
 from stream_cps.stitching.store import EventMarks, StitchStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class BatchResult:
     absorbed: int = 0
     purged: list[str] = field(default_factory=list)
     rule_failures: int = 0
+    quarantined: list[str] = field(default_factory=list)
 
 
 R = TypeVar("R")
@@ -92,6 +94,10 @@ class Stitcher:
         self.schemas = settings.schemas
         self.batch_size = settings.stitching.batch_size
         self.store = StitchStore(self.schemas, settings.opensearch.writes_outbox)
+        self.quarantine = QuarantineStore(self.schemas)
+        self.limits = quarantine.Limits.parse(
+            settings.stitching.quarantine_limit, settings.stitching.quarantine_limits
+        )
         self.rulebook = rules.RuleBook(
             self.schemas, settings.stitching.rule_max_failures, settings.stitching.rule_timeout_ms
         )
@@ -101,6 +107,7 @@ class Stitcher:
         self._created = meter.create_counter(telemetry.METRIC_ENTITIES_CREATED)
         self._purged = meter.create_counter(telemetry.METRIC_ENTITIES_PURGED)
         self._rule_errors = meter.create_counter(telemetry.METRIC_RULE_ERRORS)
+        self._quarantined = meter.create_counter(telemetry.METRIC_IDENTIFIERS_QUARANTINED)
         self._duration: metrics.Histogram = meter.create_histogram(
             telemetry.METRIC_BATCH_DURATION, unit="s"
         )
@@ -123,8 +130,9 @@ class Stitcher:
         committed batch.
 
         A pass walks the backlog in (event_time, id) order with a cursor, so rows already passed
-        are not scanned again; a pass that stitched something is followed by another, for rows
-        that arrived behind its cursor, until a pass finds nothing (or ``stop`` is set).
+        are not scanned again; a pass that stitched or purged something is followed by another,
+        for rows that arrived behind its cursor or that a purge reset (a quarantine, an admin's
+        ``modified = NULL``), until a pass finds nothing (or ``stop`` is set).
 
         With a ``reader`` connection, a helper thread finds batch N+1 and evaluates its rules
         while batch N is grouped and written on ``conn``: the two cores work at once instead of
@@ -137,7 +145,7 @@ class Stitcher:
         while not stop.is_set():
             stitched = 0
             for result in self._one_pass(conn, reader or conn, stop):
-                stitched += result.events
+                stitched += result.events + len(result.purged)
                 yield result
             if stitched == 0:
                 return
@@ -271,14 +279,32 @@ class Stitcher:
         return Prepared(event_ids, events, failures, EventMarks.of(events))
 
     def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
-        """Lock, purge, group and write, in the caller's transaction."""
+        """Lock, quarantine, purge, group and write, in the caller's transaction.
+
+        Events keep every identifier the rules found (``customer_events.identifiers``: what a
+        release needs to find them again), but grouping sees them without the quarantined
+        ones. An identifier that crosses its limit in this batch sets its (locked) entity up
+        for the purge that follows, which resets that entity's events for the sweep."""
         tracer = telemetry.tracer()
         result = BatchResult()
         events = prepared.events
         touched = sorted({i for ev in events for i in ev.identifiers})
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
             owner, keys = self.store.lock_owners(conn, touched)
+            trips = self.quarantine.record(conn, events, self.limits)
+            excluded = self.quarantine.excluded(conn, touched)
             result.purged = self.store.purge(conn)
+        for trip in trips:
+            log.warning(
+                "identifier %s quarantined: it co-occurs with %d distinct %s identifiers "
+                "(limit %d); it links nothing until released (stream-cps quarantine)",
+                trip.identifier,
+                trip.count,
+                trip.other,
+                trip.limit,
+            )
+        result.quarantined = [t.identifier for t in trips]
+        grouped = quarantine.without(events, excluded)
         if events:
             # Pipeline mode: marking the events (the largest statement, independent of the
             # plan) runs in PostgreSQL while Python groups; the entity writes follow it.
@@ -287,7 +313,7 @@ class Stitcher:
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
                     gone = set(result.purged)
                     owner = {i: e for i, e in owner.items() if e not in gone}
-                    plan = grouping.plan(events, owner, keys)
+                    plan = grouping.plan(grouped, owner, keys)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
                     written = self.store.write(conn, plan, len(events))
             result.events = written.events
@@ -307,3 +333,4 @@ class Stitcher:
         self._created.add(result.created)
         self._purged.add(len(result.purged))
         self._rule_errors.add(result.rule_failures)
+        self._quarantined.add(len(result.quarantined))

@@ -210,3 +210,25 @@ def test_every_kafka_client_gets_the_security_settings(tmp_path: Path) -> None:
     missing = settings.replace(**{"kafka.sasl_password_file": str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="kafka.sasl_password_file: cannot read"):
         client_config(missing.kafka, ClientErrors("test"))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STREAM_CPS_STITCHING_QUARANTINE_LIMIT": "-1"}, "must not be negative"),
+        ({"STREAM_CPS_STITCHING_QUARANTINE_LIMITS": '{"cookie": 5}'}, "ATTRIBUTE:OTHER"),
+        ({"STREAM_CPS_STITCHING_QUARANTINE_LIMITS": '{"a:b:c": 5}'}, "ATTRIBUTE:OTHER"),
+        ({"STREAM_CPS_STITCHING_QUARANTINE_LIMITS": '{"cookie:email": -5}'}, "0 or more"),
+        ({"STREAM_CPS_STITCHING_QUARANTINE_LIMITS": '{"cookie:email": "x"}'}, "0 or more"),
+    ],
+)
+def test_quarantine_limits_are_checked_when_loaded(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(environ=env)
+
+
+def test_quarantine_limit_overrides_load_per_pair() -> None:
+    env = {"STREAM_CPS_STITCHING_QUARANTINE_LIMITS": '{"cookie:email": 1000, "phone:email": 0}'}
+    stitching = config.load(environ=env).stitching
+    assert stitching.quarantine_limit == 100
+    assert dict(stitching.quarantine_limits) == {"cookie:email": "1000", "phone:email": "0"}
