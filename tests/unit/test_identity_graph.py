@@ -1,4 +1,4 @@
-"""The pure identity graph: shortest chains (BFS) and bounded drawings of big entities."""
+"""The pure side of `explain`: shortest chains (BFS), bounded drawings, held-back values."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from stream_cps.stitching.explain.graph import (
     shortest_chain,
     summarise,
 )
+from stream_cps.stitching.explain.report import held_back
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -129,3 +130,18 @@ def test_identifiers_on_most_events_are_kept_before_leaves() -> None:
     drawing = summarise(IdentityGraph.of(events), per_attribute=2)
     assert drawing.identifiers["email"] == ["email:shared", "email:two"]
     assert drawing.collapsed == [Collapsed("email", 6)]
+
+
+def test_held_back_names_the_blocklist_entry_and_lists_missing_identifiers() -> None:
+    raw: dict[str, list[tuple[str, str | None]]] = {
+        "a": [("email", " X@a "), ("cookie", "Guest"), ("cookie", None)],
+        "b": [("email", "X@a"), ("cookie", "000"), ("phone", "null"), ("cookie", "c9")],
+    }
+    stored = {"a": ["email:X@a"], "b": ["email:X@a"]}
+    blocked, missing = held_back(raw, stored, [(None, "guest"), ("phone", "nope")])
+    assert [(b.identifier, b.rule, b.events) for b in blocked] == [
+        ("cookie:000", "built-in rule (only zeros and dashes)", ("b",)),
+        ("cookie:Guest", "identifier_blocklist (attribute_id NULL, value 'guest')", ("a",)),
+        ("phone:null", "built-in list", ("b",)),
+    ]
+    assert missing == {"cookie:c9": ["b"]}  # produced now, not on the event: quarantined?
