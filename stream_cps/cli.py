@@ -1,4 +1,5 @@
-"""Command line: ``stream-cps init | run | demo | replay | webhook | quarantine``.
+"""Command line: ``stream-cps init | run | relay | reindex | replay | webhook | quarantine |
+explain | demo``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -123,6 +124,29 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("--reason", help="stored with the decision")
     quarantine.set_defaults(handler=_cmd_quarantine)
 
+    explain = sub.add_parser(
+        "explain",
+        parents=[common],
+        help="an entity's identifiers, events, merges and picture; --why A B: what links them",
+    )
+    target = explain.add_mutually_exclusive_group(required=True)
+    target.add_argument("entity_id", nargs="?", help="a live entity id, or an old one (alias)")
+    target.add_argument("--identifier", metavar="ATTR:VALUE", help="the entity holding it")
+    target.add_argument(
+        "--why",
+        nargs=2,
+        metavar=("A", "B"),
+        help="the shortest chain of events linking two identifiers (ATTR:VALUE) or event ids",
+    )
+    explain.add_argument(
+        "--format", choices=["text", "json", "dot", "svg", "png"], default="text", dest="fmt"
+    )
+    explain.add_argument("--output", metavar="FILE", help="write here (required for png)")
+    explain.add_argument(
+        "--limit", type=int, default=50, help="events, and identifiers per attribute, listed"
+    )
+    explain.set_defaults(handler=_cmd_explain)
+
     demo = sub.add_parser(
         "demo", parents=[common], help="run on an embedded PostgreSQL with sample data"
     )
@@ -244,6 +268,22 @@ def _cmd_quarantine(settings: config.Settings, args: argparse.Namespace) -> int:
         f"{done.identifier}: {done.before} -> {done.after}; {done.restitched} entities and "
         f"{done.reset} events set to be restitched by the running service"
     )
+    return 0
+
+
+def _cmd_explain(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.fmt == "png" and not args.output:
+        raise ConfigError("explain --format png: binary output needs --output FILE")
+    why = (args.why[0], args.why[1]) if args.why else None
+    data = process.explain(
+        settings, args.entity_id, args.identifier, why, args.fmt, max(args.limit, 0)
+    )
+    if args.output:
+        with open(args.output, "wb") as out:
+            out.write(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     return 0
 
 

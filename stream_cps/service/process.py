@@ -95,6 +95,27 @@ def quarantine_decide(
             return QuarantineStore(settings.schemas).decide(conn, identifier, state, reason)
 
 
+def explain(
+    settings: Settings,
+    entity_id: str | None,
+    identifier: str | None,
+    why: tuple[str, str] | None,
+    fmt: str,
+    limit: int,
+) -> bytes:
+    """``stream-cps explain``: one entity's identity, history and picture, or why two
+    identifiers (or events) are one entity; read-only (docs/explain.md)."""
+    from stream_cps.stitching.explain import queries, render
+
+    ask = queries.Ask(entity_id, identifier, why)
+    if fmt in render.PICTURE_FORMATS:
+        render.require_dot(fmt)  # before reading a big entity for nothing
+    with connect(settings.dsn, role="explain", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        explanation = queries.load(conn, settings.schemas, ask, settings.stitching.rule_timeout_ms)
+    return render.render(explanation, fmt, limit)
+
+
 def webhook_server(settings: Settings) -> WebhookServer:
     """The changefeed webhook, applying each request with the Kafka path's ingest. Its
     settings (TLS, client authentication) are checked before the database is."""

@@ -300,12 +300,27 @@ def _cursor(rows: Sequence[tuple[Any, ...]]) -> Cursor | None:
     return (str(rows[-1][-1]), str(rows[-1][0])) if rows else None
 
 
+def values_of(
+    conn: psycopg.Connection[Any],
+    schemas: Schemas,
+    rules: Sequence[Rule],
+    event_ids: list[str],
+    timeout_ms: int,
+) -> Extracted:
+    """The rules' raw values for ``event_ids`` whether stitched or not (``explain``: what a
+    blocklist or the hub guard held back). A failing rule fails the call: nothing is isolated
+    or recorded, the caller reports it."""
+    rows = _evaluate(conn, timeout_ms, *_by_ids(schemas, rules, event_ids, unstitched=False))
+    return _collect(rows, rules, [])
+
+
 def _by_ids(
-    schemas: Schemas, rules: Sequence[Rule], event_ids: list[str]
+    schemas: Schemas, rules: Sequence[Rule], event_ids: list[str], unstitched: bool = True
 ) -> tuple[sql.Composed, dict[str, object]]:
-    source = sql.SQL("SELECT * FROM {events} WHERE id = ANY({ids}) AND stitched IS NULL").format(
+    source = sql.SQL("SELECT * FROM {events} WHERE id = ANY({ids}){only}").format(
         events=sql.Identifier(schemas.ce, "customer_events"),
         ids=sql.Placeholder("ids", PyFormat.BINARY),
+        only=sql.SQL(" AND stitched IS NULL" if unstitched else ""),
     )
     return _query(schemas, rules, source, {"ids": TextArray(event_ids)})
 
