@@ -63,6 +63,10 @@ class StitchStore:
             return sql.SQL(text).format(**ids)
 
         self.has_purge = q("SELECT EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)")
+        self.has_work = q(
+            "SELECT EXISTS (SELECT 1 FROM {ce} WHERE stitched IS NULL) "
+            "OR EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)"
+        )
         self.purge_entities = q(
             "DELETE FROM {ca} WHERE modified IS NULL RETURNING customer_entity_id, identifiers"
         )
@@ -165,6 +169,11 @@ class StitchStore:
 
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute(self.has_purge).fetchone()
+        return bool(row and row[0])
+
+    def pending_work(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether a sweep would find anything: an unstitched row or a purge signal."""
+        row = conn.execute(self.has_work).fetchone()
         return bool(row and row[0])
 
     # -- read --------------------------------------------------------------------------------
