@@ -298,3 +298,62 @@ def _count_events(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT count(*) FROM cdp_ce.customer_events").fetchone()
     return int(row[0]) if row else -1
 
+
+def test_relay_delivery_links_to_the_batch_that_wrote_its_outbox_rows(
+    db: psycopg.Connection[Any],
+    pg_dsn: str,
+    tmp_path: Path,
+    receiver: OtlpReceiver,
+    opensearch_node: Any,
+) -> None:
+    setup_rules(db)
+    env = {
+        **otel_env(receiver, "cps-relay"),
+        "STREAM_CPS_DSN": pg_dsn,
+        "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.02",
+        "STREAM_CPS_STITCHING_SLOT_NAME": f"traces_{uuid.uuid4().hex[:12]}",
+        "STREAM_CPS_OPENSEARCH_URL": opensearch_node.url,
+        "STREAM_CPS_OPENSEARCH_INDEX": f"traces-{uuid.uuid4().hex[:8]}",
+        "STREAM_CPS_OPENSEARCH_REPLICAS": "0",
+        "STREAM_CPS_OPENSEARCH_POLL_INTERVAL": "0.05",
+    }
+    log = tmp_path / "relay.log"
+    proc = start([], env, log)
+    try:
+        wait_until(lambda: slot_active(db), what="the service holding the slot")
+        insert(db, [event("a", 1, email="x@a")])
+        wait_until(lambda: unstitched(db) == 0, what="a")
+        insert(db, [event("b", 2, cookie="y")])
+        wait_until(lambda: unstitched(db) == 0, what="b")
+        insert(db, [event("c", 3, email="x@a", cookie="y")])  # merges b's entity into a's
+        wait_until(lambda: unstitched(db) == 0 and _delivered(db), what="delivery")
+        spans = receiver.wait_for(
+            lambda s: (
+                any(k.attributes.get("entities.merged") for k in s)
+                and any(r.name == telemetry.SPAN_OUTBOX_RELAY and r.links for r in s)
+            ),
+            what="the merge and a relay span",
+        )
+        assert_idle(receiver)
+    finally:
+        stop(proc, log)
+    spans = receiver.spans()
+    assert_well_formed(spans)
+    [merge] = [s for s in spans if s.attributes.get("entities.merged")]
+    calculations = {s.trace_id for s in spans if s.name == telemetry.SPAN_ATTR_BATCH}
+    linked = {
+        link.trace_id for s in spans if s.name == telemetry.SPAN_OUTBOX_RELAY for link in s.links
+    }
+    assert merge.trace_id in linked  # the delete of the absorbed entity
+    assert calculations and calculations <= linked  # every upsert
+    rows = db.execute("SELECT op, traceparent FROM cdp_attr.outbox ORDER BY seq").fetchall()
+    assert rows and all(t and t.split("-")[1] in linked for _, t in rows)
+
+
+def _delivered(conn: psycopg.Connection[Any]) -> bool:
+    """A delete (the merge) and upserts (calculation) are in the outbox, all delivered."""
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE op = 'delete'), count(*) FILTER (WHERE op = 'upsert'), "
+        "count(*) FILTER (WHERE delivered IS NULL) FROM cdp_attr.outbox"
+    ).fetchone()
+    return row is not None and row[0] > 0 and row[1] > 0 and row[2] == 0
