@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from stream_cps import telemetry
 from stream_cps.attributes.compiler import EVENTS, EVENTS_TABLE, CompiledAttribute
 from stream_cps.attributes.plan import Plan
 from stream_cps.attributes.statement import statement
@@ -388,8 +389,9 @@ class BatchCalculator:
         tail = (
             sql.SQL(
                 ", u AS ({update} RETURNING ca.customer_entity_id, ca.version) "
-                "INSERT INTO {outbox} (entity_id, op, version) "
-                "SELECT customer_entity_id, 'upsert', version FROM u"
+                # The writing span's traceparent: the relay links its delivery to it.
+                "INSERT INTO {outbox} (entity_id, op, version, traceparent) "
+                "SELECT customer_entity_id, 'upsert', version, %(trace)s::text FROM u"
             )
             if self._outbox
             else sql.SQL(" {update}")
@@ -419,6 +421,7 @@ class BatchCalculator:
                 "attrs": "[" + ",".join(r[2] for r in rows) + "]",
                 "counts": [r[3] for r in rows],
                 "keep": [r[4] for r in rows],
+                "trace": telemetry.traceparent(),
             },
         )
         return cur.rowcount

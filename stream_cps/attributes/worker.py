@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import psycopg
+from opentelemetry import trace
 from psycopg import sql
 
 from stream_cps import retry, telemetry
@@ -177,9 +178,12 @@ class CalculationWorker:
         pick: Callable[[], list[tuple[str, datetime]]],
         large: bool,
     ) -> tuple[int, int]:
+        # The span starts once entities were picked (an idle pass traces nothing), backdated
+        # to the pass's start, and ends after the commit.
+        started = telemetry.now()
+        span: trace.Span | None = None
         try:
-            span = telemetry.tracer().start_as_current_span(telemetry.SPAN_ATTR_BATCH)
-            with span, conn.transaction():
+            with conn.transaction():
                 conn.execute(
                     "SELECT set_config('TimeZone', 'UTC', true), "
                     "set_config('DateStyle', 'ISO, YMD', true), "
@@ -189,7 +193,13 @@ class CalculationWorker:
                 entities = pick()
                 if not entities:
                     return 0, 0
-                outcome = self._calculator.run(conn, plan, entities, large=large)
+                span = telemetry.start_root(
+                    telemetry.SPAN_ATTR_BATCH,
+                    started,
+                    attributes={"entities.picked": len(entities)},
+                )
+                with trace.use_span(span):
+                    outcome = self._calculator.run(conn, plan, entities, large=large)
         except psycopg.Error as exc:
             if large and isinstance(exc, psycopg.errors.QueryCanceled):
                 raise
@@ -197,6 +207,9 @@ class CalculationWorker:
                 raise
             log.warning("attribute batch interrupted (%s); will retry", exc)
             return 0, 0
+        finally:
+            if span is not None:
+                span.end()
         self._calculated.add(outcome.stored)
         if outcome.failures:
             self._errors.add(len(outcome.failures))

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from opentelemetry import trace
 
 from stream_cps import retry, telemetry
 from stream_cps.config import Settings
@@ -76,13 +77,30 @@ class KafkaLoop:
     def _loop(self, dead_topic: DeadLetterTopic) -> None:
         last_maintenance = 0.0
         while not self.stop.is_set():
-            with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
-                batch = self.source.poll()
+            started = telemetry.now()
+            batch = self.source.poll()
+            polled = telemetry.now()
             if self.backlog is not None:
                 # A full poll means more is waiting: calculation holds back (backlog.py).
                 self.backlog.report(batch.full)
             if batch.envelopes:
-                self._ingest(batch, dead_topic)
+                # One trace per batch (an empty poll has none): the consumer's process span,
+                # linked to each message's producer; receive, stitch and commit inside it.
+                with telemetry.root(
+                    telemetry.SPAN_SOURCE_BATCH,
+                    started,
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes=self._attributes(batch, "process"),
+                    links=_producer_links(batch.envelopes),
+                ):
+                    telemetry.record(
+                        telemetry.SPAN_SOURCE_POLL,
+                        started,
+                        polled,
+                        kind=trace.SpanKind.CLIENT,
+                        attributes=self._attributes(batch, "receive"),
+                    )
+                    self._ingest(batch, dead_topic)
             due = time.monotonic() - last_maintenance > MAINTENANCE_EVERY
             if self.source.replay_due or due:
                 self._maintenance(idle=not batch.envelopes)
@@ -93,10 +111,34 @@ class KafkaLoop:
         """The commit order of the module docstring, for one batch."""
         stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes))
         retry.KAFKA_PRODUCE.call(lambda: dead_topic.publish(stats.dead_letters))
-        self.source.commit(batch)
+        with telemetry.tracer().start_as_current_span(
+            telemetry.SPAN_SOURCE_COMMIT,
+            kind=trace.SpanKind.CLIENT,
+            attributes=self._attributes(batch, "settle", name="commit"),
+        ):
+            self.source.commit(batch)
         self.progress.add_ingest(stats)
         if self.on_batch:
             self.on_batch(stats)
+
+    def _attributes(self, batch: KafkaBatch, kind: str, name: str | None = None) -> dict[str, Any]:
+        """The OpenTelemetry messaging conventions' attributes of a batch's span; destination
+        and partition only when the whole batch shares them."""
+        topics = {e.topic for e in batch.envelopes}
+        partitions = {(e.topic, e.partition) for e in batch.envelopes}
+        out: dict[str, Any] = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": kind,
+            "messaging.operation.name": name or kind,
+            "messaging.consumer.group.name": self.settings.kafka.group_id,
+            "messaging.client.id": self.member,
+            "messaging.batch.message_count": len(batch.envelopes),
+        }
+        if len(topics) == 1:
+            out["messaging.destination.name"] = next(iter(topics))
+        if len(partitions) == 1:
+            out["messaging.destination.partition.id"] = str(next(iter(partitions))[1])
+        return out
 
     def _apply(self, envelopes: list[Envelope]) -> ApplyStats:
         """The batch's transaction; a lost connection is reopened by the next try."""
@@ -119,9 +161,29 @@ class KafkaLoop:
             conn = self._db()
             self.source.apply_replays(conn)
             if idle and self.stitcher.purge_pending(conn):
-                self.stitcher.within(conn, lambda stitch_in: stitch_in([]))
+                with telemetry.root(telemetry.SPAN_STITCH_SWEEP, telemetry.now()):
+                    self.stitcher.within(conn, lambda stitch_in: stitch_in([]))
         except Exception as exc:
             if not retry.is_transient(exc):
                 raise
             log.warning("kafka: maintenance deferred: %s", exc)
             self.source.replay_due = True
+
+
+def _producer_links(envelopes: list[Envelope]) -> list[trace.Link]:
+    """A link per message that carried its producer's trace context (``traceparent``), with
+    where the message was; the SDK keeps the first ``OTEL_SPAN_LINK_COUNT_LIMIT`` (128)."""
+    links = []
+    for e in envelopes:
+        if e.trace:
+            found = telemetry.link(
+                dict(e.trace),
+                {
+                    "messaging.destination.name": e.topic or "",
+                    "messaging.destination.partition.id": str(e.partition),
+                    "messaging.kafka.message.offset": e.offset if e.offset is not None else -1,
+                },
+            )
+            if found is not None:
+                links.append(found)
+    return links

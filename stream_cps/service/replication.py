@@ -124,25 +124,44 @@ class ReplicationLoop:
                     log.warning("lost the lease connection; stepping down to standby")
                     return
                 last_lease_check = time.monotonic()
-            with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_POLL):
-                batch = self.source.poll(conn, batch_size, poll)
-            if not batch.event_ids:
-                self.backlog.report(False)
-            if len(batch.event_ids) >= batch_size:
-                # A backlog: the sweep takes it (these rows included, they are committed and
-                # unstitched) earliest first and reading ahead, instead of in insertion order;
-                # replayed rows it already stitched cost one empty query, not a lookup each.
-                self._sweep(conn, ahead)
-                last_sweep = time.monotonic()
+            started = telemetry.now()
+            batch = self.source.poll(conn, batch_size, poll)
+            if batch.event_ids:
+                with telemetry.root(
+                    telemetry.SPAN_SOURCE_BATCH,
+                    started,
+                    attributes={
+                        "stream_cps.events": len(batch.event_ids),
+                        "stream_cps.slot": self.source.slot,
+                    },
+                ):
+                    telemetry.record(telemetry.SPAN_SOURCE_POLL, started, telemetry.now())
+                    if len(batch.event_ids) >= batch_size:
+                        # A backlog: the sweep takes it (these rows included, they are
+                        # committed and unstitched) earliest first and reading ahead, instead
+                        # of in insertion order; replayed rows it already stitched cost one
+                        # empty query, not a lookup each.
+                        self._sweep(conn, ahead)
+                        last_sweep = time.monotonic()
+                    else:
+                        self._record(self.stitcher.stitch(conn, batch.event_ids))
+                    if self.stop.is_set():
+                        return  # not acknowledged: replayed and skipped on restart
+                    if batch.ack_lsn is not None:
+                        with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_ACK):
+                            self.source.ack(conn, batch.ack_lsn)
             else:
-                self._record(self.stitcher.stitch(conn, batch.event_ids))
-            if self.stop.is_set():
-                return  # not acknowledged: replayed and skipped on restart
-            if batch.ack_lsn is not None:
-                with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_ACK):
+                # Nothing of ours (a heartbeat, other tables): no trace; pending purges are
+                # the sweep's, just below.
+                self.backlog.report(False)
+                if self.stop.is_set():
+                    return
+                if batch.ack_lsn is not None:
                     self.source.ack(conn, batch.ack_lsn)
             if time.monotonic() - last_sweep > sweep_every or self.stitcher.purge_pending(conn):
-                self._sweep(conn, ahead)
+                if self.stitcher.has_work(conn):
+                    with telemetry.root(telemetry.SPAN_STITCH_SWEEP, telemetry.now()):
+                        self._sweep(conn, ahead)
                 last_sweep = time.monotonic()
                 self.progress.lag_bytes = self.source.lag_bytes(conn)
             self.progress.maybe_log()

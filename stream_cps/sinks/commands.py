@@ -19,6 +19,7 @@ class Command:
     entity_id: str
     op: str  # 'upsert' | 'delete'
     version: int
+    traceparent: str | None = None  # of the span that wrote it (the relay links to it)
 
 
 @dataclass(frozen=True)

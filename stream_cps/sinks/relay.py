@@ -120,14 +120,18 @@ class Relay:
         if not self._holds_lock(conn):
             return 0
         failure: OpenSearchUnavailable | None = None
-        with telemetry.tracer().start_as_current_span(telemetry.SPAN_OUTBOX_RELAY) as span:
-            with conn.transaction():
-                commands = self.store.claim(conn, self.batch_size)
-                if not commands:
-                    return 0
-                planned = collapse(commands)
-                upserts = [p.entity_id for p in planned if p.op == "upsert"]
-                entities = self.store.entities(conn, upserts)
+        started = telemetry.now()
+        with conn.transaction():
+            commands = self.store.claim(conn, self.batch_size)
+            if not commands:
+                return 0  # an idle poll: no trace
+            planned = collapse(commands)
+            upserts = [p.entity_id for p in planned if p.op == "upsert"]
+            entities = self.store.entities(conn, upserts)
+        # Its own trace, linked to every batch (stitching, calculation) that wrote a command
+        # in it: from an event to OpenSearch in two clicks.
+        links = telemetry.links_to(c.traceparent for c in commands)
+        with telemetry.root(telemetry.SPAN_OUTBOX_RELAY, started, links=links) as span:
             pairs = plan_actions(planned, entities)
             actions = [a for _, a in pairs if a is not None]
             try:

@@ -97,6 +97,8 @@ class Envelope:
     timestamp: datetime | None
     decoded: Decoded | None = None
     reason: str | None = None
+    # Trace-context headers the message carried (W3C ``traceparent``...): header -> text.
+    trace: tuple[tuple[str, str], ...] = ()
 
     def where(self) -> str:
         if self.source == "kafka":

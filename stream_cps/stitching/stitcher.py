@@ -179,49 +179,69 @@ class Stitcher:
         """Whether a purge signal (``modified = NULL``) waits to be applied."""
         return self.store.pending_purge(conn)
 
+    def has_work(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether a ``sweep`` would stitch or purge anything: an idle service skips it, so
+        it neither queries nor traces an empty batch every ``stitching.sweep_interval``."""
+        return self.store.pending_work(conn)
+
     # -- inside ----------------------------------------------------------------------------
 
     def _one_pass(
         self, conn: psycopg.Connection[Any], reader: psycopg.Connection[Any], stop: threading.Event
     ) -> Iterator[BatchResult]:
+        # Each batch's span starts when its read does, as a child of the caller's span; the
+        # read-ahead thread gets that span's context explicitly (a thread starts with none).
         if reader is conn:
             after: rules.Cursor | None = None
             while True:
-                prepared, after = self._read_next(conn, after)
-                yield self._commit_prepared(conn, prepared)
+                span = self._sweep_span()
+                prepared, after = self._read_next(conn, after, span)
+                yield self._commit_prepared(conn, prepared, span)
                 if after is None or stop.is_set():
                     return
         with ThreadPoolExecutor(1, thread_name_prefix="stitch-read-ahead") as pool:
-            ahead = pool.submit(self._read_next, reader, None)
+            span = self._sweep_span()
+            ahead = pool.submit(self._read_next, reader, None, span)
             while True:
                 prepared, after = ahead.result()
                 more = after is not None and not stop.is_set()
+                current = span
                 if more:
-                    ahead = pool.submit(self._read_next, reader, after)
-                yield self._commit_prepared(conn, prepared)
+                    span = self._sweep_span()
+                    ahead = pool.submit(self._read_next, reader, after, span)
+                yield self._commit_prepared(conn, prepared, current)
                 if not more:
                     return
 
+    def _sweep_span(self) -> trace.Span:
+        """A sweep batch's ``stitch.batch`` span, started now and ended by its commit."""
+        return telemetry.tracer().start_span(telemetry.SPAN_STITCH_BATCH)
+
     def _read_next(
-        self, conn: psycopg.Connection[Any], after: rules.Cursor | None
+        self, conn: psycopg.Connection[Any], after: rules.Cursor | None, span: trace.Span
     ) -> tuple[Prepared, rules.Cursor | None]:
         """The sweep's next batch after ``after``, read and normalised, and the cursor to
         continue from (None when this batch ends the pass). One query finds the events and
-        evaluates the rules (``rules.extract_next``)."""
+        evaluates the rules (``rules.extract_next``); its span is a child of ``span``."""
         limit = self.batch_size
         ruleset = self.rulebook.refresh(conn)
-        with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
+        with telemetry.tracer().start_as_current_span(
+            telemetry.SPAN_STITCH_EXTRACT, context=telemetry.in_span(span)
+        ):
             extracted = rules.extract_next(
                 conn, self.schemas, ruleset.rules, limit, after, self.rulebook.timeout_ms
             )
         prepared = self._normalise(list(extracted.events), extracted, ruleset)
         return prepared, (extracted.last if len(extracted.events) == limit else None)
 
-    def _commit_prepared(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
-        """Group and write events read beforehand, in a transaction of its own."""
-        return self._own_transaction(
-            conn, lambda: self._batch(conn, len(prepared.event_ids), lambda: prepared)
-        )
+    def _commit_prepared(
+        self, conn: psycopg.Connection[Any], prepared: Prepared, span: trace.Span
+    ) -> BatchResult:
+        """Group and write events read beforehand, in a transaction of its own, in the
+        batch's span (its retries too); the span ends with the commit."""
+        span.set_attribute("events.requested", len(prepared.event_ids))
+        with trace.use_span(span, end_on_exit=True):
+            return self._own_transaction(conn, lambda: self._apply(conn, prepared))
 
     def _own_transaction(
         self, conn: psycopg.Connection[Any], work: Callable[[], BatchResult]

@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from stream_cps import telemetry
 from stream_cps.config import Schemas
 from stream_cps.db.arrays import TextArray, array_texts
 from stream_cps.db.timestamps import fetch_all
@@ -63,6 +64,10 @@ class StitchStore:
             return sql.SQL(text).format(**ids)
 
         self.has_purge = q("SELECT EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)")
+        self.has_work = q(
+            "SELECT EXISTS (SELECT 1 FROM {ce} WHERE stitched IS NULL) "
+            "OR EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)"
+        )
         self.purge_entities = q(
             "DELETE FROM {ca} WHERE modified IS NULL RETURNING customer_entity_id, identifiers"
         )
@@ -72,8 +77,10 @@ class StitchStore:
         )
         self.free_identifiers = q("DELETE FROM {ie} WHERE entity_id = ANY(%(ids)b)")
         self.outbox_deletes = q(
-            "INSERT INTO {outbox} (entity_id, op, version) "
-            "SELECT id, 'delete', nextval({seq}) FROM unnest(%(ids)b::text[]) AS d(id)"
+            # The writing span's traceparent: the relay links its delivery to this batch.
+            "INSERT INTO {outbox} (entity_id, op, version, traceparent) "
+            "SELECT id, 'delete', nextval({seq}), %(trace)s::text "
+            "FROM unnest(%(ids)b::text[]) AS d(id)"
         )
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         self.lock_lookup = q(
@@ -160,11 +167,18 @@ class StitchStore:
                 conn.execute(self.reset_orphans, {"idents": TextArray(idents)})
             conn.execute(self.free_identifiers, {"ids": TextArray(ids)})
             if self.outbox:
-                conn.execute(self.outbox_deletes, {"ids": TextArray(ids)})
+                conn.execute(
+                    self.outbox_deletes, {"ids": TextArray(ids), "trace": telemetry.traceparent()}
+                )
         return ids
 
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute(self.has_purge).fetchone()
+        return bool(row and row[0])
+
+    def pending_work(self, conn: psycopg.Connection[Any]) -> bool:
+        """Whether a sweep would find anything: an unstitched row or a purge signal."""
+        row = conn.execute(self.has_work).fetchone()
         return bool(row and row[0])
 
     # -- read --------------------------------------------------------------------------------
@@ -230,7 +244,9 @@ class StitchStore:
                 {"old": TextArray(old), "new": TextArray(new), "why": TextArray(why)},
             )
             if self.outbox:
-                conn.execute(self.outbox_deletes, {"ids": TextArray(old)})
+                conn.execute(
+                    self.outbox_deletes, {"ids": TextArray(old), "trace": telemetry.traceparent()}
+                )
 
         claim_idents, claim_owners = [], []
         ids, added, times, firsts = [], [], [], []

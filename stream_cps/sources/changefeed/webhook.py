@@ -28,7 +28,9 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from stream_cps import retry
+from opentelemetry import trace
+
+from stream_cps import retry, telemetry
 from stream_cps.config import WebhookSettings
 from stream_cps.errors import InvalidInput
 from stream_cps.sources.changefeed.auth import header_auth, server_context
@@ -222,17 +224,29 @@ def _handler(server: WebhookServer) -> type[BaseHTTPRequestHandler]:
                 return
             if body is None:
                 return
-            try:
-                answer = server.handle(envelopes_of(body, server.accept_events))
-            except Exception as exc:
-                if retry.is_transient(exc):
-                    log.warning("webhook: %s; answered 503, the sink will retry", exc)
-                    self._reply(503, {"error": "database unavailable"})
+            # The request's trace continues the caller's (a traceparent header), if any.
+            carrier = {k.lower(): v for k, v in self.headers.items()}
+            with telemetry.tracer().start_as_current_span(
+                telemetry.SPAN_WEBHOOK_REQUEST,
+                context=telemetry.remote_context(carrier),
+                kind=trace.SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "url.path": self.path},
+            ) as span:
+                try:
+                    answer = server.handle(envelopes_of(body, server.accept_events))
+                except Exception as exc:
+                    if retry.is_transient(exc):
+                        log.warning("webhook: %s; answered 503, the sink will retry", exc)
+                        status, answer = 503, {"error": "database unavailable"}
+                    else:
+                        log.exception("webhook: request failed")
+                        status, answer = 500, {"error": "internal error"}
                 else:
-                    log.exception("webhook: request failed")
-                    self._reply(500, {"error": "internal error"})
-                return
-            self._reply(200, answer)
+                    status = 200
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(trace.StatusCode.ERROR)
+            self._reply(status, answer)
 
         def _authenticated(self) -> None:
             if not server.auth.allows(self.headers):

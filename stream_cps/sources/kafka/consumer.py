@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from stream_cps import telemetry
 from stream_cps.config import KafkaSettings, Schemas
 from stream_cps.errors import Fatal, InvalidInput
 from stream_cps.kafka_client import ClientErrors, client_config
@@ -64,7 +65,22 @@ class KafkaBatch:
     full: bool
 
 
-def to_envelope(msg: Message, message_format: str, avro: SchemaResolver) -> Envelope:
+def trace_headers(msg: Message, wanted: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """The message's trace-context headers (``wanted``: the propagators' fields), as text; the
+    loop links its batch span to each producer's span with them."""
+    headers = msg.headers() or []
+    pairs = list(headers.items()) if isinstance(headers, dict) else headers
+    found: list[tuple[str, str]] = []
+    for name, value in pairs:
+        if name.lower() in wanted and value is not None:
+            text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+            found.append((name.lower(), text))
+    return tuple(found)
+
+
+def to_envelope(
+    msg: Message, message_format: str, avro: SchemaResolver, wanted: frozenset[str] = frozenset()
+) -> Envelope:
     """Decode one message; a decoding failure becomes the envelope's dead-letter reason."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     kind, stamp = msg.timestamp()
@@ -89,6 +105,7 @@ def to_envelope(msg: Message, message_format: str, avro: SchemaResolver) -> Enve
         timestamp=when,
         decoded=decoded,
         reason=reason,
+        trace=trace_headers(msg, wanted) if wanted else (),
     )
 
 
@@ -142,7 +159,8 @@ class KafkaSource:
             assert topic is not None and partition is not None and offset is not None
             nxt[(topic, partition)] = max(nxt.get((topic, partition), 0), offset + 1)
         fmt = self.settings.message_format
-        envelopes = [to_envelope(m, fmt, self.avro) for m in usable]
+        wanted = telemetry.carrier_fields()
+        envelopes = [to_envelope(m, fmt, self.avro, wanted) for m in usable]
         return KafkaBatch(envelopes, nxt, full=len(polled) >= size)
 
     def commit(self, batch: KafkaBatch) -> None:
