@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from stream_cps import config, retry
+from stream_cps import config, logs, retry
 from stream_cps.errors import ConfigError, Fatal, SchemaError, StreamCpsError
 from stream_cps.service import process
 
@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config, flags=_flags(args))
-        _logging(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         result: int = args.handler(settings, args)
         return result
     except Fatal as exc:  # configuration, schema, credentials: the operator's to fix
@@ -53,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="the guide's JSON configuration file")
     common.add_argument("--dsn", help="PostgreSQL connection string (else STREAM_CPS_DSN)")
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--log-format", choices=["text", "json"])
     parser = argparse.ArgumentParser(
         prog="stream-cps", description="Always-on customer profile stitching."
     )
+    parser.add_argument("--version", action="version", version=f"stream-cps {version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", parents=[common], help="create or upgrade the schema")
@@ -117,24 +119,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), else ``unknown`` (a bare
+    checkout on ``PYTHONPATH`` that was never installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("stream-cps")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "dsn": getattr(args, "dsn", None),
         "log_level": getattr(args, "log_level", None),
+        "log_format": getattr(args, "log_format", None),
         "stitching.batch_size": getattr(args, "batch_size", None),
         "webhook.host": getattr(args, "webhook_host", None),
         "webhook.port": getattr(args, "webhook_port", None),
         "webhook.cert_file": getattr(args, "webhook_cert", None),
         "webhook.key_file": getattr(args, "webhook_key", None),
     }
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:

@@ -263,6 +263,12 @@ FIELDS: dict[str, Field] = {
     "telemetry.otlp_endpoint": Field(str, "http://localhost:4318", "OTLP/HTTP collector URL"),
     "telemetry.service_name": Field(str, "stream-cps", "service.name resource attribute"),
     "log_level": Field(str, "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    "log_format": Field(
+        str,
+        "text",
+        "log lines as text, or JSON objects (time, level, logger, message)",
+        choices=("text", "json"),
+    ),
 }
 
 _SCHEMA_KEYS = ("cdp_schema", "ce_schema", "ps_schema", "attr_schema")
@@ -393,7 +399,7 @@ def _section_keys() -> set[str]:
     return {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)}
 
 
-_TOP_LEVEL = {"dsn", "log_level", *_SCHEMA_KEYS}
+_TOP_LEVEL = {"dsn", "log_level", "log_format", *_SCHEMA_KEYS}
 _MISMATCH = _section_keys() ^ (set(FIELDS) - _TOP_LEVEL)
 if _MISMATCH:  # pragma: no cover - a programming error, caught when the module is imported
     raise AssertionError(f"config: FIELDS and the typed sections differ: {sorted(_MISMATCH)}")
@@ -424,6 +430,7 @@ class Settings:
     opensearch: OpenSearchSettings = field(init=False)
     telemetry: TelemetrySettings = field(init=False)
     log_level: str = field(init=False)
+    log_format: str = field(init=False)
 
     def __post_init__(self) -> None:
         v = self.values
@@ -440,6 +447,7 @@ class Settings:
         put(self, "opensearch", _build(OpenSearchSettings, "opensearch", v))
         put(self, "telemetry", _build(TelemetrySettings, "telemetry", v))
         put(self, "log_level", str(v["log_level"]))
+        put(self, "log_format", str(v["log_format"]))
 
     @property
     def dsn(self) -> str:
