@@ -1,4 +1,4 @@
-"""Command line: ``stream-cps init | run | demo | replay | webhook``.
+"""Command line: ``stream-cps init | run | status | demo | replay | webhook``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -9,6 +9,7 @@ shows its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -87,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.set_defaults(handler=_cmd_run)
+
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="one screen: role, lag, waiting work, errors (exit 0 ok, 1 degraded, 2 unreachable)",
+    )
+    status.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
+    status.add_argument("--json", action="store_true", help="the same as one JSON object")
+    status.set_defaults(handler=_cmd_status)
 
     replay = sub.add_parser(
         "replay", parents=[common], help="move the Kafka group's offsets back and reprocess"
@@ -212,6 +222,23 @@ def _cmd_reindex(settings: config.Settings, _args: argparse.Namespace) -> int:
 def _cmd_webhook(settings: config.Settings, _args: argparse.Namespace) -> int:
     process.webhook(settings, stop_on_signals())
     return 0
+
+
+def _cmd_status(settings: config.Settings, args: argparse.Namespace) -> int:
+    from stream_cps.observe import status
+
+    try:
+        snap = process.status(settings, args.source)
+    except (psycopg.OperationalError, StreamCpsError) as exc:
+        if isinstance(exc, Fatal) and not isinstance(exc, SchemaError):
+            raise  # a setting: the usual one line, exit 2
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if args.json:
+            print(json.dumps({"health": "unreachable", "exit_code": 2, "error": reason}))
+        print(f"stream-cps: status: {reason}", file=sys.stderr)
+        return status.UNREACHABLE
+    print(status.to_json(snap) if args.json else status.render(snap))
+    return snap.exit_code
 
 
 def _cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
 from stream_cps.errors import ConfigError
+from stream_cps.observe import status as observe_status
+from stream_cps.observe.status import Snapshot
 from stream_cps.service.background import Background
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
@@ -74,6 +76,25 @@ def reindex(settings: Settings) -> int:
     with connect(settings.dsn, role="reindex", autocommit=True) as conn:
         schema.check(conn, settings.schemas)
         return OutboxStore(settings.schemas).queue_all(conn)
+
+
+def status(settings: Settings, source: str) -> Snapshot:
+    """``stream-cps status``: the snapshot of ``observe.status``; the Kafka group's lag too
+    with ``source == "kafka"`` (a Kafka member holds no lease, so none is expected)."""
+    from stream_cps.sources.postgres.lease import SlotLease
+
+    slot = settings.stitching.slot_name
+    key = SlotLease(settings.dsn, slot).key
+    with connect(settings.dsn, role="status", autocommit=True, connect_timeout=5) as conn:
+        schema.check(conn, settings.schemas)
+        snap = observe_status.read(conn, settings.schemas, slot, key)
+    if source == "kafka":
+        from stream_cps.sources.kafka.lag import group_lag
+
+        snap.kafka = group_lag(settings.kafka)
+    else:
+        snap.notes.append("kafka: not queried (`status --source kafka` reads the group's lag)")
+    return snap
 
 
 def webhook_server(settings: Settings) -> WebhookServer:
