@@ -262,6 +262,15 @@ FIELDS: dict[str, Field] = {
     ),
     "telemetry.otlp_endpoint": Field(str, "http://localhost:4318", "OTLP/HTTP collector URL"),
     "telemetry.service_name": Field(str, "stream-cps", "service.name resource attribute"),
+    "http.address": Field(
+        str,
+        None,
+        "host:port where `run` serves /healthz, /readyz and /metrics (port 0: any free one); "
+        "unset = off",
+    ),
+    "http.sample_interval": Field(
+        float, 5.0, "seconds between the database samples behind the waiting-work gauges"
+    ),
     "log_level": Field(str, "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     "log_format": Field(
         str,
@@ -384,6 +393,19 @@ class TelemetrySettings:
     service_name: str
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    address: str | None
+    sample_interval: float
+
+    def host_port(self) -> tuple[str, int]:
+        """``http.address`` split; ConfigError naming the key when it is not host:port."""
+        host, sep, port = (self.address or "").rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"http.address: expected host:port, got {self.address!r}")
+        return host.strip("[]"), int(port)
+
+
 # Section name -> its typed settings; every field is one ``FIELDS`` key "<section>.<field>".
 SECTIONS: dict[str, type] = {
     "stitching": StitchingSettings,
@@ -392,6 +414,7 @@ SECTIONS: dict[str, type] = {
     "webhook": WebhookSettings,
     "opensearch": OpenSearchSettings,
     "telemetry": TelemetrySettings,
+    "http": HttpSettings,
 }
 
 
@@ -429,6 +452,7 @@ class Settings:
     webhook: WebhookSettings = field(init=False)
     opensearch: OpenSearchSettings = field(init=False)
     telemetry: TelemetrySettings = field(init=False)
+    http: HttpSettings = field(init=False)
     log_level: str = field(init=False)
     log_format: str = field(init=False)
 
@@ -446,6 +470,7 @@ class Settings:
         put(self, "webhook", _build(WebhookSettings, "webhook", v))
         put(self, "opensearch", _build(OpenSearchSettings, "opensearch", v))
         put(self, "telemetry", _build(TelemetrySettings, "telemetry", v))
+        put(self, "http", _build(HttpSettings, "http", v))
         put(self, "log_level", str(v["log_level"]))
         put(self, "log_format", str(v["log_format"]))
 
@@ -507,6 +532,10 @@ def load(
     for key in at_least_one:
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    if values["http.address"] is not None:
+        Settings(values).http.host_port()
+    if values["http.sample_interval"] <= 0:
+        raise ConfigError("http.sample_interval: must be positive")
     if values["webhook.max_wait"] < 0:
         raise ConfigError("webhook.max_wait: must not be negative")
     _check_kafka_security(values)
