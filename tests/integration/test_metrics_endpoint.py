@@ -180,3 +180,12 @@ def test_a_standby_is_ready_as_standby(initialised: str, tmp_path: Path) -> None
             time.sleep(1.5)  # its metric too: a standby does not stitch
             _, text = _get(f"{second}/metrics")
             assert re.search(rb"^stream_cps_active\{[^}]*\} 0\.0$", text, re.M), text
+
+
+def test_the_shipped_prometheus_config_and_alerts_are_valid() -> None:
+    config = Path(__file__).parents[2] / "infra" / "prometheus" / "prometheus.yml"
+    check = subprocess.run(
+        [_binary("promtool"), "check", "config", str(config)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "8 rules found" in check.stdout + check.stderr
