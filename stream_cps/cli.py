@@ -1,5 +1,5 @@
-"""Command line: ``stream-cps init | run | relay | reindex | replay | webhook | quarantine |
-explain | demo``.
+"""Command line: ``stream-cps init | run | status | relay | reindex | replay | webhook |
+quarantine | explain | demo``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -10,6 +10,7 @@ shows its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from stream_cps import config, retry
+from stream_cps import config, logs, retry
 from stream_cps.errors import ConfigError, Fatal, SchemaError, StreamCpsError
 from stream_cps.service import process
 
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = config.load(args.config, flags=_flags(args))
-        _logging(settings.log_level)
+        logs.configure(settings.log_level, settings.log_format)
         result: int = args.handler(settings, args)
         return result
     except Fatal as exc:  # configuration, schema, credentials: the operator's to fix
@@ -54,9 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="the guide's JSON configuration file")
     common.add_argument("--dsn", help="PostgreSQL connection string (else STREAM_CPS_DSN)")
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--log-format", choices=["text", "json"])
     parser = argparse.ArgumentParser(
         prog="stream-cps", description="Always-on customer profile stitching."
     )
+    parser.add_argument("--version", action="version", version=f"stream-cps {version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     init = sub.add_parser("init", parents=[common], help="create or upgrade the schema")
@@ -86,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
     run.add_argument("--batch-size", type=int, dest="batch_size")
     run.set_defaults(handler=_cmd_run)
+
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="one screen: role, lag, waiting work, errors (exit 0 ok, 1 degraded, 2 unreachable)",
+    )
+    status.add_argument("--source", choices=["postgres", "kafka"], default="postgres")
+    status.add_argument("--json", action="store_true", help="the same as one JSON object")
+    status.set_defaults(handler=_cmd_status)
 
     replay = sub.add_parser(
         "replay", parents=[common], help="move the Kafka group's offsets back and reprocess"
@@ -156,24 +168,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), else ``unknown`` (a bare
+    checkout on ``PYTHONPATH`` that was never installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("stream-cps")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "dsn": getattr(args, "dsn", None),
         "log_level": getattr(args, "log_level", None),
+        "log_format": getattr(args, "log_format", None),
         "stitching.batch_size": getattr(args, "batch_size", None),
         "webhook.host": getattr(args, "webhook_host", None),
         "webhook.port": getattr(args, "webhook_port", None),
         "webhook.cert_file": getattr(args, "webhook_cert", None),
         "webhook.key_file": getattr(args, "webhook_key", None),
     }
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:
@@ -285,6 +302,23 @@ def _cmd_explain(settings: config.Settings, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     return 0
+
+
+def _cmd_status(settings: config.Settings, args: argparse.Namespace) -> int:
+    from stream_cps.observe import status
+
+    try:
+        snap = process.status(settings, args.source)
+    except (psycopg.OperationalError, StreamCpsError) as exc:
+        if isinstance(exc, Fatal) and not isinstance(exc, SchemaError):
+            raise  # a setting: the usual one line, exit 2
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if args.json:
+            print(json.dumps({"health": "unreachable", "exit_code": 2, "error": reason}))
+        print(f"stream-cps: status: {reason}", file=sys.stderr)
+        return status.UNREACHABLE
+    print(status.to_json(snap) if args.json else status.render(snap))
+    return snap.exit_code
 
 
 def _cmd_replay(settings: config.Settings, args: argparse.Namespace) -> int:

@@ -274,7 +274,22 @@ FIELDS: dict[str, Field] = {
     ),
     "telemetry.otlp_endpoint": Field(str, "http://localhost:4318", "OTLP/HTTP collector URL"),
     "telemetry.service_name": Field(str, "stream-cps", "service.name resource attribute"),
+    "http.address": Field(
+        str,
+        None,
+        "host:port where `run` serves /healthz, /readyz and /metrics (port 0: any free one); "
+        "unset = off",
+    ),
+    "http.sample_interval": Field(
+        float, 5.0, "seconds between the database samples behind the waiting-work gauges"
+    ),
     "log_level": Field(str, "INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    "log_format": Field(
+        str,
+        "text",
+        "log lines as text, or JSON objects (time, level, logger, message)",
+        choices=("text", "json"),
+    ),
 }
 
 _SCHEMA_KEYS = ("cdp_schema", "ce_schema", "ps_schema", "attr_schema")
@@ -392,6 +407,19 @@ class TelemetrySettings:
     service_name: str
 
 
+@dataclass(frozen=True)
+class HttpSettings:
+    address: str | None
+    sample_interval: float
+
+    def host_port(self) -> tuple[str, int]:
+        """``http.address`` split; ConfigError naming the key when it is not host:port."""
+        host, sep, port = (self.address or "").rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"http.address: expected host:port, got {self.address!r}")
+        return host.strip("[]"), int(port)
+
+
 # Section name -> its typed settings; every field is one ``FIELDS`` key "<section>.<field>".
 SECTIONS: dict[str, type] = {
     "stitching": StitchingSettings,
@@ -400,6 +428,7 @@ SECTIONS: dict[str, type] = {
     "webhook": WebhookSettings,
     "opensearch": OpenSearchSettings,
     "telemetry": TelemetrySettings,
+    "http": HttpSettings,
 }
 
 
@@ -407,7 +436,7 @@ def _section_keys() -> set[str]:
     return {f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)}
 
 
-_TOP_LEVEL = {"dsn", "log_level", *_SCHEMA_KEYS}
+_TOP_LEVEL = {"dsn", "log_level", "log_format", *_SCHEMA_KEYS}
 _MISMATCH = _section_keys() ^ (set(FIELDS) - _TOP_LEVEL)
 if _MISMATCH:  # pragma: no cover - a programming error, caught when the module is imported
     raise AssertionError(f"config: FIELDS and the typed sections differ: {sorted(_MISMATCH)}")
@@ -437,7 +466,9 @@ class Settings:
     webhook: WebhookSettings = field(init=False)
     opensearch: OpenSearchSettings = field(init=False)
     telemetry: TelemetrySettings = field(init=False)
+    http: HttpSettings = field(init=False)
     log_level: str = field(init=False)
+    log_format: str = field(init=False)
 
     def __post_init__(self) -> None:
         v = self.values
@@ -453,7 +484,9 @@ class Settings:
         put(self, "webhook", _build(WebhookSettings, "webhook", v))
         put(self, "opensearch", _build(OpenSearchSettings, "opensearch", v))
         put(self, "telemetry", _build(TelemetrySettings, "telemetry", v))
+        put(self, "http", _build(HttpSettings, "http", v))
         put(self, "log_level", str(v["log_level"]))
+        put(self, "log_format", str(v["log_format"]))
 
     @property
     def dsn(self) -> str:
@@ -514,6 +547,10 @@ def load(
         if values[key] < 1:
             raise ConfigError(f"{key}: must be at least 1")
     _check_quarantine(values)
+    if values["http.address"] is not None:
+        Settings(values).http.host_port()
+    if values["http.sample_interval"] <= 0:
+        raise ConfigError("http.sample_interval: must be positive")
     if values["webhook.max_wait"] < 0:
         raise ConfigError("webhook.max_wait: must not be negative")
     _check_kafka_security(values)

@@ -182,29 +182,40 @@ class RetryPolicy:
             def waiting(seconds: float) -> None:  # returns at once when stop is set
                 event.wait(seconds)
 
+        said: list[str] = []  # the reasons logged so far in this call
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(self.retry_on),
             wait=tenacity.wait_exponential(multiplier=self.first, max=self.longest)
             + tenacity.wait_random(0, self.jitter),
             stop=tenacity.stop_any(*stops) if stops else tenacity.stop_never,
             sleep=waiting,
-            before_sleep=None if self.quiet else self._log,
+            before_sleep=None if self.quiet else (lambda state: self._log(state, said)),
             reraise=True,
         )
         try:
-            return retrying(fn)
+            result = retrying(fn)
         except Exception as exc:
             if stop is not None and stop.is_set() and self.retry_on(exc):
                 raise Stopped(f"{self.name}: stopped while retrying") from exc
             raise
+        if said:
+            tries = retrying.statistics.get("attempt_number", 0)
+            log.info("%s: recovered (try %d)", self.name, tries)
+        return result
 
-    def _log(self, state: tenacity.RetryCallState) -> None:
+    def _log(self, state: tenacity.RetryCallState, said: list[str]) -> None:
+        """One WARNING when the failure starts or its reason changes; the same reason again
+        (a dependency down for minutes) is only a DEBUG line, so the log shows state changes."""
         exc = state.outcome.exception() if state.outcome else None
         wait = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
+        reason = _first_line(exc) if exc else "?"
+        level = logging.DEBUG if said and said[-1] == reason else logging.WARNING
+        said.append(reason)
+        log.log(
+            level,
             "%s: %s; retrying in %.1f s (try %d)",
             self.name,
-            _first_line(exc) if exc else "?",
+            reason,
             wait,
             state.attempt_number,
         )

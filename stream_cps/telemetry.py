@@ -8,6 +8,7 @@ The standard ``OTEL_*`` variables override our settings where both say the same 
 One trace per unit of work: a loop opens a root span only once it knows there is work (a poll
 that returned something), so an idle service exports nothing; the poll's own span is recorded
 afterwards with its real start and end (``record``).
+``enable_prometheus`` adds a Prometheus scrape of the same metrics (``http.address``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,80 @@ METRIC_ATTRIBUTE_ERRORS = "stream_cps.attributes.errors"
 METRIC_OUTBOX_DELIVERED = "stream_cps.outbox.delivered"
 METRIC_OUTBOX_RETRIED = "stream_cps.outbox.retried"
 METRIC_OUTBOX_PARKED = "stream_cps.outbox.parked"
+# Per committed batch: the oldest event's wait from insert (created) to stitched, in s.
+METRIC_EVENTS_LATENCY = "stream_cps.events.latency"
+METRIC_LAST_BATCH = "stream_cps.batch.last_time"  # unix time of the last committed batch
+METRIC_DEAD_LETTERS = "stream_cps.dead_letters"  # attribute reason: its first words
+# Sampled from the database every http.sample_interval s (observe/sampler.py).
+METRIC_EVENTS_WAITING = "stream_cps.events.waiting"
+METRIC_EVENTS_WAITING_AGE = "stream_cps.events.waiting_oldest_age"
+METRIC_ENTITIES_DUE = "stream_cps.entities.due"
+METRIC_OUTBOX_PENDING = "stream_cps.outbox.pending"
+METRIC_OUTBOX_OLDEST_AGE = "stream_cps.outbox.oldest_age"
+METRIC_ACTIVE = "stream_cps.active"  # 1 while this process holds the lease (or consumes Kafka)
+
+# Each metric's kind, unit and help line: the Prometheus HELP text, and what the dashboards
+# and tests/unit/test_dashboards.py check the panels against.
+METRICS: dict[str, tuple[str, str, str]] = {
+    METRIC_EVENTS_STITCHED: ("counter", "", "events stitched (committed batches)"),
+    METRIC_ENTITIES_MERGED: ("counter", "", "entities merged into another"),
+    METRIC_ENTITIES_CREATED: ("counter", "", "entities created"),
+    METRIC_ENTITIES_PURGED: ("counter", "", "entities purged by a restitch signal"),
+    METRIC_RULE_ERRORS: ("counter", "", "stitching rule failures (cdp_ps.stitching_errors)"),
+    METRIC_IDENTIFIERS_QUARANTINED: ("counter", "", "identifiers quarantined as hubs"),
+    METRIC_BATCH_DURATION: ("histogram", "s", "one stitching transaction, retries included"),
+    METRIC_SLOT_LAG: ("gauge", "By", "WAL the replication slot holds back"),
+    METRIC_ENTITIES_CALCULATED: ("counter", "", "entities whose attributes were calculated"),
+    METRIC_ATTRIBUTE_ERRORS: ("counter", "", "attribute definitions that failed on an entity"),
+    METRIC_OUTBOX_DELIVERED: ("counter", "", "outbox commands delivered to OpenSearch"),
+    METRIC_OUTBOX_RETRIED: ("counter", "", "outbox commands left pending for a retry"),
+    METRIC_OUTBOX_PARKED: ("counter", "", "outbox commands parked (can never succeed)"),
+    METRIC_EVENTS_LATENCY: (
+        "histogram",
+        "s",
+        "per batch, the oldest event's wait from insert (created) to stitched",
+    ),
+    METRIC_LAST_BATCH: ("gauge", "s", "unix time of the last committed stitching batch"),
+    METRIC_DEAD_LETTERS: ("counter", "", "dead letters, by the first words of their reason"),
+    METRIC_EVENTS_WAITING: ("gauge", "", "events with stitched IS NULL (capped at 100000)"),
+    METRIC_EVENTS_WAITING_AGE: ("gauge", "s", "age of the oldest event waiting to be stitched"),
+    METRIC_ENTITIES_DUE: ("gauge", "", "entities due for calculation (capped at 100000)"),
+    METRIC_OUTBOX_PENDING: ("gauge", "", "outbox commands waiting for delivery (capped)"),
+    METRIC_OUTBOX_OLDEST_AGE: ("gauge", "s", "age of the oldest pending outbox command"),
+    METRIC_ACTIVE: ("gauge", "", "1 while this process stitches (lease held, or Kafka member)"),
+}
+
+
+def describe(name: str) -> str:
+    """The help line of a metric (``METRICS``)."""
+    return METRICS[name][2]
+
+
+def counter(name: str) -> metrics.Counter:
+    """A counter with its ``METRICS`` unit and help line."""
+    return meter().create_counter(name, unit=METRICS[name][1], description=describe(name))
+
+
+def histogram(name: str) -> metrics.Histogram:
+    """A histogram with its unit, help line and, for seconds, ``SECONDS_BUCKETS``."""
+    unit = METRICS[name][1]
+    return meter().create_histogram(
+        name,
+        unit=unit,
+        description=describe(name),
+        explicit_bucket_boundaries_advisory=SECONDS_BUCKETS if unit == "s" else None,
+    )
+
+
+def gauge(name: str, callback: metrics.CallbackT) -> metrics.ObservableGauge:
+    """An observable gauge (read at collection: a scrape or an export) with its unit and help."""
+    return meter().create_observable_gauge(
+        name, [callback], unit=METRICS[name][1], description=describe(name)
+    )
+
+
+# Seconds from milliseconds to minutes: the default buckets are for milliseconds.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 TRACER_NAME = "stream_cps"
 
@@ -93,6 +168,20 @@ def resource(settings: TelemetrySettings) -> Any:
     return ours.merge(OTELResourceDetector().detect())
 
 
+_metric_readers: list[Any] = []
+
+
+def enable_prometheus() -> Any:
+    """Also export every metric for a Prometheus scrape; returns the ``CollectorRegistry`` to
+    serve. Call before ``setup`` (the meter provider is installed once, with its readers)."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    _metric_readers.append(PrometheusMetricReader(registry=registry))
+    return registry
+
+
 def setup(settings: TelemetrySettings) -> None:
     """Install tracer and meter providers once per process, as configured (the wiring layer,
     ``stream_cps.service.process``, is the only caller).
@@ -107,13 +196,15 @@ def setup(settings: TelemetrySettings) -> None:
     environ = os.environ
     spans_to = trace_exporter(settings.exporter, environ)
     metrics_to = "none" if _disabled(environ) else settings.exporter
-    if spans_to == "none" and metrics_to == "none":
+    if spans_to == "none" and metrics_to == "none" and not _metric_readers:
         return
     res = resource(settings)
     if spans_to != "none":
         _setup_tracing(settings, spans_to, res)
     if metrics_to != "none":
         _setup_metrics(settings, metrics_to, res)
+    else:  # metrics for Prometheus only
+        _install_meters(res, [])
     _configured = True
 
 
@@ -140,7 +231,6 @@ def _setup_tracing(settings: TelemetrySettings, exporter: str, res: Any) -> None
 
 
 def _setup_metrics(settings: TelemetrySettings, exporter: str, res: Any) -> None:
-    from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     if exporter == "console":
@@ -153,7 +243,15 @@ def _setup_metrics(settings: TelemetrySettings, exporter: str, res: Any) -> None
         url = otlp_endpoint(settings.otlp_endpoint, "metrics", os.environ)
         metric_exporter = OTLPMetricExporter(endpoint=url)
     reader = PeriodicExportingMetricReader(metric_exporter, export_interval_millis=10_000)
-    metrics.set_meter_provider(MeterProvider(resource=res, metric_readers=[reader]))
+    _install_meters(res, [reader])
+
+
+def _install_meters(res: Any, readers: list[Any]) -> None:
+    """One meter provider with the push ``readers`` and any Prometheus reader."""
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    all_readers = [*readers, *_metric_readers]
+    metrics.set_meter_provider(MeterProvider(resource=res, metric_readers=all_readers))
 
 
 def tracer() -> trace.Tracer:

@@ -71,7 +71,7 @@ class CalculationWorker:
             settings.opensearch.writes_outbox,
         )
         self._caches = CacheRefresher(self._schemas, settings.attributes.cache_interval)
-        counter = telemetry.meter().create_counter
+        counter = telemetry.counter
         self._calculated = counter(telemetry.METRIC_ENTITIES_CALCULATED)
         self._errors = counter(telemetry.METRIC_ATTRIBUTE_ERRORS)
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from stream_cps.config import Settings
+from stream_cps.observe.health import Health
 from stream_cps.service.backlog import Backlog
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,15 @@ class Background:
     """Calculation (unless ``attributes.enabled`` is off) and the relay (when
     ``opensearch.url`` is set), as daemon threads; calculation defers to ``backlog``."""
 
-    def __init__(self, settings: Settings, stop: threading.Event, backlog: Backlog) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        backlog: Backlog,
+        health: Health | None = None,
+    ) -> None:
         self.settings = settings
+        self.health = health
         self.stop = stop
         self.backlog = backlog
         self.threads: list[threading.Thread] = []
@@ -48,6 +56,8 @@ class Background:
             thread = threading.Thread(target=self._guard, args=(name, job), name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
+            if self.health is not None:
+                self.health.watch(name, thread.is_alive)
 
     def _guard(self, name: str, job: Callable[[threading.Event], None]) -> None:
         try:

@@ -24,6 +24,7 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
+from stream_cps.observe.health import Health
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
 from stream_cps.sources.kafka.consumer import KafkaBatch, KafkaSource
@@ -41,7 +42,11 @@ class KafkaLoop:
     """Runs until ``stop`` is set."""
 
     def __init__(
-        self, settings: Settings, stop: threading.Event, backlog: Backlog | None = None
+        self,
+        settings: Settings,
+        stop: threading.Event,
+        backlog: Backlog | None = None,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
         self.stop = stop
@@ -53,6 +58,7 @@ class KafkaLoop:
         self.source = KafkaSource(settings.kafka, settings.schemas, self.member)
         self.on_batch: Callable[[ApplyStats], None] | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        self.health = health or Health()
 
     def run(self) -> Progress:
         with connect(self.settings.dsn, role="check", autocommit=True) as conn:
@@ -62,6 +68,7 @@ class KafkaLoop:
         try:
             self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
             self.source.open()
+            self.health.role = "member"
             self._loop(dead_topic)
         finally:
             try:
@@ -77,6 +84,7 @@ class KafkaLoop:
     def _loop(self, dead_topic: DeadLetterTopic) -> None:
         last_maintenance = 0.0
         while not self.stop.is_set():
+            self.health.beat("stitching")
             started = telemetry.now()
             batch = self.source.poll()
             polled = telemetry.now()

@@ -18,6 +18,10 @@ from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
 from stream_cps.errors import ConfigError
+from stream_cps.observe import status as observe_status
+from stream_cps.observe.health import Health
+from stream_cps.observe.http import ObserveServer
+from stream_cps.observe.status import Snapshot
 from stream_cps.service.background import Background
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
@@ -35,26 +39,60 @@ def run(settings: Settings, source: str, stop: threading.Event) -> Progress:
     the relay. On PostgreSQL these start once the lease is held (a standby would duplicate
     them); every Kafka member runs them (there is no lease on that path, so it can run on
     CockroachDB too; concurrent calculators may compute an entity twice, never wrongly)."""
-    telemetry.setup(settings.telemetry)
+    health = Health()
+    server = _observe(settings, health, stop)
     backlog = Backlog()
-    background = Background(settings, stop, backlog)
+    background = Background(settings, stop, backlog, health)
     try:
         if source == "kafka":
             from stream_cps.service.kafka import KafkaLoop
 
             background.start()
-            progress = KafkaLoop(settings, stop, backlog).run()
+            progress = KafkaLoop(settings, stop, backlog, health).run()
         else:
             from stream_cps.service.replication import ReplicationLoop
 
-            loop = ReplicationLoop(settings, stop, backlog, on_active=background.start)
+            loop = ReplicationLoop(settings, stop, backlog, background.start, health)
             progress = loop.run()
     finally:
         stop.set()
         background.join()
+        if server is not None:
+            server.close()
     if background.failure is not None:
         raise background.failure
     return progress
+
+
+def _observe(settings: Settings, health: Health, stop: threading.Event) -> ObserveServer | None:
+    """Telemetry, plus (with ``http.address``) the probes, ``/metrics`` and the database
+    sampler behind its gauges. The port is bound before any loop starts, so a taken port is
+    one line and exit 2, not a half-started service."""
+    if not settings.http.address:
+        telemetry.setup(settings.telemetry)
+        return None
+    from stream_cps.observe.sampler import Sampler
+    from stream_cps.sources.postgres.lease import SlotLease
+
+    host, port = settings.http.host_port()
+    registry = telemetry.enable_prometheus()
+    telemetry.setup(settings.telemetry)
+    try:
+        server = ObserveServer(host, port, health, registry)
+    except OSError as exc:
+        raise ConfigError(f"http.address: cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+    def active(_options: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        return [Observation(1 if health.role in ("active", "member") else 0)]
+
+    telemetry.gauge(telemetry.METRIC_ACTIVE, active)
+    key = SlotLease(settings.dsn, settings.stitching.slot_name).key
+    sampler = Sampler(settings, health, key)
+    threading.Thread(target=sampler.run, args=(stop,), name="metrics", daemon=True).start()
+    server.start()
+    return server
 
 
 def relay(settings: Settings, stop: threading.Event) -> None:
@@ -114,6 +152,25 @@ def explain(
         schema.check(conn, settings.schemas)
         explanation = queries.load(conn, settings.schemas, ask, settings.stitching.rule_timeout_ms)
     return render.render(explanation, fmt, limit)
+
+
+def status(settings: Settings, source: str) -> Snapshot:
+    """``stream-cps status``: the snapshot of ``observe.status``; the Kafka group's lag too
+    with ``source == "kafka"`` (a Kafka member holds no lease, so none is expected)."""
+    from stream_cps.sources.postgres.lease import SlotLease
+
+    slot = settings.stitching.slot_name
+    key = SlotLease(settings.dsn, slot).key
+    with connect(settings.dsn, role="status", autocommit=True, connect_timeout=5) as conn:
+        schema.check(conn, settings.schemas)
+        snap = observe_status.read(conn, settings.schemas, slot, key)
+    if source == "kafka":
+        from stream_cps.sources.kafka.lag import group_lag
+
+        snap.kafka = group_lag(settings.kafka)
+    else:
+        snap.notes.append("kafka: not queried (`status --source kafka` reads the group's lag)")
+    return snap
 
 
 def webhook_server(settings: Settings) -> WebhookServer:

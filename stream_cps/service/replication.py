@@ -22,6 +22,7 @@ from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
 from stream_cps.errors import Stopped
+from stream_cps.observe.health import Health
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
 from stream_cps.sources.postgres.lease import SlotLease
@@ -46,6 +47,7 @@ class ReplicationLoop:
         stop: threading.Event,
         backlog: Backlog | None = None,
         on_active: Callable[[], None] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.settings = settings
         self.stop = stop
@@ -56,6 +58,7 @@ class ReplicationLoop:
         self.source = reader(settings)
         self.lease = SlotLease(settings.dsn, settings.stitching.slot_name)
         self._activated = False
+        self.health = health or Health()
 
     def run(self) -> Progress:
         self._register_lag_gauge()
@@ -81,6 +84,8 @@ class ReplicationLoop:
         return self.progress
 
     def _session(self) -> None:
+        self.health.role = "connecting"
+        self.health.beat("stitching")
         try:
             with connect(self.settings.dsn, role="check", autocommit=True) as conn:
                 schema.check(conn, self.settings.schemas)  # SchemaError ends the run
@@ -103,9 +108,12 @@ class ReplicationLoop:
     def _acquire_lease(self) -> bool:
         waiting_logged = False
         while not self.stop.is_set():
+            self.health.beat("stitching")
             if self.lease.try_acquire():
                 log.info("active: holding the lease for slot %s", self.source.slot)
+                self.health.role = "active"
                 return True
+            self.health.role = "standby"
             if not waiting_logged:
                 log.info("standby: another process is active on slot %s; waiting", self.source.slot)
                 waiting_logged = True
@@ -119,6 +127,7 @@ class ReplicationLoop:
         last_sweep = 0.0
         last_lease_check = time.monotonic()
         while not self.stop.is_set():
+            self.health.beat("stitching")
             if time.monotonic() - last_lease_check > LEASE_CHECK_EVERY:
                 if not self.lease.alive():
                     log.warning("lost the lease connection; stepping down to standby")
@@ -175,6 +184,7 @@ class ReplicationLoop:
         # A full batch means more is waiting: calculation holds back (service/backlog.py).
         self.backlog.report(result.events >= self.settings.stitching.batch_size)
         self.progress.add(result)
+        self.health.beat("stitching")
         self.progress.maybe_log()  # also during long sweeps (a restitch of everything)
 
     def _register_lag_gauge(self) -> None:
@@ -183,4 +193,4 @@ class ReplicationLoop:
 
             return [Observation(self.progress.lag_bytes or 0)]
 
-        telemetry.meter().create_observable_gauge(telemetry.METRIC_SLOT_LAG, [observe], unit="By")
+        telemetry.gauge(telemetry.METRIC_SLOT_LAG, observe)

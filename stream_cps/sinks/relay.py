@@ -86,10 +86,9 @@ class Relay:
             self.publisher = KafkaCommandPublisher(settings)
         self._index_ready = self.client is None
         self._lock_session: tuple[int, int] | None = None
-        meter = telemetry.meter()
-        self._delivered = meter.create_counter(telemetry.METRIC_OUTBOX_DELIVERED)
-        self._parked = meter.create_counter(telemetry.METRIC_OUTBOX_PARKED)
-        self._retried = meter.create_counter(telemetry.METRIC_OUTBOX_RETRIED)
+        self._delivered = telemetry.counter(telemetry.METRIC_OUTBOX_DELIVERED)
+        self._parked = telemetry.counter(telemetry.METRIC_OUTBOX_PARKED)
+        self._retried = telemetry.counter(telemetry.METRIC_OUTBOX_RETRIED)
 
     def ensure_index(self, conn: psycopg.Connection[Any] | None = None) -> None:
         """Create the template and index once per relay, before the first write, so the index

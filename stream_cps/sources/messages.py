@@ -170,6 +170,15 @@ def short_reason(text: str) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "\u2026"
 
 
+def reason_class(reason: str | None) -> str:
+    """A dead-letter reason's first words, as a metric label of few values: ``not valid
+    JSON: Expecting value ...`` -> ``not_valid_json``. Values quoted in reasons never reach a
+    label (the words stop at the first colon, quote or digit, at most three are kept)."""
+    head = re.split(r"[:'\"0-9({\[]", reason or "", maxsplit=1)[0]
+    words = re.findall(r"[a-z_]+", head.lower())[:3]
+    return "_".join(words) or "other"
+
+
 def parse_json(data: bytes) -> Any:
     try:
         return json.loads(data.decode("utf-8"), parse_constant=_reject_constant)

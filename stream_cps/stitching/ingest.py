@@ -26,6 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from stream_cps import telemetry
 from stream_cps.config import Schemas
 from stream_cps.sources.messages import (
     ChangefeedRow,
@@ -33,6 +34,7 @@ from stream_cps.sources.messages import (
     Envelope,
     Ignored,
     Resolved,
+    reason_class,
     short_reason,
 )
 from stream_cps.stitching.stitcher import BatchResult, Stitcher, StitchIn
@@ -79,11 +81,14 @@ class Applier:
         self.stitcher = stitcher
         self._events = sql.Identifier(schemas.ce, "customer_events")
         self._dead = sql.Identifier(schemas.ps, "kafka_dead_letters")
+        self._dead_letters = telemetry.counter(telemetry.METRIC_DEAD_LETTERS)
 
     def apply(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
         """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
         stats = self.stitcher.within(conn, lambda stitch_in: self._once(conn, envelopes, stitch_in))
         _log_outcomes(stats, envelopes)
+        for dead in stats.dead_letters:
+            self._dead_letters.add(1, {"reason": reason_class(dead.reason)})
         return stats
 
     def _once(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class BatchResult:
     purged: list[str] = field(default_factory=list)
     rule_failures: int = 0
     quarantined: list[str] = field(default_factory=list)
+    oldest_wait: float | None = None  # s from the oldest event's insert to its stitching
 
 
 R = TypeVar("R")
@@ -101,16 +103,19 @@ class Stitcher:
         self.rulebook = rules.RuleBook(
             self.schemas, settings.stitching.rule_max_failures, settings.stitching.rule_timeout_ms
         )
-        meter = telemetry.meter()
-        self._stitched = meter.create_counter(telemetry.METRIC_EVENTS_STITCHED)
-        self._merged = meter.create_counter(telemetry.METRIC_ENTITIES_MERGED)
-        self._created = meter.create_counter(telemetry.METRIC_ENTITIES_CREATED)
-        self._purged = meter.create_counter(telemetry.METRIC_ENTITIES_PURGED)
-        self._rule_errors = meter.create_counter(telemetry.METRIC_RULE_ERRORS)
-        self._quarantined = meter.create_counter(telemetry.METRIC_IDENTIFIERS_QUARANTINED)
-        self._duration: metrics.Histogram = meter.create_histogram(
-            telemetry.METRIC_BATCH_DURATION, unit="s"
-        )
+        self._stitched = telemetry.counter(telemetry.METRIC_EVENTS_STITCHED)
+        self._merged = telemetry.counter(telemetry.METRIC_ENTITIES_MERGED)
+        self._created = telemetry.counter(telemetry.METRIC_ENTITIES_CREATED)
+        self._purged = telemetry.counter(telemetry.METRIC_ENTITIES_PURGED)
+        self._rule_errors = telemetry.counter(telemetry.METRIC_RULE_ERRORS)
+        self._quarantined = telemetry.counter(telemetry.METRIC_IDENTIFIERS_QUARANTINED)
+        self._duration = telemetry.histogram(telemetry.METRIC_BATCH_DURATION)
+        self._latency = telemetry.histogram(telemetry.METRIC_EVENTS_LATENCY)
+        self.last_batch: float | None = None
+        telemetry.gauge(telemetry.METRIC_LAST_BATCH, self._observe_last_batch)
+
+    def _observe_last_batch(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
+        return [] if self.last_batch is None else [metrics.Observation(self.last_batch)]
 
     # -- the three entry points ---------------------------------------------------------------
 
@@ -170,9 +175,10 @@ class Stitcher:
             with conn.transaction():
                 return work(stitch_in), done
 
+        started = time.monotonic()
         out, results = retry.CONFLICT.call(attempt)
         for result in results:
-            self._count(result)
+            self._count(result, time.monotonic() - started)
         return out
 
     def purge_pending(self, conn: psycopg.Connection[Any]) -> bool:
@@ -254,8 +260,9 @@ class Stitcher:
             with conn.transaction():
                 return work()
 
+        started = time.monotonic()
         result = retry.CONFLICT.call(attempt)
-        self._count(result)
+        self._count(result, time.monotonic() - started)
         return result
 
     def _in_transaction(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
@@ -329,7 +336,7 @@ class Stitcher:
             # Pipeline mode: marking the events (the largest statement, independent of the
             # plan) runs in PostgreSQL while Python groups; the entity writes follow it.
             with conn.pipeline():
-                self.store.mark(conn, prepared.marks, prepared.failures)
+                marked = self.store.mark(conn, prepared.marks, prepared.failures)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
                     gone = set(result.purged)
                     owner = {i: e for i, e in owner.items() if e not in gone}
@@ -341,13 +348,21 @@ class Stitcher:
             result.merges = written.merged
             result.absorbed = written.absorbed
             result.rule_failures = len(prepared.failures)
+            row = marked.fetchone() if marked is not None else None
+            result.oldest_wait = row[0] if row else None
         span = trace.get_current_span()
         span.set_attribute("events.stitched", result.events)
         span.set_attribute("entities.merged", result.merges)
         return result
 
-    def _count(self, result: BatchResult) -> None:
-        """Add a committed batch to the metrics (only ever after its commit)."""
+    def _count(self, result: BatchResult, seconds: float) -> None:
+        """Add a committed batch to the metrics (only ever after its commit); ``seconds`` is
+        the whole transaction's, retries included."""
+        if result.events or result.purged:
+            self._duration.record(seconds)
+            self.last_batch = time.time()
+        if result.oldest_wait is not None:
+            self._latency.record(max(0.0, result.oldest_wait))
         self._stitched.add(result.events)
         self._merged.add(result.merges)
         self._created.add(result.created)

@@ -139,9 +139,13 @@ class StitchStore:
             "modified = clock_timestamp(), first_event_time = excluded.first_event_time, "
             "first_event_id = excluded.first_event_id, version = excluded.version"
         )
+        # Returns the oldest marked event's wait since its insert (the latency metric).
         self.mark_events = q(
-            "UPDATE {ce} AS ev SET stitched = clock_timestamp(), identifiers = k.idents::text[] "
-            "FROM unnest(%(ids)b::text[], %(idents)b::text[]) AS k(id, idents) WHERE ev.id = k.id"
+            "WITH m AS (UPDATE {ce} AS ev SET stitched = clock_timestamp(), "
+            "identifiers = k.idents::text[] "
+            "FROM unnest(%(ids)b::text[], %(idents)b::text[]) AS k(id, idents) WHERE ev.id = k.id "
+            "RETURNING ev.stitched, ev.created) "
+            "SELECT extract(epoch FROM max(stitched - created))::float8 FROM m"
         )
         self.record_errors = q(
             "INSERT INTO {err} (attribute_id, event_id, message) "
@@ -208,10 +212,12 @@ class StitchStore:
 
     def mark(
         self, conn: psycopg.Connection[Any], marks: EventMarks, failures: list[RuleFailure]
-    ) -> None:
-        """Mark events stitched with their identifiers; record the rule failures met."""
+    ) -> psycopg.Cursor[Any] | None:
+        """Mark events stitched with their identifiers; record the rule failures met. The
+        cursor returned gives the oldest event's wait in seconds (fetched after a pipeline)."""
+        marked = None
         if marks.ids:
-            conn.execute(
+            marked = conn.execute(
                 self.mark_events,
                 {"ids": TextArray(marks.ids), "idents": TextArray(marks.literals)},
             )
@@ -224,6 +230,7 @@ class StitchStore:
                     "msgs": [f.message for f in failures],
                 },
             )
+        return marked
 
     def write(self, conn: psycopg.Connection[Any], plan: BatchPlan, events: int) -> Written:
         """Apply a plan: absorb, claim identifiers, upsert survivors."""

@@ -1,0 +1,1 @@
+"""Read-only views of a running pipeline: the status snapshot, the HTTP health and metrics."""
