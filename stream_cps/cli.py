@@ -205,7 +205,7 @@ def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:
         from stream_cps.db.server_settings import slow_settings
 
         for warning in slow_settings(conn):
-            print(f"stream-cps: warning: {warning}", file=sys.stderr)
+            log.warning("%s", warning)  # a log line: "stream-cps: ..." lines are errors
         if args.service_role:
             from stream_cps.db import roles
 

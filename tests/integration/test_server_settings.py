@@ -26,9 +26,12 @@ def test_init_warns_about_the_defaults(pg_dsn: str) -> None:
     assert done.returncode == 0, done.stderr
     assert shown is not None
     # the test server runs PostgreSQL's defaults (128MB, 1GB, 5min)
-    assert f"warning: shared_buffers is {shown[0]} (at least 512MB recommended)" in done.stderr
-    assert "warning: max_wal_size is 1GB" in done.stderr
-    assert "warning: checkpoint_timeout is 5min" in done.stderr
+    assert (
+        f"WARNING stream_cps: shared_buffers is {shown[0]} (at least 512MB recommended)"
+        in done.stderr
+    )
+    assert "WARNING stream_cps: max_wal_size is 1GB" in done.stderr
+    assert "WARNING stream_cps: checkpoint_timeout is 5min" in done.stderr
 
 
 def test_no_warning_on_a_tuned_server(tmp_path: Path) -> None:
