@@ -64,6 +64,7 @@ class QuarantineStore:
             "pairs": sql.Identifier(schemas.ps, "identifier_pairs"),
             "co": sql.Identifier(schemas.ps, "identifier_cooccurrence"),
             "q": sql.Identifier(schemas.ps, "quarantined_identifiers"),
+            "qe": sql.Identifier(schemas.ps, "quarantined_events"),
         }
 
         def q(text: str) -> sql.Composed:
@@ -109,17 +110,23 @@ class QuarantineStore:
             "UPDATE {q} SET state = %(state)s, decided = now(), reason = %(reason)s "
             "WHERE identifier = %(ident)s"
         )
-        # The entities of every identifier that shares an event with it (GIN index on
-        # identifiers), so the sweep rebuilds them with it linking again.
+        # The entities of every identifier that shares an event with it (the events are in
+        # quarantined_events), so the sweep rebuilds them with it linking again.
         self.purge_touching = q(
             "UPDATE {ca} SET modified = NULL WHERE customer_entity_id IN "
-            "(SELECT ie.entity_id FROM {ce} e CROSS JOIN LATERAL unnest(e.identifiers) AS i(x) "
-            "JOIN {ie} ie ON ie.identifier = i.x WHERE e.identifiers @> ARRAY[%(ident)s::text])"
+            "(SELECT ie.entity_id FROM {qe} qe JOIN {ce} e ON e.id = qe.event_id "
+            "CROSS JOIN LATERAL unnest(e.identifiers) AS i(x) "
+            "JOIN {ie} ie ON ie.identifier = i.x WHERE qe.identifier = %(ident)s)"
         )
-        # Events that held only quarantined identifiers belong to no entity: reset directly.
+        # Its events are restitched with it (those that had only it belong to no entity).
         self.reset_events = q(
-            "UPDATE {ce} SET stitched = NULL, identifiers = NULL "
-            "WHERE identifiers @> ARRAY[%(ident)s::text] AND stitched IS NOT NULL"
+            "UPDATE {ce} SET stitched = NULL, identifiers = NULL WHERE id IN "
+            "(SELECT event_id FROM {qe} WHERE identifier = %(ident)s) AND stitched IS NOT NULL"
+        )
+        self.forget_events = q("DELETE FROM {qe} WHERE identifier = %(ident)s")
+        self.remember_events = q(
+            "INSERT INTO {qe} (identifier, event_id) SELECT * FROM "
+            "unnest(%(idents)b::text[], %(events)b::text[]) ON CONFLICT DO NOTHING"
         )
 
     # -- per batch ---------------------------------------------------------------------------
@@ -167,6 +174,21 @@ class QuarantineStore:
             conn.execute(self.purge_owners, {"idents": TextArray([t.identifier for t in fresh])})
         return fresh
 
+    def remember(
+        self, conn: psycopg.Connection[Any], events: Iterable[StitchEvent], excluded: frozenset[str]
+    ) -> None:
+        """Which of ``events`` carried an ``excluded`` identifier (dropped from what they
+        store): a release restitches exactly those."""
+        pairs = [(i, ev.id) for ev in events for i in ev.identifiers if i in excluded]
+        if pairs:
+            conn.execute(
+                self.remember_events,
+                {
+                    "idents": TextArray([p[0] for p in pairs]),
+                    "events": TextArray([p[1] for p in pairs]),
+                },
+            )
+
     def excluded(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> frozenset[str]:
         """Those of ``identifiers`` that link nothing (quarantined or blocked)."""
         if not identifiers:
@@ -200,6 +222,7 @@ class QuarantineStore:
         if links_after and not links_before:
             restitched = conn.execute(self.purge_touching, {"ident": identifier}).rowcount
             reset = conn.execute(self.reset_events, {"ident": identifier}).rowcount
+            conn.execute(self.forget_events, {"ident": identifier})
         elif links_before and not links_after:
             restitched = conn.execute(
                 self.purge_owners, {"idents": TextArray([identifier])}

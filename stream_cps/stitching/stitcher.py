@@ -308,10 +308,11 @@ class Stitcher:
     def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Lock, quarantine, purge, group and write, in the caller's transaction.
 
-        Events keep every identifier the rules found (``customer_events.identifiers``: what a
-        release needs to find them again), but grouping sees them without the quarantined
-        ones. An identifier that crosses its limit in this batch sets its (locked) entity up
-        for the purge that follows, which resets that entity's events for the sweep."""
+        Quarantined and blocked identifiers are dropped from what the events store, like a
+        blocklisted value (so the guide's ``<@`` test still finds an entity's events), and
+        remembered in ``quarantined_events`` for a release. An identifier that crosses its
+        limit in this batch sets its (locked) entity up for the purge that follows, which
+        resets that entity's events for the sweep."""
         tracer = telemetry.tracer()
         result = BatchResult()
         events = prepared.events
@@ -332,11 +333,15 @@ class Stitcher:
             )
         result.quarantined = [t.identifier for t in trips]
         grouped = quarantine.without(events, excluded)
+        marks = prepared.marks
+        if excluded:
+            self.quarantine.remember(conn, events, excluded)
+            marks = EventMarks.of(grouped)
         if events:
             # Pipeline mode: marking the events (the largest statement, independent of the
             # plan) runs in PostgreSQL while Python groups; the entity writes follow it.
             with conn.pipeline():
-                marked = self.store.mark(conn, prepared.marks, prepared.failures)
+                marked = self.store.mark(conn, marks, prepared.failures)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
                     gone = set(result.purged)
                     owner = {i: e for i, e in owner.items() if e not in gone}

@@ -90,10 +90,19 @@ def test_a_kiosk_cookie_with_20000_emails_is_quarantined_and_people_stay_apart(
     me = entity_of(db, "email:me@x")
     assert me == entity_id_for("p00")
     assert {entity_of(db, f"cookie:mine-{n}") for n in range(30)} == {me}
-    # the events keep the cookie (a release must find them), but it links nothing
+    # the cookie is dropped from what the event stores (the guide's `<@` test finds every
+    # event of its entity), and remembered for a release
     assert db.execute(
         "SELECT identifiers FROM cdp_ce.customer_events WHERE id = 'k000003'"
-    ).fetchone() == (["cookie:kiosk-1", "email:u3@x"],)
+    ).fetchone() == (["email:u3@x"],)
+    assert db.execute(
+        "SELECT count(*) FROM cdp_ps.quarantined_events WHERE identifier = 'cookie:kiosk-1' "
+        "AND event_id = 'k000003'"
+    ).fetchone() == (1,)
+    assert db.execute(
+        "SELECT count(*) FROM cdp_ce.customer_events e WHERE NOT EXISTS (SELECT 1 FROM "
+        "customer_attributes ca WHERE e.identifiers <@ ca.identifiers)"
+    ).fetchone() == (0,)
     assert observed(db) == expected(db)
 
 
