@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stream_cps.stitching.ingest import ApplyStats
@@ -12,6 +13,17 @@ from stream_cps.stitching.stitcher import BatchResult
 log = logging.getLogger("stream_cps.service")
 
 PROGRESS_EVERY = 10.0
+WAITING_CAP = 1_000_000  # counting more would cost a noticeable share of a 10 s interval
+
+
+def eta(seconds: float) -> str:
+    """``3h05m``, ``4m12s``, ``9s``."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 @dataclass
@@ -39,6 +51,10 @@ class Progress:
     dead_letters: int = 0
     replays_applied: int = 0
     last_resolved: str | None = None
+    # events still waiting (a bounded count), asked only when a line is logged: with it the
+    # line of a long job (a restitch of everything, a backlog) says how much is left and when
+    # it should be done
+    waiting: Callable[[], int] | None = None
     _last_log: float = field(default_factory=time.monotonic)
     _last_events: int = 0
 
@@ -73,6 +89,11 @@ class Progress:
             f"stitched {self.events} events ({rate:.0f}/s), {self.created} entities created, "
             f"{self.merges} merges, {self.purged} purged"
         )
+        if self.waiting is not None and rate > 0:
+            left = self.waiting()
+            if left:
+                line += f", {left:,}{'+' if left >= WAITING_CAP else ''} waiting"
+                line += f" (about {eta(left / rate)} at this rate)"
         if self.lag_bytes is not None:
             line += f", slot lag {self.lag_bytes} bytes"
         if self.messages:

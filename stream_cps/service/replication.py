@@ -24,7 +24,7 @@ from stream_cps.db.connect import connect
 from stream_cps.errors import Stopped
 from stream_cps.observe.health import Health
 from stream_cps.service.backlog import Backlog
-from stream_cps.service.progress import Progress
+from stream_cps.service.progress import WAITING_CAP, Progress
 from stream_cps.sources.postgres.lease import SlotLease
 from stream_cps.sources.postgres.readers import reader
 from stream_cps.stitching.stitcher import BatchResult, Stitcher
@@ -100,8 +100,11 @@ class ReplicationLoop:
                 connect(self.settings.dsn, role="read-ahead", autocommit=True) as ahead,
             ):
                 self.source.ensure(conn)
+                store = self.stitcher.store
+                self.progress.waiting = lambda: store.waiting(conn, WAITING_CAP)
                 self._loop(conn, ahead)
         finally:
+            self.progress.waiting = None
             self.source.close()
             self.lease.release()
 

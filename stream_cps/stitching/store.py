@@ -63,6 +63,9 @@ class StitchStore:
         def q(text: str) -> sql.Composed:
             return sql.SQL(text).format(**ids)
 
+        self.count_waiting = q(
+            "SELECT count(*) FROM (SELECT 1 FROM {ce} WHERE stitched IS NULL LIMIT %(cap)s) w"
+        )
         self.has_purge = q("SELECT EXISTS (SELECT 1 FROM {ca} WHERE modified IS NULL)")
         self.has_work = q(
             "SELECT EXISTS (SELECT 1 FROM {ce} WHERE stitched IS NULL) "
@@ -175,6 +178,12 @@ class StitchStore:
                     self.outbox_deletes, {"ids": TextArray(ids), "trace": telemetry.traceparent()}
                 )
         return ids
+
+    def waiting(self, conn: psycopg.Connection[Any], cap: int) -> int:
+        """Events not stitched yet, counted up to ``cap`` (the partial index on unstitched
+        rows: an index-only scan of at most ``cap`` entries)."""
+        row = conn.execute(self.count_waiting, {"cap": cap}).fetchone()
+        return int(row[0]) if row else 0
 
     def pending_purge(self, conn: psycopg.Connection[Any]) -> bool:
         row = conn.execute(self.has_purge).fetchone()

@@ -337,3 +337,16 @@ def test_rule_failing_on_every_event_is_disabled_once_until_its_row_changes(
     assert db.execute("SELECT identifiers FROM customer_events WHERE id = 'b01'").fetchone() == (
         ["email:q@a", "num:7"],
     )
+
+
+def test_waiting_events_are_counted_up_to_a_cap(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """What the progress line of a long job asks, against the real partial index."""
+    setup_rules(db)
+    insert(db, [event(f"w{k:02d}", k, email=f"p{k}@a") for k in range(12)])
+    store = Stitcher(settings).store
+    assert store.waiting(db, 100) == 12
+    assert store.waiting(db, 5) == 5
+    stitch_all(Stitcher(settings), db)
+    assert store.waiting(db, 100) == 0
