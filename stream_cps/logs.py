@@ -19,6 +19,16 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("opensearch", "urllib3", "elastic_transport")
 
 
+def eta(seconds: float) -> str:
+    """How long a long job still needs, for a progress line: ``3h05m``, ``4m12s``, ``9s``."""
+    whole = int(seconds + 0.5)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
 class JsonLines(logging.Formatter):
     """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``, ``message``,
     and ``exception`` (the traceback text) when there is one."""

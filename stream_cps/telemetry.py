@@ -51,6 +51,7 @@ METRIC_ENTITIES_PURGED = "stream_cps.entities.purged"
 METRIC_RULE_ERRORS = "stream_cps.rules.errors"
 METRIC_IDENTIFIERS_QUARANTINED = "stream_cps.identifiers.quarantined"
 METRIC_BATCH_DURATION = "stream_cps.batch.duration"
+METRIC_KAFKA_LAG = "stream_cps.kafka.lag"
 METRIC_SLOT_LAG = "stream_cps.slot.lag_bytes"
 METRIC_ENTITIES_CALCULATED = "stream_cps.entities.calculated"
 METRIC_ATTRIBUTE_ERRORS = "stream_cps.attributes.errors"
@@ -80,6 +81,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     METRIC_IDENTIFIERS_QUARANTINED: ("counter", "", "identifiers quarantined as hubs"),
     METRIC_BATCH_DURATION: ("histogram", "s", "one stitching transaction, retries included"),
     METRIC_SLOT_LAG: ("gauge", "By", "WAL the replication slot holds back"),
+    METRIC_KAFKA_LAG: ("gauge", "", "messages behind on this Kafka member's partitions"),
     METRIC_ENTITIES_CALCULATED: ("counter", "", "entities whose attributes were calculated"),
     METRIC_ATTRIBUTE_ERRORS: ("counter", "", "attribute definitions that failed on an entity"),
     METRIC_OUTBOX_DELIVERED: ("counter", "", "outbox commands delivered to OpenSearch"),

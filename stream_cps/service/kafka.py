@@ -53,6 +53,11 @@ class KafkaLoop:
         self.backlog = backlog
         self.member = f"stream-cps-{socket.gethostname()}-{os.getpid()}"
         self.progress = Progress()
+        # messages behind (after the last batch): a gauge, and the progress line's ETA (a
+        # replay's reprocessing, a backlog)
+        self.lag: int | None = None
+        self.progress.waiting = lambda: self.lag or 0
+        telemetry.gauge(telemetry.METRIC_KAFKA_LAG, self._observe_lag)
         self.stitcher = Stitcher(settings)
         self.applier = Applier(settings.schemas, self.stitcher)
         self.source = KafkaSource(settings.kafka, settings.schemas, self.member)
@@ -115,6 +120,11 @@ class KafkaLoop:
                 last_maintenance = time.monotonic()
             self.progress.maybe_log()
 
+    def _observe_lag(self, _options: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        return [] if self.lag is None else [Observation(self.lag)]
+
     def _ingest(self, batch: KafkaBatch, dead_topic: DeadLetterTopic) -> None:
         """The commit order of the module docstring, for one batch."""
         stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes))
@@ -126,6 +136,7 @@ class KafkaLoop:
         ):
             self.source.commit(batch)
         self.progress.add_ingest(stats)
+        self.lag = self.source.lag()
         if self.on_batch:
             self.on_batch(stats)
 

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from stream_cps.logs import eta
 from stream_cps.stitching.ingest import ApplyStats
 from stream_cps.stitching.stitcher import BatchResult
 
@@ -14,16 +15,6 @@ log = logging.getLogger("stream_cps.service")
 
 PROGRESS_EVERY = 10.0
 WAITING_CAP = 1_000_000  # counting more would cost a noticeable share of a 10 s interval
-
-
-def eta(seconds: float) -> str:
-    """``3h05m``, ``4m12s``, ``9s``."""
-    whole = int(seconds + 0.5)
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 @dataclass
@@ -57,6 +48,7 @@ class Progress:
     waiting: Callable[[], int] | None = None
     _last_log: float = field(default_factory=time.monotonic)
     _last_events: int = 0
+    _last_messages: int = 0
 
     def add(self, result: BatchResult) -> None:
         """A committed stitching batch."""
@@ -89,11 +81,14 @@ class Progress:
             f"stitched {self.events} events ({rate:.0f}/s), {self.created} entities created, "
             f"{self.merges} merges, {self.purged} purged"
         )
-        if self.waiting is not None and rate > 0:
+        # what ``waiting`` counts: messages on Kafka (a replay re-reads stitched ones), events
+        done = self.messages - self._last_messages if self.messages else None
+        work_rate = rate if done is None else done / max(now - self._last_log, 1e-9)
+        if self.waiting is not None and work_rate > 0:
             left = self.waiting()
             if left:
                 line += f", {left:,}{'+' if left >= WAITING_CAP else ''} waiting"
-                line += f" (about {eta(left / rate)} at this rate)"
+                line += f" (about {eta(left / work_rate)} at this rate)"
         if self.lag_bytes is not None:
             line += f", slot lag {self.lag_bytes} bytes"
         if self.messages:
@@ -105,3 +100,4 @@ class Progress:
             )
         log.info("%s", line)
         self._last_log, self._last_events = now, self.events
+        self._last_messages = self.messages

@@ -24,6 +24,7 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db.connect import connect
 from stream_cps.errors import Stopped, Transient
+from stream_cps.logs import eta
 from stream_cps.sinks.commands import (
     Action,
     Outcome,
@@ -46,6 +47,7 @@ from stream_cps.sinks.outbox import OutboxStore
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 60.0  # seconds between deletes of old delivered outbox rows
+PROGRESS_EVERY = 10.0  # seconds between progress lines while there is a backlog
 
 
 class Publisher(Protocol):
@@ -85,6 +87,8 @@ class Relay:
 
             self.publisher = KafkaCommandPublisher(settings)
         self._index_ready = self.client is None
+        self._finished = 0
+        self._last_progress = (time.monotonic(), 0)  # when the last line was, and the count
         self._lock_session: tuple[int, int] | None = None
         self._delivered = telemetry.counter(telemetry.METRIC_OUTBOX_DELIVERED)
         self._parked = telemetry.counter(telemetry.METRIC_OUTBOX_PARKED)
@@ -219,7 +223,9 @@ class Relay:
                 if time.monotonic() >= next_prune:
                     self.store.prune(conn, keep)
                     next_prune = time.monotonic() + PRUNE_EVERY
-                return self.run_once(conn)
+                finished = self.run_once(conn)
+                self._progress(conn, finished)
+                return finished
             except psycopg.OperationalError:
                 conn.close()
                 conn = None
@@ -236,6 +242,25 @@ class Relay:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _progress(self, conn: psycopg.Connection[Any], finished: int) -> None:
+        """While delivering, every ``PROGRESS_EVERY`` s: done, rate, pending and an ETA (a
+        reindex, or a backlog after OpenSearch was away). An idle relay logs nothing."""
+        now = time.monotonic()
+        self._finished += finished
+        if not finished or now - self._last_progress[0] < PROGRESS_EVERY:
+            return
+        since, before = self._last_progress
+        rate = (self._finished - before) / max(now - since, 1e-9)
+        pending = self.store.pending(conn)
+        log.info(
+            "relay: %d commands finished (%.0f/s), %d pending%s",
+            self._finished,
+            rate,
+            pending,
+            f" (about {eta(pending / rate)} at this rate)" if pending and rate > 0 else "",
+        )
+        self._last_progress = (now, self._finished)
 
 
 def prepare_index(settings: Settings, conn: psycopg.Connection[Any]) -> None:

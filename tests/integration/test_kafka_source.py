@@ -924,3 +924,20 @@ def test_webhook_enriched_key_only_and_crdb_resolved(
     # The same body through the webhook's decoding and the shared ingest: counted as resolved.
     stats = Applier(settings.schemas, Stitcher(settings)).apply(db, envelopes_of(resolved))
     assert (stats.resolved, stats.last_resolved) == (1, "1800000000.0000000000")
+
+
+def test_member_lag_counts_the_messages_behind_and_reaches_zero(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """What the ``stream_cps.kafka.lag`` gauge and the progress line's ETA read."""
+    settings, topic = kafka_env
+    rows = sample(60, seed=43)
+    lags: list[int | None] = []
+    with member(settings.replace(**{"kafka.batch_size": 10})) as service:
+        service.on_batch = lambda _stats: lags.append(service.lag)
+        wait_until(service.source.owns_partitions, 30, "an assignment")
+        produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
+        wait_until(lambda: service.progress.messages == len(rows), 30, "all consumed")
+    assert len(lags) >= 2 and all(lag is not None for lag in lags)
+    assert max(lag or 0 for lag in lags) > 0  # behind while the batches of 10 came
+    assert lags[-1] == 0

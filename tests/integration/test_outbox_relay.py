@@ -8,6 +8,7 @@ transaction (``calculate`` below).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -826,3 +827,34 @@ def test_without_opensearch_no_commands_are_written_and_reindex_fills_an_index_l
     docs = index_docs(os_settings)
     assert docs == live_entities(db)
     assert set(docs) == {entity_id_for("b"), entity_id_for("p")}
+
+
+def test_a_relay_backlog_reports_progress_with_pending_and_an_eta(
+    db: psycopg.Connection[Any],
+    settings: config.Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reindex (or a backlog after OpenSearch was away) says how far it is; idle says nothing."""
+    from stream_cps.sinks import relay as relay_module
+    from stream_cps.sinks.outbox import OutboxStore
+
+    monkeypatch.setattr(relay_module, "PROGRESS_EVERY", 0.0)
+    setup_rules(db)
+    insert(db, [event(f"r{n:02d}", n, email=f"p{n}@x") for n in range(30)])
+    stitch_all(Stitcher(settings), db)
+    calculate(db)
+    db.execute("UPDATE cdp_attr.outbox SET delivered = now()")
+    assert OutboxStore(settings.schemas).queue_all(db) == 30
+    relay = Relay(settings.replace(**{"opensearch.batch_size": 10}), sink=MemorySink())
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run_forever, args=(stop,), daemon=True)
+    with caplog.at_level(logging.INFO, logger="stream_cps.sinks.relay"):
+        thread.start()
+        wait_until(lambda: outbox_state(db)[0] == 0, 30, "the backlog delivered")
+        stop.set()
+        thread.join(timeout=10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relay: ")]
+    assert lines and lines[0].startswith("relay: 10 commands finished")
+    assert "20 pending (about " in lines[0]
+    assert lines[-1].startswith("relay: 30 commands finished") and "0 pending" in lines[-1]

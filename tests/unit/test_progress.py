@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from stream_cps.service.progress import WAITING_CAP, Progress, eta
+from stream_cps.logs import eta
+from stream_cps.service.progress import WAITING_CAP, Progress
 from stream_cps.stitching.stitcher import BatchResult
 
 

@@ -147,6 +147,21 @@ class KafkaSource:
     def owns_partitions(self) -> bool:
         return self._consumer is not None and bool(self._consumer.assignment())
 
+    def lag(self) -> int | None:
+        """Messages behind on this member's partitions: high watermark minus position, from
+        what the fetches already brought (no broker round trip); None before ``open``."""
+        consumer = self._consumer
+        if consumer is None:
+            return None
+        total = 0
+        for tp in consumer.position(consumer.assignment()):
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                continue  # nothing fetched from it yet
+            position = tp.offset if tp.offset >= 0 else max(low, 0)  # none consumed yet
+            total += max(high - position, 0)
+        return total
+
     def poll(self) -> KafkaBatch:
         """Up to ``kafka.batch_size`` messages, waiting at most ``kafka.poll_timeout``."""
         size = self.settings.batch_size
