@@ -941,3 +941,32 @@ def test_member_lag_counts_the_messages_behind_and_reaches_zero(
     assert len(lags) >= 2 and all(lag is not None for lag in lags)
     assert max(lag or 0 for lag in lags) > 0  # behind while the batches of 10 came
     assert lags[-1] == 0
+
+
+def test_status_reads_the_group_lag_from_the_real_broker(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    """``status --source kafka``: per-partition lag of the group; zero once a member caught up."""
+    settings, topic = kafka_env
+    rows = sample(30, seed=47)
+    produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
+    env = {**os.environ, **{config.env_var(k): _env(v) for k, v in settings.values.items()}}
+
+    def status() -> dict[str, Any]:
+        done = subprocess.run(
+            [sys.executable, "-m", "stream_cps", "status", "--source", "kafka", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.stdout, done.stderr
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+
+    before = status()
+    assert {p["topic"] for p in before["kafka"]} == {topic}
+    assert sum(p["lag"] for p in before["kafka"]) == len(rows)
+    with member(settings) as service:
+        wait_until(lambda: service.progress.messages == len(rows), 30, "all consumed")
+    wait_until(lambda: sum(p["lag"] for p in status()["kafka"]) == 0, 30, "the lag at zero")
