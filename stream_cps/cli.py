@@ -50,6 +50,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+EXAMPLES = """examples:
+  stream-cps demo                                  embedded PostgreSQL with sample data
+  stream-cps init --config config.json             tables, views, sandbox roles, slot
+  stream-cps run --config config.json              stitch + calculate (+ relay) until SIGTERM
+  stream-cps run --source kafka --config c.json    the same from a Kafka consumer group
+  stream-cps status --json                         role, lag, waiting work (exit 0/1/2)
+  stream-cps explain --why email:x@a cookie:c1     why are these one person?
+  stream-cps replay --from-time 2026-11-30T00:00Z  reprocess a topic from a time
+  stream-cps quarantine list                       hub identifiers that link nothing
+
+every setting: docs/configuration.md (file, STREAM_CPS_* variables, flags)
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="the guide's JSON configuration file")
@@ -57,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     common.add_argument("--log-format", choices=["text", "json"])
     parser = argparse.ArgumentParser(
-        prog="stream-cps", description="Always-on customer profile stitching."
+        prog="stream-cps",
+        description="Always-on customer profile stitching.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"stream-cps {version()}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")

@@ -67,6 +67,17 @@ def test_version_flag_prints_the_installed_version() -> None:
     assert result.stdout.split()[1][0].isdigit()
 
 
+def test_help_lists_every_command_with_examples() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_cps", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    for command in ("init", "run", "status", "explain", "replay", "quarantine", "reindex"):
+        assert f"    {command} " in result.stdout or f"    {command}\n" in result.stdout, command
+    examples = result.stdout.split("examples:", 1)[1]
+    assert "stream-cps explain --why" in examples and "stream-cps status --json" in examples
+
+
 def test_a_long_outage_logs_one_warning_and_one_recovery(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
