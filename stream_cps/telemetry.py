@@ -60,6 +60,8 @@ METRIC_OUTBOX_RETRIED = "stream_cps.outbox.retried"
 METRIC_OUTBOX_PARKED = "stream_cps.outbox.parked"
 # Per committed batch: the oldest event's wait from insert (created) to stitched, in s.
 METRIC_EVENTS_LATENCY = "stream_cps.events.latency"
+METRIC_CALCULATION_LATENCY = "stream_cps.attributes.latency"
+METRIC_DELIVERY_LATENCY = "stream_cps.outbox.latency"
 METRIC_LAST_BATCH = "stream_cps.batch.last_time"  # unix time of the last committed batch
 METRIC_DEAD_LETTERS = "stream_cps.dead_letters"  # attribute reason: its first words
 # Sampled from the database every http.sample_interval s (observe/sampler.py).
@@ -91,6 +93,16 @@ METRICS: dict[str, tuple[str, str, str]] = {
         "histogram",
         "s",
         "per batch, the oldest event's wait from insert (created) to stitched",
+    ),
+    METRIC_CALCULATION_LATENCY: (
+        "histogram",
+        "s",
+        "per calculation batch, the oldest entity's wait from its stitching change to stored",
+    ),
+    METRIC_DELIVERY_LATENCY: (
+        "histogram",
+        "s",
+        "per relay batch, the oldest command's wait from the outbox to delivered",
     ),
     METRIC_LAST_BATCH: ("gauge", "s", "unix time of the last committed stitching batch"),
     METRIC_DEAD_LETTERS: ("counter", "", "dead letters, by the first words of their reason"),

@@ -74,6 +74,7 @@ class CalculationWorker:
         counter = telemetry.counter
         self._calculated = counter(telemetry.METRIC_ENTITIES_CALCULATED)
         self._errors = counter(telemetry.METRIC_ATTRIBUTE_ERRORS)
+        self._latency = telemetry.histogram(telemetry.METRIC_CALCULATION_LATENCY)
 
     def run_pass(self, conn: psycopg.Connection[Any]) -> int:
         """One pass over the work that is due now; returns the number of entities stored."""
@@ -211,6 +212,9 @@ class CalculationWorker:
             if span is not None:
                 span.end()
         self._calculated.add(outcome.stored)
+        if outcome.stored:  # the oldest entity's wait, from its stitching change to stored
+            oldest = min(modified for _, modified in entities)
+            self._latency.record(max(time.time() - oldest.timestamp(), 0.0))
         if outcome.failures:
             self._errors.add(len(outcome.failures))
         return outcome.picked, outcome.stored

@@ -68,6 +68,7 @@ class Snapshot:
     dead_letters_24h: int | None = None
     rule_errors_24h: int | None = None
     attribute_errors_24h: int | None = None
+    quarantined: int | None = None  # hub identifiers that link nothing (state quarantined)
     kafka: list[PartitionLag] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -193,6 +194,9 @@ def read(
     snap.dead_letters_24h = _capped_count(conn, sql.Identifier(ps, "kafka_dead_letters"), day)
     snap.rule_errors_24h = _capped_count(conn, sql.Identifier(ps, "stitching_errors"), day)
     snap.attribute_errors_24h = _capped_count(conn, sql.Identifier(attr, "attribute_errors"), day)
+    snap.quarantined = _capped_count(
+        conn, sql.Identifier(ps, "quarantined_identifiers"), "state = 'quarantined'"
+    )
     try:
         with conn.transaction():
             conn.execute(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")
@@ -244,6 +248,7 @@ def render(snap: Snapshot) -> str:
         f"{snap.outbox_parked} parked",
         f"last 24 h     {snap.dead_letters_24h} dead letters, {snap.rule_errors_24h} rule "
         f"errors, {snap.attribute_errors_24h} attribute errors",
+        f"quarantine    {snap.quarantined} identifiers quarantined (`stream-cps quarantine list`)",
     ]
     if snap.kafka is not None:
         total = sum(p.lag for p in snap.kafka)

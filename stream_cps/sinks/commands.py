@@ -20,6 +20,7 @@ class Command:
     op: str  # 'upsert' | 'delete'
     version: int
     traceparent: str | None = None  # of the span that wrote it (the relay links to it)
+    waited: float | None = None  # seconds since it was queued, when claimed
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ class OutboxStore:
         self.lock_key = zlib.crc32(f"stream-cps outbox relay {schemas.attr}".encode())
         self._lock = sql.SQL("SELECT pg_try_advisory_lock(%(key)s::bigint)")
         self._claim = q(
-            "SELECT seq, entity_id, op, version, traceparent FROM {outbox} "
+            "SELECT seq, entity_id, op, version, traceparent, "
+            "extract(epoch FROM clock_timestamp() - created)::float8 FROM {outbox} "
             "WHERE delivered IS NULL AND NOT parked ORDER BY seq LIMIT %(limit)s"
         )
         self._entities = q(
@@ -79,7 +80,7 @@ class OutboxStore:
     def claim(self, conn: psycopg.Connection[Any], limit: int) -> list[Command]:
         """The oldest pending commands (call while holding the relay lock)."""
         rows = conn.execute(self._claim, {"limit": limit}).fetchall()
-        return [Command(int(s), e, op, int(v), t) for s, e, op, v, t in rows]
+        return [Command(int(s), e, op, int(v), t, w) for s, e, op, v, t, w in rows]
 
     def entities(self, conn: psycopg.Connection[Any], ids: Iterable[str]) -> dict[str, Entity]:
         rows = conn.execute(self._entities, {"ids": sorted(set(ids))}).fetchall()

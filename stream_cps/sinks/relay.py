@@ -93,6 +93,7 @@ class Relay:
         self._delivered = telemetry.counter(telemetry.METRIC_OUTBOX_DELIVERED)
         self._parked = telemetry.counter(telemetry.METRIC_OUTBOX_PARKED)
         self._retried = telemetry.counter(telemetry.METRIC_OUTBOX_RETRIED)
+        self._latency = telemetry.histogram(telemetry.METRIC_DELIVERY_LATENCY)
 
     def ensure_index(self, conn: psycopg.Connection[Any] | None = None) -> None:
         """Create the template and index once per relay, before the first write, so the index
@@ -151,6 +152,9 @@ class Relay:
                 finished, retried = self._record(conn, pairs, results)
             span.set_attribute("outbox.commands", len(commands))
             span.set_attribute("outbox.finished", finished)
+        waits = [c.waited for c in commands if c.waited is not None]
+        if finished and waits:  # the oldest command's wait, queued to delivered
+            self._latency.record(max(waits) + (telemetry.now() - started) / 1e9)
         if failure is None and retried:
             failure = OpenSearchUnavailable(f"{retried} commands wait for a retry", finished)
         if failure is not None:

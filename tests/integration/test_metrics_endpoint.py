@@ -122,6 +122,11 @@ def test_prometheus_scrapes_what_the_service_stitched(
 ) -> None:
     config, prom = prometheus
     log = tmp_path / "run.log"
+    with psycopg.connect(initialised, autocommit=True) as conn:  # something to calculate
+        conn.execute(
+            "INSERT INTO public.attributes (id, name, data_type, definition) VALUES "
+            "('n', 'n', 'int', '{\"type\": \"num_of_unique\", \"value\": \"payload->>''email''\"}')"
+        )
     with service_process(initialised, log, **_env(initialised)):
         base = _address(log)
         wait_until(lambda: _get(f"{base}/readyz")[0] == 200, what="ready")
@@ -148,6 +153,7 @@ def test_prometheus_scrapes_what_the_service_stitched(
         for name in (
             "stream_cps_batch_duration_seconds_count",
             "stream_cps_events_latency_seconds_count",
+            "stream_cps_attributes_latency_seconds_count",
             "stream_cps_events_waiting",
             "stream_cps_outbox_pending",
             "stream_cps_active",

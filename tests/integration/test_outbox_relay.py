@@ -858,3 +858,20 @@ def test_a_relay_backlog_reports_progress_with_pending_and_an_eta(
     assert lines and lines[0].startswith("relay: 10 commands finished")
     assert "20 pending (about " in lines[0]
     assert lines[-1].startswith("relay: 30 commands finished") and "0 pending" in lines[-1]
+
+
+def test_claimed_commands_carry_how_long_they_waited(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """What the ``stream_cps.outbox.latency`` histogram records per relay batch."""
+    from stream_cps.sinks.outbox import OutboxStore
+
+    db.execute(
+        "INSERT INTO cdp_attr.outbox (entity_id, op, version, created) VALUES "
+        "('x', 'delete', 1, now() - interval '90 seconds'), ('y', 'delete', 2, now())"
+    )
+    with db.transaction():
+        claimed = OutboxStore(settings.schemas).claim(db, 10)
+    waits = {c.entity_id: c.waited for c in claimed}
+    assert waits["x"] is not None and 90 <= waits["x"] < 120
+    assert waits["y"] is not None and 0 <= waits["y"] < 30
