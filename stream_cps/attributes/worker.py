@@ -135,6 +135,9 @@ class CalculationWorker:
             try:
                 done = self.run_pass(conn)
             except psycopg.Error as exc:  # e.g. a context or cache refresh cancelled
+                _settle(conn)
+                if stop.is_set():
+                    return  # cancelled on stop
                 if not _retry_later(conn, exc):
                     raise
                 log.warning("attribute pass interrupted (%s); will retry", exc)
@@ -169,6 +172,8 @@ class CalculationWorker:
         except psycopg.errors.QueryCanceled as exc:
             if conn.broken or conn.closed or not picked:
                 raise
+            if self._calculator.stopping:  # our own cancel on stop, not the entity's size
+                raise Stopped() from exc
             self._give_up(conn, picked[0], exc)
             return 0
 
@@ -202,6 +207,9 @@ class CalculationWorker:
                 with trace.use_span(span):
                     outcome = self._calculator.run(conn, plan, entities, large=large)
         except psycopg.Error as exc:
+            _settle(conn)
+            if self._calculator.stopping:
+                raise Stopped() from exc
             if large and isinstance(exc, psycopg.errors.QueryCanceled):
                 raise
             if not _retry_later(conn, exc):
@@ -292,6 +300,16 @@ class CalculationWorker:
         self._stale_walk = (changed, str(rows[-1][0]) if rows else None)
         self._stale_large += [(str(r[0]), r[1]) for r in rows if r[2]]
         return [(str(r[0]), r[1]) for r in rows if not r[2]]
+
+
+def _settle(conn: psycopg.Connection[Any]) -> None:
+    """Roll back what a cancelled or failed statement left open: a cancel can arrive while the
+    COMMIT itself runs, and the next batch's BEGIN would then fail ("current transaction is
+    aborted") instead of the batch being tried again."""
+    if not (conn.broken or conn.closed) and (
+        conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    ):
+        conn.rollback()
 
 
 def _retry_later(conn: psycopg.Connection[Any], exc: psycopg.Error) -> bool:

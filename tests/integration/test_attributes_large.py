@@ -3,6 +3,7 @@ every statement the worker runs is under a timeout."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import psycopg
@@ -10,6 +11,7 @@ import pytest
 
 from stream_cps import config
 from tests.integration.test_attributes_helpers import T0, World, ev
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -77,3 +79,42 @@ def test_a_huge_entity_that_cannot_load_in_time_is_recorded_and_the_rest_goes_on
     # not tried again until it changes
     assert world.run() == 0
     assert len(world.errors()) == 1
+
+
+def test_a_stop_during_a_large_load_is_not_recorded_as_too_large(
+    world: World, settings: config.Settings
+) -> None:
+    """Before: the cancel on SIGTERM looked like the entity's own timeout: it was recorded as
+    'too large', marked calculated, and the aborted transaction failed the thread (exit 1)."""
+    world.attribute("n", {"type": "sum", "value": "payload->>'n'"}, "int")
+    big = hub(world.db, 80_000)
+    worker = world.worker
+    failure: list[BaseException] = []
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+        worker._conn = conn
+
+        def calculate() -> None:
+            try:
+                worker.run_pass(conn)
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=calculate)
+        thread.start()
+        wait_until(
+            lambda: (
+                world.db.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                    "AND query LIKE 'INSERT INTO pg_temp.%%'"
+                ).fetchone()
+                == (1,)
+            ),
+            timeout=30,
+            what="the large load",
+        )
+        worker.cancel()
+        thread.join(timeout=30)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert [type(e).__name__ for e in failure] == ["Stopped"]
+    assert world.errors() == []
+    assert calculated(world.db, big) is None
