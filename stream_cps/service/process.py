@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from stream_cps import telemetry
+from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
@@ -139,22 +139,34 @@ def split_decide(
     settings: Settings, entity_id: str, kind: str, target: str, reason: str, by: str | None
 ) -> Recorded:
     """``stream-cps split``: one READ COMMITTED transaction that stores the decision and the
-    entity's purge signal; a running service's sweep rebuilds it with the decision applied."""
+    entity's purge signal (retried on a lost conflict); a running service's sweep rebuilds
+    it with the decision applied."""
     with connect(settings.dsn, role="split", autocommit=True) as conn:
         schema.check(conn, settings.schemas)
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        with conn.transaction():
-            return SplitStore(settings.schemas).record(conn, entity_id, kind, target, reason, by)
+        store = SplitStore(settings.schemas)
+
+        def attempt() -> Recorded:
+            with conn.transaction():
+                return store.record(conn, entity_id, kind, target, reason, by)
+
+        return retry.CONFLICT.call(attempt)
 
 
 def split_undo(settings: Settings, decision: int, by: str | None) -> Undone:
     """``stream-cps split --undo``: mark it undone and set what it kept apart to be
-    restitched, in one transaction."""
+    restitched, in one transaction; retried when it loses a deadlock against a batch (the
+    batch holds the entities and waits for the decision's row, the undo the reverse)."""
     with connect(settings.dsn, role="split", autocommit=True) as conn:
         schema.check(conn, settings.schemas)
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
-        with conn.transaction():
-            return SplitStore(settings.schemas).undo(conn, decision, by)
+        store = SplitStore(settings.schemas)
+
+        def attempt() -> Undone:
+            with conn.transaction():
+                return store.undo(conn, decision, by)
+
+        return retry.CONFLICT.call(attempt)
 
 
 def split_dry_run(
