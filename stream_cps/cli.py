@@ -1,5 +1,5 @@
 """Command line: ``stream-cps init | run | status | relay | reindex | replay | webhook |
-quarantine | explain | demo``.
+quarantine | split | explain | demo``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -153,6 +153,25 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("--reason", help="stored with the decision")
     quarantine.set_defaults(handler=_cmd_quarantine)
 
+    splitting = sub.add_parser(
+        "split",
+        parents=[common],
+        help="unmerge an entity: cut an identifier or detach an event (docs/operations.md)",
+    )
+    splitting.add_argument("entity_id", nargs="?", help="the entity to split (or an alias)")
+    decision = splitting.add_mutually_exclusive_group(required=True)
+    decision.add_argument(
+        "--cut-identifier", metavar="ATTR:VALUE", help="this identifier links no one, anywhere"
+    )
+    decision.add_argument("--detach-event", metavar="EVENT_ID", help="this event links nothing")
+    decision.add_argument("--undo", metavar="DECISION_ID", type=int, help="undo a decision")
+    splitting.add_argument("--reason", help="why (required for a split; stored with it)")
+    splitting.add_argument("--by", help="who decides (default: the database user)")
+    splitting.add_argument(
+        "--dry-run", action="store_true", help="print the parts it would leave; write nothing"
+    )
+    splitting.set_defaults(handler=_cmd_split)
+
     explain = sub.add_parser(
         "explain",
         parents=[common],
@@ -301,6 +320,46 @@ def _cmd_quarantine(settings: config.Settings, args: argparse.Namespace) -> int:
     print(
         f"{done.identifier}: {done.before} -> {done.after}; {done.restitched} entities and "
         f"{done.reset} events set to be restitched by the running service"
+    )
+    return 0
+
+
+def _cmd_split(settings: config.Settings, args: argparse.Namespace) -> int:
+    if args.undo is not None:
+        if args.entity_id or args.dry_run:
+            raise ConfigError("split --undo DECISION_ID: takes no ENTITY_ID nor --dry-run")
+        undone = process.split_undo(settings, args.undo, args.by)
+        print(
+            f"decision {undone.id} undone ({undone.kind} {undone.target}); "
+            f"{undone.restitched} entities and {undone.reset} events set to be restitched "
+            "by the running service"
+        )
+        return 0
+    kind, target = (
+        ("cut", args.cut_identifier) if args.cut_identifier else ("detach", args.detach_event)
+    )
+    if not args.entity_id:
+        raise ConfigError("split: ENTITY_ID is required with --cut-identifier or --detach-event")
+    if args.dry_run:
+        entity, found = process.split_dry_run(settings, args.entity_id, kind, target)
+        print(f"entity {entity} with {kind} {target} would become (nothing written):")
+        for part in found.parts:
+            keeps = "keeps the old id" if part.entity_id == entity else "new id"
+            print(
+                f"{part.entity_id}\t{keeps}\tfirst {part.first_event_id} "
+                f"{part.first_event_time:%Y-%m-%d %H:%M:%S}\t{len(part.events)} events\t"
+                f"{', '.join(part.identifiers)}"
+            )
+        if found.unlinked:
+            print(f"linking nothing: {', '.join(found.unlinked)}")
+        return 0
+    if not args.reason:
+        raise ConfigError("split: --reason is required (it is stored with the decision)")
+    done = process.split_decide(settings, args.entity_id, kind, target, args.reason, args.by)
+    print(
+        f"decision {done.id}: {kind} {target} in entity {done.entity_id} (by {done.decided_by}); "
+        "the entity is set to be restitched by the running service "
+        f"(undo: stream-cps split --undo {done.id})"
     )
     return 0
 

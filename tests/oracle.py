@@ -6,7 +6,8 @@ specifies.
 
 ``quarantined`` is the hub rule done the slow, obvious way: every identifier's distinct partners
 per other attribute over all events at once; ``partition(..., blocked=...)`` then treats those
-identifiers as absent from the start.
+identifiers as absent from the start. Split decisions (docs/stitching.md) are the same
+thing: a cut identifier is one more ``blocked``, a ``detached`` event has no identifiers.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ def quarantined(
 def partition(
     events: Iterable[tuple[str, datetime, Iterable[str]]],
     blocked: Iterable[str] = (),
+    detached: Iterable[str] = (),
 ) -> dict[str, str | None]:
-    """event id -> entity id (None for events with no identifier outside ``blocked``)."""
+    """event id -> entity id (None for events with no identifier outside ``blocked``, and for
+    ``detached`` events)."""
     parent: dict[str, str] = {}
     skip = set(blocked)
+    alone = set(detached)
 
     def find(x: str) -> str:
         while parent.setdefault(x, x) != x:
@@ -52,7 +56,10 @@ def partition(
             x = parent[x]
         return x
 
-    rows = [(eid, when, [i for i in idents if i not in skip]) for eid, when, idents in events]
+    rows = [
+        (eid, when, [] if eid in alone else [i for i in idents if i not in skip])
+        for eid, when, idents in events
+    ]
     for eid, _, idents in rows:
         for ident in idents:
             a, b = find("e:" + eid), find("i:" + ident)

@@ -103,7 +103,8 @@ def expected(
 ) -> dict[str, str | None]:
     """The oracle's answer over the identifiers the database extracted, with every identifier
     over its limit (``limits``: the default settings') blocked from the start, except those an
-    admin released; the database must list exactly the oracle's over-limit identifiers."""
+    admin released, and the live split decisions applied from the start; the database must
+    list exactly the oracle's over-limit identifiers."""
     # what the rules extracted: the stored identifiers plus the quarantined ones dropped
     dropped: dict[str, list[str]] = {}
     for ident, event_id in conn.execute(
@@ -120,14 +121,24 @@ def expected(
     listed = dict(conn.execute("SELECT identifier, state FROM cdp_ps.quarantined_identifiers"))
     assert set(listed) == over, "quarantined_identifiers differs from the oracle's hubs"
     released = {i for i, state in listed.items() if state == quarantine.RELEASED}
-    return oracle.partition(events, over - released)
+    cut, detached = live_splits(conn)
+    return oracle.partition(events, (over - released) | cut, detached)
+
+
+def live_splits(conn: psycopg.Connection[Any]) -> tuple[set[str], set[str]]:
+    """The identifiers cut and the events detached by live split decisions."""
+    rows = conn.execute(
+        "SELECT kind, coalesce(identifier, event_id) FROM cdp_ps.split_decisions "
+        "WHERE undone IS NULL"
+    ).fetchall()
+    return {t for k, t in rows if k == "cut"}, {t for k, t in rows if k == "detach"}
 
 
 def _excluded(conn: psycopg.Connection[Any]) -> set[str]:
     rows = conn.execute(
         "SELECT identifier FROM cdp_ps.quarantined_identifiers WHERE state <> 'released'"
     )
-    return {r[0] for r in rows}
+    return {r[0] for r in rows} | live_splits(conn)[0]
 
 
 def snapshot(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:

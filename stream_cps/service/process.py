@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from stream_cps import telemetry
+from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
@@ -27,8 +27,10 @@ from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
 from stream_cps.sources.changefeed.webhook import WebhookServer
 from stream_cps.sources.messages import Envelope
+from stream_cps.stitching import split
 from stream_cps.stitching.ingest import Applier, ApplyStats
 from stream_cps.stitching.quarantine_store import Decision, Listed, QuarantineStore
+from stream_cps.stitching.split_store import Recorded, SplitStore, Undone
 from stream_cps.stitching.stitcher import Stitcher
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,58 @@ def quarantine_decide(
         schema.check(conn, settings.schemas)
         with conn.transaction():
             return QuarantineStore(settings.schemas).decide(conn, identifier, state, reason)
+
+
+def split_decide(
+    settings: Settings, entity_id: str, kind: str, target: str, reason: str, by: str | None
+) -> Recorded:
+    """``stream-cps split``: one READ COMMITTED transaction that stores the decision and the
+    entity's purge signal (retried on a lost conflict); a running service's sweep rebuilds
+    it with the decision applied."""
+    with connect(settings.dsn, role="split", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        store = SplitStore(settings.schemas)
+
+        def attempt() -> Recorded:
+            with conn.transaction():
+                return store.record(conn, entity_id, kind, target, reason, by)
+
+        return retry.CONFLICT.call(attempt)
+
+
+def split_undo(settings: Settings, decision: int, by: str | None) -> Undone:
+    """``stream-cps split --undo``: mark it undone and set what it kept apart to be
+    restitched, in one transaction; retried when it loses a deadlock against a batch (the
+    batch holds the entities and waits for the decision's row, the undo the reverse)."""
+    with connect(settings.dsn, role="split", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        store = SplitStore(settings.schemas)
+
+        def attempt() -> Undone:
+            with conn.transaction():
+                return store.undo(conn, decision, by)
+
+        return retry.CONFLICT.call(attempt)
+
+
+def split_dry_run(
+    settings: Settings, entity_id: str, kind: str, target: str
+) -> tuple[str, split.Parts]:
+    """``stream-cps split --dry-run``: the live entity and the parts the decision would leave
+    (its events grouped afresh with the decision applied); read-only."""
+    store = SplitStore(settings.schemas)
+    with connect(settings.dsn, role="split", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        conn.read_only = True
+        with conn.transaction():
+            entity = store.entity(conn, entity_id)
+            store.check(conn, entity, kind, target)
+            events = store.events_of(conn, entity)
+    cut = {target} if kind == split.CUT else set()
+    detached = {target} if kind == split.DETACH else set()
+    return entity, split.parts(events, cut, detached)
 
 
 def explain(

@@ -132,14 +132,19 @@ def trips(counts: Iterable[tuple[str, str, int]], limits: Limits) -> list[Trip]:
 
 
 def without(
-    events: Iterable[StitchEvent], excluded: frozenset[str] | set[str]
+    events: Iterable[StitchEvent],
+    excluded: frozenset[str] | set[str],
+    detached: frozenset[str] | set[str] = frozenset(),
 ) -> list[StitchEvent]:
-    """The events as grouping sees them: quarantined identifiers link nothing."""
+    """The events as grouping sees them: ``excluded`` identifiers (quarantined, blocked, cut by
+    a split) link nothing, and ``detached`` events (a split) link nothing at all."""
     batch = list(events)
-    if not excluded:
+    if not excluded and not detached:
         return batch
     return [
-        ev
+        StitchEvent(ev.id, ev.event_time, ())
+        if ev.id in detached
+        else ev
         if excluded.isdisjoint(ev.identifiers)
         else StitchEvent(
             ev.id, ev.event_time, tuple(i for i in ev.identifiers if i not in excluded)

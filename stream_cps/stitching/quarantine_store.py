@@ -220,11 +220,19 @@ class QuarantineStore:
         restitched = reset = 0
         links_before, links_after = before == quarantine.RELEASED, state == quarantine.RELEASED
         if links_after and not links_before:
-            restitched = conn.execute(self.purge_touching, {"ident": identifier}).rowcount
-            reset = conn.execute(self.reset_events, {"ident": identifier}).rowcount
-            conn.execute(self.forget_events, {"ident": identifier})
+            restitched, reset = self.relink(conn, identifier)
         elif links_before and not links_after:
             restitched = conn.execute(
                 self.purge_owners, {"idents": TextArray([identifier])}
             ).rowcount
         return Decision(identifier, before, state, restitched, reset)
+
+    def relink(self, conn: psycopg.Connection[Any], identifier: str) -> tuple[int, int]:
+        """Restitch where ``identifier`` was dropped (``quarantined_events``), so it links
+        again unless something still excludes it (a batch then drops and remembers it anew):
+        purge every entity sharing an event with it, reset those events, forget them. Returns
+        (entities set to be restitched, events reset). A release and a split's undo."""
+        restitched = conn.execute(self.purge_touching, {"ident": identifier}).rowcount
+        reset = conn.execute(self.reset_events, {"ident": identifier}).rowcount
+        conn.execute(self.forget_events, {"ident": identifier})
+        return restitched, reset

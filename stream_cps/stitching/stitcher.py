@@ -40,6 +40,7 @@ from stream_cps.db.timestamps import OutOfRange
 from stream_cps.stitching import grouping, quarantine, rules
 from stream_cps.stitching.normalize import identifiers_of
 from stream_cps.stitching.quarantine_store import QuarantineStore
+from stream_cps.stitching.split_store import SplitStore
 from stream_cps.stitching.store import EventMarks, StitchStore
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class Stitcher:
         self.batch_size = settings.stitching.batch_size
         self.store = StitchStore(self.schemas, settings.opensearch.writes_outbox)
         self.quarantine = QuarantineStore(self.schemas)
+        self.splits = SplitStore(self.schemas)
         self.limits = quarantine.Limits.parse(
             settings.stitching.quarantine_limit, settings.stitching.quarantine_limits
         )
@@ -308,9 +310,10 @@ class Stitcher:
     def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Lock, quarantine, purge, group and write, in the caller's transaction.
 
-        Quarantined and blocked identifiers are dropped from what the events store, like a
-        blocklisted value (so the guide's ``<@`` test still finds an entity's events), and
-        remembered in ``quarantined_events`` for a release. An identifier that crosses its
+        Quarantined and blocked identifiers, and those an admin's split cut, are dropped from
+        what the events store, like a blocklisted value (so the guide's ``<@`` test still
+        finds an entity's events), and remembered in ``quarantined_events`` for a release or
+        an undo; an event a split detached stores none. An identifier that crosses its
         limit in this batch sets its (locked) entity up for the purge that follows, which
         resets that entity's events for the sweep."""
         tracer = telemetry.tracer()
@@ -321,6 +324,8 @@ class Stitcher:
             owner, keys = self.store.lock_owners(conn, touched)
             trips = self.quarantine.record(conn, events, self.limits)
             excluded = self.quarantine.excluded(conn, touched)
+            live = self.splits.live(conn, touched, [ev.id for ev in events])
+            excluded |= live.cut
             result.purged = self.store.purge(conn)
         for trip in trips:
             log.warning(
@@ -332,10 +337,11 @@ class Stitcher:
                 trip.limit,
             )
         result.quarantined = [t.identifier for t in trips]
-        grouped = quarantine.without(events, excluded)
+        grouped = quarantine.without(events, excluded, live.detached)
         marks = prepared.marks
         if excluded:
             self.quarantine.remember(conn, events, excluded)
+        if excluded or live.detached:
             marks = EventMarks.of(grouped)
         if events:
             # Pipeline mode: marking the events (the largest statement, independent of the
