@@ -1,5 +1,5 @@
 """Command line: ``stream-cps init | run | status | relay | reindex | replay | webhook |
-quarantine | explain | demo``.
+quarantine | erase | explain | demo``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -135,6 +135,23 @@ def _parser() -> argparse.ArgumentParser:
         decide.add_argument("identifier", metavar="ID", help="as listed, e.g. cookie:junk-cookie")
         decide.add_argument("--reason", help="stored with the decision")
     quarantine.set_defaults(handler=_cmd_quarantine)
+
+    erase = sub.add_parser(
+        "erase",
+        parents=[common],
+        help="GDPR: delete a person for good, replays included (docs/operations.md)",
+    )
+    subject = erase.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--entity", metavar="ID", help="a live entity id, or an old one (alias)")
+    subject.add_argument("--identifier", metavar="ATTR:VALUE", help="the entity holding it")
+    erase.add_argument(
+        "--yes", action="store_true", help="erase (without it: print what would go, exit 1)"
+    )
+    erase.add_argument(
+        "--suppress", action="store_true", help="also keep its identifiers from linking again"
+    )
+    erase.add_argument("--reason", help="stored in the audit row: put no personal data here")
+    erase.set_defaults(handler=_cmd_erase)
 
     explain = sub.add_parser(
         "explain",
@@ -285,6 +302,24 @@ def _cmd_quarantine(settings: config.Settings, args: argparse.Namespace) -> int:
         f"{done.identifier}: {done.before} -> {done.after}; {done.restitched} entities and "
         f"{done.reset} events set to be restitched by the running service"
     )
+    return 0
+
+
+def _cmd_erase(settings: config.Settings, args: argparse.Namespace) -> int:
+    done = process.erase(
+        settings, args.entity, args.identifier, args.reason, args.suppress, args.yes
+    )
+    counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in done.counts.items() if n)
+    if done.unstitched:
+        note = f"{done.unstitched}{'+' if done.unstitched >= 1000 else ''} events wait to be "
+        print(
+            note + "stitched: if some are this person's, erase again once they are", file=sys.stderr
+        )
+    if not args.yes:
+        print(f"entity {done.entity_id}: would erase {counts}")
+        print("nothing erased: pass --yes to erase", file=sys.stderr)
+        return 1
+    print(f"entity {done.entity_id}: erased {counts} (audit row {done.erasure_id})")
     return 0
 
 
