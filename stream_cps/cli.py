@@ -1,5 +1,5 @@
 """Command line: ``stream-cps init | run | status | relay | reindex | replay | webhook |
-quarantine | split | explain | demo``.
+quarantine | split | erase | explain | demo``.
 
 This module only parses; ``stream_cps.service.process`` builds and runs what a command needs.
 Errors that are the operator's to fix (``Fatal``: configuration, schema, credentials) print one
@@ -171,6 +171,23 @@ def _parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the parts it would leave; write nothing"
     )
     splitting.set_defaults(handler=_cmd_split)
+
+    erase = sub.add_parser(
+        "erase",
+        parents=[common],
+        help="GDPR: delete a person for good, replays included (docs/operations.md)",
+    )
+    subject = erase.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--entity", metavar="ID", help="a live entity id, or an old one (alias)")
+    subject.add_argument("--identifier", metavar="ATTR:VALUE", help="the entity holding it")
+    erase.add_argument(
+        "--yes", action="store_true", help="erase (without it: print what would go, exit 1)"
+    )
+    erase.add_argument(
+        "--suppress", action="store_true", help="also keep its identifiers from linking again"
+    )
+    erase.add_argument("--reason", help="stored in the audit row: put no personal data here")
+    erase.set_defaults(handler=_cmd_erase)
 
     explain = sub.add_parser(
         "explain",
@@ -361,6 +378,24 @@ def _cmd_split(settings: config.Settings, args: argparse.Namespace) -> int:
         "the entity is set to be restitched by the running service "
         f"(undo: stream-cps split --undo {done.id})"
     )
+    return 0
+
+
+def _cmd_erase(settings: config.Settings, args: argparse.Namespace) -> int:
+    done = process.erase(
+        settings, args.entity, args.identifier, args.reason, args.suppress, args.yes
+    )
+    counts = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in done.counts.items() if n)
+    if done.unstitched:
+        note = f"{done.unstitched}{'+' if done.unstitched >= 1000 else ''} events wait to be "
+        print(
+            note + "stitched: if some are this person's, erase again once they are", file=sys.stderr
+        )
+    if not args.yes:
+        print(f"entity {done.entity_id}: would erase {counts}")
+        print("nothing erased: pass --yes to erase", file=sys.stderr)
+        return 1
+    print(f"entity {done.entity_id}: erased {counts} (audit row {done.erasure_id})")
     return 0
 
 

@@ -50,6 +50,7 @@ METRIC_ENTITIES_CREATED = "stream_cps.entities.created"
 METRIC_ENTITIES_PURGED = "stream_cps.entities.purged"
 METRIC_RULE_ERRORS = "stream_cps.rules.errors"
 METRIC_IDENTIFIERS_QUARANTINED = "stream_cps.identifiers.quarantined"
+METRIC_ERASED_DROPPED = "stream_cps.events.erased_dropped"
 METRIC_BATCH_DURATION = "stream_cps.batch.duration"
 METRIC_KAFKA_LAG = "stream_cps.kafka.lag"
 METRIC_SLOT_LAG = "stream_cps.slot.lag_bytes"
@@ -81,6 +82,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     METRIC_ENTITIES_PURGED: ("counter", "", "entities purged by a restitch signal"),
     METRIC_RULE_ERRORS: ("counter", "", "stitching rule failures (cdp_ps.stitching_errors)"),
     METRIC_IDENTIFIERS_QUARANTINED: ("counter", "", "identifiers quarantined as hubs"),
+    METRIC_ERASED_DROPPED: ("counter", "", "erased events that came back and were dropped"),
     METRIC_BATCH_DURATION: ("histogram", "s", "one stitching transaction, retries included"),
     METRIC_SLOT_LAG: ("gauge", "By", "WAL the replication slot holds back"),
     METRIC_KAFKA_LAG: ("gauge", "", "messages behind on this Kafka member's partitions"),

@@ -28,6 +28,7 @@ from stream_cps.service.progress import Progress
 from stream_cps.sources.changefeed.webhook import WebhookServer
 from stream_cps.sources.messages import Envelope
 from stream_cps.stitching import split
+from stream_cps.stitching.erasure_store import Erasure, ErasureStore
 from stream_cps.stitching.ingest import Applier, ApplyStats
 from stream_cps.stitching.quarantine_store import Decision, Listed, QuarantineStore
 from stream_cps.stitching.split_store import Recorded, SplitStore, Undone
@@ -185,6 +186,32 @@ def split_dry_run(
     cut = {target} if kind == split.CUT else set()
     detached = {target} if kind == split.DETACH else set()
     return entity, split.parts(events, cut, detached)
+
+
+def erase(
+    settings: Settings,
+    entity: str | None,
+    identifier: str | None,
+    reason: str | None,
+    suppress: bool,
+    yes: bool,
+) -> Erasure:
+    """``stream-cps erase``: one transaction that erases a person, writes the tombstones and
+    the audit row, queues the OpenSearch delete and recounts the UI caches (so no value of
+    theirs stays counted). Without ``yes`` the same transaction is rolled back: the counts
+    are exactly what ``--yes`` would delete."""
+    from stream_cps.attributes.cache import CacheRefresher
+
+    with connect(settings.dsn, role="erase", autocommit=True) as conn:
+        schema.check(conn, settings.schemas)
+        store = ErasureStore(settings.schemas, settings.opensearch.writes_outbox)
+        with conn.transaction(force_rollback=not yes):
+            done = store.erase(conn, store.resolve(conn, entity, identifier), reason, suppress)
+            if yes:
+                CacheRefresher(settings.schemas, settings.attributes.cache_interval).refresh(
+                    conn, "erase"
+                )
+        return done
 
 
 def explain(

@@ -30,6 +30,7 @@ class Progress:
     merges: int = 0
     purged: int = 0
     rule_failures: int = 0
+    erased: int = 0  # events of erased people that came back (messages or rows), dropped
     lag_bytes: int | None = None
     batches: int = 0
     messages: int = 0
@@ -57,6 +58,7 @@ class Progress:
         self.merges += result.merges
         self.purged += len(result.purged)
         self.rule_failures += result.rule_failures
+        self.erased += result.erased
 
     def add_ingest(self, stats: ApplyStats) -> None:
         """A committed ingest batch (Kafka or webhook messages), its stitching included."""
@@ -69,6 +71,7 @@ class Progress:
         self.resolved += stats.resolved
         self.ignored += stats.tombstones + stats.unknown
         self.dead_letters += len(stats.dead_letters)
+        self.erased += stats.erased
         self.last_resolved = stats.last_resolved or self.last_resolved
         self.add(stats.stitch)
 
@@ -81,6 +84,9 @@ class Progress:
             f"stitched {self.events} events ({rate:.0f}/s), {self.created} entities created, "
             f"{self.merges} merges, {self.purged} purged"
         )
+        if self.erased:
+            line += f", {self.erased} erased events dropped"
+
         # what ``waiting`` counts: messages on Kafka (a replay re-reads stitched ones), events
         done = self.messages - self._last_messages if self.messages else None
         work_rate = rate if done is None else done / max(now - self._last_log, 1e-9)

@@ -7,7 +7,9 @@ duplicated; the first stored version wins; a redelivery whose content differs fr
 conflict someone should see, so it is dead-lettered) and stitched in the same transaction, so
 an event is never visible unstitched because of us, and a crash before the commit leaves no
 trace. Changefeed rows are already in the table and are only stitched by id; the stitcher skips
-rows that are stitched already, which makes duplicates and replays harmless.
+rows that are stitched already, which makes duplicates and replays harmless. An event that
+``stream-cps erase`` erased (its salted id hash is a tombstone) is dropped before the insert and
+counted (``erased``): a replay or a redelivery cannot bring the person back.
 
 The SQL here stays in the subset CockroachDB speaks: multi-row ``INSERT ... ON CONFLICT DO
 NOTHING RETURNING``, savepoints, ``= ANY(array)``; no advisory locks, no PostgreSQL-only
@@ -66,7 +68,8 @@ class ApplyStats:
     echoes: int = 0  # changefeed rows that carry stitched already (our own writes)
     deletes: int = 0
     resolved: int = 0
-    tombstones: int = 0
+    tombstones: int = 0  # Kafka tombstone messages (null value), not erasures
+    erased: int = 0  # messages of erased events, dropped (docs/stitching.md, Erase)
     unknown: int = 0
     dead_letters: list[Envelope] = field(default_factory=list)
     stitch: BatchResult = field(default_factory=BatchResult)
@@ -82,6 +85,7 @@ class Applier:
         self._events = sql.Identifier(schemas.ce, "customer_events")
         self._dead = sql.Identifier(schemas.ps, "kafka_dead_letters")
         self._dead_letters = telemetry.counter(telemetry.METRIC_DEAD_LETTERS)
+        self._erased = telemetry.counter(telemetry.METRIC_ERASED_DROPPED)
 
     def apply(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
         """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
@@ -89,6 +93,7 @@ class Applier:
         _log_outcomes(stats, envelopes)
         for dead in stats.dead_letters:
             self._dead_letters.add(1, {"reason": reason_class(dead.reason)})
+        self._erased.add(stats.erased)
         return stats
 
     def _once(
@@ -110,6 +115,13 @@ class Applier:
                     conflicts.append(envelope)
             elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
                 stitch_ids[decoded.event_id] = None
+        erased = self.stitcher.erasure.erased_among(conn, list(events))
+        for event_id in erased:
+            stats.erased += len(events.pop(event_id)[1])
+        kept = [e for e in conflicts if _event_id(e) not in erased]  # no dead letter either
+        stats.erased += len(conflicts) - len(kept)
+        conflicts = kept
+        received -= stats.erased
         inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
         for event_id, reason in failed.items():
             stats.dead_letters.append(dataclasses.replace(events[event_id][1][0], reason=reason))
@@ -233,6 +245,11 @@ def _same_event(first: CustomerEvent, other: CustomerEvent) -> bool:
     ):
         return False
     return first.payload == other.payload or json.loads(first.payload) == json.loads(other.payload)
+
+
+def _event_id(envelope: Envelope) -> str:
+    assert isinstance(envelope.decoded, CustomerEvent)
+    return envelope.decoded.id
 
 
 def _conflict(decoded: object) -> str:

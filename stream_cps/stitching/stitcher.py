@@ -38,6 +38,7 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db.timestamps import OutOfRange
 from stream_cps.stitching import grouping, quarantine, rules
+from stream_cps.stitching.erasure_store import ErasureStore
 from stream_cps.stitching.normalize import identifiers_of
 from stream_cps.stitching.quarantine_store import QuarantineStore
 from stream_cps.stitching.split_store import SplitStore
@@ -72,6 +73,7 @@ class BatchResult:
     purged: list[str] = field(default_factory=list)
     rule_failures: int = 0
     quarantined: list[str] = field(default_factory=list)
+    erased: int = 0  # rows of erased events that came back, deleted instead of stitched
     oldest_wait: float | None = None  # s from the oldest event's insert to its stitching
 
 
@@ -99,6 +101,7 @@ class Stitcher:
         self.store = StitchStore(self.schemas, settings.opensearch.writes_outbox)
         self.quarantine = QuarantineStore(self.schemas)
         self.splits = SplitStore(self.schemas)
+        self.erasure = ErasureStore(self.schemas, settings.opensearch.writes_outbox)
         self.limits = quarantine.Limits.parse(
             settings.stitching.quarantine_limit, settings.stitching.quarantine_limits
         )
@@ -111,6 +114,7 @@ class Stitcher:
         self._purged = telemetry.counter(telemetry.METRIC_ENTITIES_PURGED)
         self._rule_errors = telemetry.counter(telemetry.METRIC_RULE_ERRORS)
         self._quarantined = telemetry.counter(telemetry.METRIC_IDENTIFIERS_QUARANTINED)
+        self._erased = telemetry.counter(telemetry.METRIC_ERASED_DROPPED)
         self._duration = telemetry.histogram(telemetry.METRIC_BATCH_DURATION)
         self._latency = telemetry.histogram(telemetry.METRIC_EVENTS_LATENCY)
         self.last_batch: float | None = None
@@ -315,13 +319,29 @@ class Stitcher:
         finds an entity's events), and remembered in ``quarantined_events`` for a release or
         an undo; an event a split detached stores none. An identifier that crosses its
         limit in this batch sets its (locked) entity up for the purge that follows, which
-        resets that entity's events for the sweep."""
+        resets that entity's events for the sweep.
+
+        Rows of erased events (a re-insert, a changefeed re-emission) are deleted, not
+        stitched, and identifiers an ``erase --suppress`` named link nothing: one tombstone
+        query each for the whole batch (docs/stitching.md, Erase)."""
         tracer = telemetry.tracer()
         result = BatchResult()
         events = prepared.events
+        marks = prepared.marks
+        erased = self.erasure.erased_among(conn, [ev.id for ev in events])
+        if erased:
+            result.erased = self.erasure.drop(conn, sorted(erased))
+            events = [ev for ev in events if ev.id not in erased]
+            marks = EventMarks.of(events)
+            log.info("deleted %d re-inserted rows of erased events", result.erased)
         touched = sorted({i for ev in events for i in ev.identifiers})
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
             owner, keys = self.store.lock_owners(conn, touched)
+            # After the lock: an erase of the owner committed meanwhile is seen here.
+            suppressed = self.erasure.suppressed_among(conn, touched)
+            if suppressed:
+                events = quarantine.without(events, suppressed)
+                marks = EventMarks.of(events)
             trips = self.quarantine.record(conn, events, self.limits)
             excluded = self.quarantine.excluded(conn, touched)
             live = self.splits.live(conn, touched, [ev.id for ev in events])
@@ -338,7 +358,6 @@ class Stitcher:
             )
         result.quarantined = [t.identifier for t in trips]
         grouped = quarantine.without(events, excluded, live.detached)
-        marks = prepared.marks
         if excluded:
             self.quarantine.remember(conn, events, excluded)
         if excluded or live.detached:
@@ -380,3 +399,4 @@ class Stitcher:
         self._purged.add(len(result.purged))
         self._rule_errors.add(result.rule_failures)
         self._quarantined.add(len(result.quarantined))
+        self._erased.add(result.erased)
