@@ -59,6 +59,8 @@ EXAMPLES = """examples:
   stream-cps explain --why email:x@a cookie:c1     why are these one person?
   stream-cps replay --from-time 2026-11-30T00:00Z  reprocess a topic from a time
   stream-cps quarantine list                       hub identifiers that link nothing
+  stream-cps split ID --cut-identifier cookie:pc --reason "shared PC" --dry-run
+  stream-cps erase --identifier email:x@a --yes    GDPR: gone for good, replays included
 
 every setting: docs/configuration.md (file, STREAM_CPS_* variables, flags)
 """
