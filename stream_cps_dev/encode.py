@@ -58,3 +58,21 @@ def json_event(row: EventRow) -> bytes:
         "payload": json.loads(payload),
     }
     return json.dumps(body).encode()
+
+
+def changefeed_message(row: EventRow, n: int) -> dict[str, Any]:
+    """A CockroachDB changefeed's wrapped JSON message for the row (the ``n``-th: its
+    ``updated`` timestamp), as Kafka and webhook sinks send it; webhooks add key and topic."""
+    eid, source, etype, version, when, payload = row
+    after = {
+        "id": eid,
+        "source_id": source,
+        "type": etype,
+        "version": version,
+        "event_time": when.isoformat(),
+        "payload": json.loads(payload),
+        "created": when.isoformat(),
+        "stitched": None,
+        "identifiers": None,
+    }
+    return {"after": after, "updated": f"{1700000000000000000 + n}.0000000000"}

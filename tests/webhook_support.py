@@ -20,6 +20,7 @@ from typing import Any
 from stream_cps import config
 from stream_cps.service.process import webhook_server
 from stream_cps.sources.changefeed.webhook import WebhookServer
+from stream_cps_dev.encode import changefeed_message
 
 SECRET = "Bearer s3cr3t-for-tests"
 
@@ -122,27 +123,10 @@ def post(
 
 def changefeed_body(rows: list[tuple[str, str, str, str, datetime, str]], first: int = 0) -> bytes:
     """A webhook sink's request body: one wrapped changefeed message per row."""
-    entries = []
-    for n, (eid, source, etype, version, when, payload) in enumerate(rows, start=first):
-        after = {
-            "id": eid,
-            "source_id": source,
-            "type": etype,
-            "version": version,
-            "event_time": when.isoformat(),
-            "payload": json.loads(payload),
-            "created": when.isoformat(),
-            "stitched": None,
-            "identifiers": None,
-        }
-        entries.append(
-            {
-                "after": after,
-                "key": [eid],
-                "topic": "customer_events",
-                "updated": f"{1700000000000000000 + n}.0000000000",
-            }
-        )
+    entries = [
+        {**changefeed_message(row, n), "key": [row[0]], "topic": "customer_events"}
+        for n, row in enumerate(rows, start=first)
+    ]
     return json.dumps({"payload": entries, "length": len(entries)}).encode()
 
 

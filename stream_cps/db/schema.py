@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -18,6 +20,7 @@ from psycopg import sql
 
 from stream_cps.config import Schemas
 from stream_cps.db import roles
+from stream_cps.db.connect import connect
 from stream_cps.errors import SchemaError
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,23 @@ def migrate(conn: psycopg.Connection[Any], schemas: Schemas) -> list[int]:
         _create_aliases(conn, schemas)
         roles.ensure(conn, schemas)
     return applied
+
+
+@contextmanager
+def checked(
+    dsn: str, schemas: Schemas, role: str, **kwargs: Any
+) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit connection to a database whose schema this build understands (the
+    sandbox roles included): every command but ``init`` starts here, so each refuses alike."""
+    with connect(dsn, role=role, autocommit=True, **kwargs) as conn:
+        check(conn, schemas)
+        yield conn
+
+
+def check_database(dsn: str, schemas: Schemas) -> None:
+    """``check`` on a connection of its own (a loop's start, the webhook's)."""
+    with checked(dsn, schemas, "check"):
+        pass
 
 
 def check(conn: psycopg.Connection[Any], schemas: Schemas) -> None:

@@ -66,8 +66,7 @@ class KafkaLoop:
         self.health = health or Health()
 
     def run(self) -> Progress:
-        with connect(self.settings.dsn, role="check", autocommit=True) as conn:
-            schema.check(conn, self.settings.schemas)
+        schema.check_database(self.settings.dsn, self.settings.schemas)
         kafka = self.settings.kafka
         dead_topic = DeadLetterTopic(kafka)
         try:

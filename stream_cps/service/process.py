@@ -113,15 +113,13 @@ def reindex(settings: Settings) -> int:
     running service (or ``stream-cps relay``) delivers them. Returns how many were queued."""
     from stream_cps.sinks.outbox import OutboxStore
 
-    with connect(settings.dsn, role="reindex", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "reindex") as conn:
         return OutboxStore(settings.schemas).queue_all(conn)
 
 
 def quarantine_list(settings: Settings, state: str | None) -> list[Listed]:
     """``stream-cps quarantine list``: the quarantined identifiers, oldest first."""
-    with connect(settings.dsn, role="quarantine", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "quarantine") as conn:
         return QuarantineStore(settings.schemas).list(conn, state)
 
 
@@ -130,10 +128,8 @@ def quarantine_decide(
 ) -> Decision:
     """``stream-cps quarantine release|block``: one transaction that sets the state and the
     purge signals of what must be restitched; a running service's sweep rebuilds them."""
-    with connect(settings.dsn, role="quarantine", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
-        with conn.transaction():
-            return QuarantineStore(settings.schemas).decide(conn, identifier, state, reason)
+    with schema.checked(settings.dsn, settings.schemas, "quarantine") as conn, conn.transaction():
+        return QuarantineStore(settings.schemas).decide(conn, identifier, state, reason)
 
 
 def split_decide(
@@ -142,8 +138,7 @@ def split_decide(
     """``stream-cps split``: one READ COMMITTED transaction that stores the decision and the
     entity's purge signal (retried on a lost conflict); a running service's sweep rebuilds
     it with the decision applied."""
-    with connect(settings.dsn, role="split", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "split") as conn:
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         store = SplitStore(settings.schemas)
 
@@ -158,8 +153,7 @@ def split_undo(settings: Settings, decision: int, by: str | None) -> Undone:
     """``stream-cps split --undo``: mark it undone and set what it kept apart to be
     restitched, in one transaction; retried when it loses a deadlock against a batch (the
     batch holds the entities and waits for the decision's row, the undo the reverse)."""
-    with connect(settings.dsn, role="split", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "split") as conn:
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
         store = SplitStore(settings.schemas)
 
@@ -176,8 +170,7 @@ def split_dry_run(
     """``stream-cps split --dry-run``: the live entity and the parts the decision would leave
     (its events grouped afresh with the decision applied); read-only."""
     store = SplitStore(settings.schemas)
-    with connect(settings.dsn, role="split", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "split") as conn:
         conn.read_only = True
         with conn.transaction():
             entity = store.entity(conn, entity_id)
@@ -202,8 +195,7 @@ def erase(
     are exactly what ``--yes`` would delete."""
     from stream_cps.attributes.cache import CacheRefresher
 
-    with connect(settings.dsn, role="erase", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "erase") as conn:
         store = ErasureStore(settings.schemas, settings.opensearch.writes_outbox)
         with conn.transaction(force_rollback=not yes):
             done = store.erase(conn, store.resolve(conn, entity, identifier), reason, suppress)
@@ -229,8 +221,7 @@ def explain(
     ask = queries.Ask(entity_id, identifier, why)
     if fmt in render.PICTURE_FORMATS:
         render.require_dot(fmt)  # before reading a big entity for nothing
-    with connect(settings.dsn, role="explain", autocommit=True) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "explain") as conn:
         explanation = queries.load(conn, settings.schemas, ask, settings.stitching.rule_timeout_ms)
     return render.render(explanation, fmt, limit)
 
@@ -242,8 +233,7 @@ def status(settings: Settings, source: str) -> Snapshot:
 
     slot = settings.stitching.slot_name
     key = SlotLease(settings.dsn, slot).key
-    with connect(settings.dsn, role="status", autocommit=True, connect_timeout=5) as conn:
-        schema.check(conn, settings.schemas)
+    with schema.checked(settings.dsn, settings.schemas, "status", connect_timeout=5) as conn:
         snap = observe_status.read(conn, settings.schemas, slot, key)
     if source == "kafka":
         from stream_cps.sources.kafka.lag import group_lag
@@ -260,8 +250,7 @@ def webhook_server(settings: Settings) -> WebhookServer:
     ingest = WebhookIngest(settings)
     server = WebhookServer(settings.webhook, ingest, on_close=ingest.close)
     try:
-        with connect(settings.dsn, role="check", autocommit=True) as conn:
-            schema.check(conn, settings.schemas)
+        schema.check_database(settings.dsn, settings.schemas)
     except BaseException:
         server.httpd.server_close()
         raise

@@ -87,8 +87,9 @@ class ReplicationLoop:
         self.health.role = "connecting"
         self.health.beat("stitching")
         try:
-            with connect(self.settings.dsn, role="check", autocommit=True) as conn:
-                schema.check(conn, self.settings.schemas)  # SchemaError ends the run
+            schema.check_database(
+                self.settings.dsn, self.settings.schemas
+            )  # SchemaError ends the run
             if not self._acquire_lease():
                 return
             if not self._activated:

@@ -12,12 +12,10 @@ import json
 import os
 import random
 import signal
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,17 +32,17 @@ from stream_cps import config
 from stream_cps.db import schema
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.kafka import KafkaLoop
-from stream_cps.service.process import webhook_server
 from stream_cps.sources.changefeed.webhook import envelopes_of
 from stream_cps.sources.kafka.replay import run_replay
 from stream_cps.sources.messages import MAX_REASON
 from stream_cps.stitching.ingest import Applier
 from stream_cps.stitching.stitcher import Stitcher
-from stream_cps_dev.encode import avro_event, json_event
+from stream_cps_dev.encode import avro_event, changefeed_message, json_event
 from stream_cps_dev.sample import generator
 from tests.fixtures.kafka import create_topics
 from tests.support import expected, observed, snapshot, wait_until
-from tests.webhook_support import self_signed
+from tests.webhook_support import client_context, running, webhook_settings
+from tests.webhook_support import post as webhook_post
 
 Row = tuple[str, str, str, str, datetime, str]
 
@@ -340,20 +338,9 @@ def test_replay_from_time_and_from_beginning_restitches_to_the_same_entities(
 def _changefeed_messages(rows: list[Row]) -> list[tuple[bytes | None, bytes | None]]:
     """What `CREATE CHANGEFEED FOR customer_events INTO 'kafka://...'` emits (wrapped, JSON)."""
     messages: list[tuple[bytes | None, bytes | None]] = []
-    for n, (eid, source, etype, version, when, payload) in enumerate(rows):
-        after = {
-            "id": eid,
-            "source_id": source,
-            "type": etype,
-            "version": version,
-            "event_time": when.isoformat(),
-            "payload": json.loads(payload),
-            "created": when.isoformat(),
-            "stitched": None,
-            "identifiers": None,
-        }
-        value = json.dumps({"after": after, "updated": f"{1700000000000000000 + n}.0000000000"})
-        messages.append((json.dumps([eid]).encode(), value.encode()))
+    for n, row in enumerate(rows):
+        value = json.dumps(changefeed_message(row, n))
+        messages.append((json.dumps([row[0]]).encode(), value.encode()))
     return messages
 
 
@@ -518,33 +505,17 @@ def test_webhook_accepts_changefeed_payloads_over_tls(
     db.execute(generator.config_sql(settings.schemas))
     rows = sample(60, seed=41)
     generator.copy_events(db.cursor(), generator_table(settings), rows)
-    cert, key = self_signed(tmp_path)
-    server = webhook_server(
-        settings.replace(
-            **{
-                "webhook.host": "127.0.0.1",
-                "webhook.port": 0,
-                "webhook.cert_file": str(cert),
-                "webhook.key_file": str(key),
-                "webhook.allow_unauthenticated": True,  # tests/integration/test_webhook_security
-            }
-        )
+    hook = webhook_settings(  # authentication: tests/integration/test_webhook_security.py
+        settings, tmp_path, **{"webhook.allow_unauthenticated": True}
     )
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
-    thread.start()
-    context = ssl.create_default_context(cafile=str(cert))
+    with running(hook) as server:
+        context = client_context(hook)
 
-    def post(body: bytes) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"https://127.0.0.1:{server.port}/changefeed", data=body, method="POST"
-        )
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
-            assert response.status == 200
-            answer: dict[str, Any] = json.loads(response.read())
+        def post(body: bytes) -> dict[str, Any]:
+            status, answer = webhook_post(server, context, body)
+            assert status == 200
             return answer
 
-    try:
         entries = [
             {**json.loads(v or b""), "key": json.loads(k or b""), "topic": "customer_events"}
             for k, v in _changefeed_messages(rows)
@@ -557,9 +528,6 @@ def test_webhook_accepts_changefeed_payloads_over_tls(
         post(b'{"resolved": "1700000000000000000.0000000000"}')
         bad = post(b'{"payload": [1], "length": 5}')
         assert bad["dead_letters"] == 1
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     assert all_stitched(db, len(rows))
     assert observed(db) == expected(db)
     assert count(db, "SELECT count(*) FROM cdp_ps.kafka_dead_letters WHERE source = 'webhook'") == 1
@@ -872,34 +840,18 @@ def test_webhook_enriched_key_only_and_crdb_resolved(
     db.execute(generator.config_sql(settings.schemas))
     rows = sample(12, seed=61)
     generator.copy_events(db.cursor(), generator_table(settings), rows)
-    cert, key = self_signed(tmp_path)
-    server = webhook_server(
-        settings.replace(
-            **{
-                "webhook.host": "127.0.0.1",
-                "webhook.port": 0,
-                "webhook.cert_file": str(cert),
-                "webhook.key_file": str(key),
-                "webhook.allow_unauthenticated": True,  # tests/integration/test_webhook_security
-            }
-        )
+    hook = webhook_settings(  # authentication: tests/integration/test_webhook_security.py
+        settings, tmp_path, **{"webhook.allow_unauthenticated": True}
     )
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(stop,), daemon=True)
-    thread.start()
-    context = ssl.create_default_context(cafile=str(cert))
+    with running(hook) as server:
+        context = client_context(hook)
 
-    def post(body: bytes) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"https://127.0.0.1:{server.port}/changefeed", data=body, method="POST"
-        )
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
-            assert response.status == 200
-            answer: dict[str, Any] = json.loads(response.read())
+        def post(body: bytes) -> dict[str, Any]:
+            status, answer = webhook_post(server, context, body)
+            assert status == 200
             return answer
 
-    resolved = b'{"__crdb__": {"resolved": "1800000000.0000000000"}}'
-    try:
+        resolved = b'{"__crdb__": {"resolved": "1800000000.0000000000"}}'
         entries: list[Any] = [
             {
                 "payload": {"after": _after(row), "op": "c", "ts_ns": n},
@@ -914,9 +866,6 @@ def test_webhook_enriched_key_only_and_crdb_resolved(
         answer = post(json.dumps({"payload": entries, "length": len(entries)}).encode())
         assert answer == {"messages": 12, "stitched": 11, "dead_letters": 1}
         assert post(resolved) == {"messages": 1, "stitched": 0, "dead_letters": 0}
-    finally:
-        stop.set()
-        thread.join(timeout=10)
     [(reason,)] = db.execute(
         "SELECT reason FROM cdp_ps.kafka_dead_letters WHERE source = 'webhook'"
     ).fetchall()
