@@ -737,18 +737,8 @@ def test_a_redelivered_id_with_different_content_is_a_dead_letter(
 
 def _after(row: Row) -> dict[str, Any]:
     """A customer_events row as a changefeed carries it."""
-    eid, source, etype, version, when, payload = row
-    return {
-        "id": eid,
-        "source_id": source,
-        "type": etype,
-        "version": version,
-        "event_time": when.isoformat(),
-        "payload": json.loads(payload),
-        "created": when.isoformat(),
-        "stitched": None,
-        "identifiers": None,
-    }
+    after: dict[str, Any] = changefeed_message(row, 0)["after"]
+    return after
 
 
 # What `envelope = enriched, enriched_properties = 'source,schema'` adds around the payload.
