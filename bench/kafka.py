@@ -11,7 +11,10 @@
    events/s and as a fraction of (2):
    - ``cli``: `stream-cps run --source kafka` as users run it, i.e. with attribute calculation
      running in the same process (it shares the GIL and the two cores);
-   - ``inproc``: the Kafka source alone (``KafkaLoop`` in a thread, no calculation).
+   - ``inproc``: the Kafka source alone (``KafkaLoop`` in a thread, no calculation);
+   - ``replication``: the same events COPYed into ``customer_events`` while `stream-cps run`
+     (the replication path, calculation included) is up: the baseline the Kafka path must
+     at least match (``cli`` / ``replication`` is printed at the end).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
+from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is run as a script from anywhere
@@ -54,7 +58,9 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--format", choices=["avro", "json"], default="avro")
     parser.add_argument("--batch-sizes", default="500,2000", help="kafka.batch_size values")
-    parser.add_argument("--modes", default="cli,inproc", help="cli and/or inproc")
+    parser.add_argument(
+        "--modes", default="replication,cli,inproc", help="replication, cli and/or inproc"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-kafka-"))
@@ -85,17 +91,32 @@ def main() -> int:
 
         raw_s = raw_consume(broker.bootstrap, topic, n)
         print(f"raw consume: {n / raw_s:,.0f} messages/s ({raw_s:.2f} s)")
+        rates: dict[str, float] = {}
         for mode in args.modes.split(","):
+            if mode == "replication":
+                e2e_s = replication(server, rows, workdir)
+                rates[mode] = n / e2e_s
+                print(
+                    f"end to end [replication] (COPY + stream-cps run): {n / e2e_s:,.0f} "
+                    f"events/s ({e2e_s:.2f} s first insert -> last stitch)",
+                    flush=True,
+                )
+                continue
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
                 e2e_s, wall_s = end_to_end(
                     server, broker.bootstrap, topic, n, batch_size, workdir, mode
                 )
+                rates[f"{mode} {batch_size}"] = n / e2e_s
                 print(
                     f"end to end [{mode}] (kafka.batch_size={batch_size}): "
                     f"{n / e2e_s:,.0f} events/s ({e2e_s:.2f} s first insert -> last stitch; "
                     f"{wall_s:.1f} s incl. start), ratio to raw consume {raw_s / e2e_s:.4f}",
                     flush=True,
                 )
+        if "replication" in rates:
+            for name, rate in rates.items():
+                if name != "replication":
+                    print(f"{name} / replication: {rate / rates['replication']:.2f} (target >= 1)")
     finally:
         broker.stop()
         embedded.destroy(server)
@@ -123,6 +144,56 @@ def raw_consume(bootstrap: str, topic: str, n: int) -> float:
     return elapsed
 
 
+def fresh_database(server: embedded.EmbeddedPostgres) -> str:
+    """A new database with the schema and the sample rules; its DSN."""
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = f"host=127.0.0.1 port={server.port} user=postgres dbname={name}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        schema.migrate(conn, SCHEMAS)
+        conn.execute(generator.config_sql(SCHEMAS))
+    return dsn
+
+
+def replication(server: embedded.EmbeddedPostgres, rows: list[Any], workdir: Path) -> float:
+    """COPY the events while `stream-cps run` (replication) is up; seconds from the COPY's
+    insert to the last stitch (database clock)."""
+    dsn = fresh_database(server)
+    env = {
+        **os.environ,
+        "STREAM_CPS_DSN": dsn,
+        "STREAM_CPS_OPENSEARCH_OUTBOX": "always",  # as in the Kafka runs
+        "STREAM_CPS_LOG_LEVEL": "WARNING",
+    }
+    with (
+        psycopg.connect(dsn, autocommit=True) as conn,
+        (workdir / "replication.log").open("wb") as log,
+    ):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stream_cps", "run"], env=env, stdout=log, stderr=log
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not conn.execute(
+                "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = 'stream_cps'"
+            ).fetchone():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the replication service did not start")
+                time.sleep(0.1)
+            with conn.cursor() as cur:
+                generator.copy_events(cur, sql.Identifier(SCHEMAS.ce, "customer_events"), rows)
+            wait_stitched(conn, len(rows), lambda: process.poll() is None)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=30)
+        span = conn.execute(
+            "SELECT extract(epoch FROM max(stitched) - min(created)) FROM cdp_ce.customer_events"
+        ).fetchone()
+        assert span is not None
+        return float(span[0])
+
+
 def end_to_end(
     server: embedded.EmbeddedPostgres,
     bootstrap: str,
@@ -132,13 +203,9 @@ def end_to_end(
     workdir: Path,
     mode: str,
 ) -> tuple[float, float]:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server.dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = f"host=127.0.0.1 port={server.port} user=postgres dbname={name}"
+    dsn = fresh_database(server)
+    name = dsn.rsplit("=", 1)[1]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        schema.migrate(conn, SCHEMAS)
-        conn.execute(generator.config_sql(SCHEMAS))
         env = {
             "STREAM_CPS_DSN": dsn,
             "STREAM_CPS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,

@@ -180,7 +180,7 @@ class KafkaLoop:
             self.source.apply_replays(conn)
             if idle and self.stitcher.purge_pending(conn):
                 with telemetry.root(telemetry.SPAN_STITCH_SWEEP, telemetry.now()):
-                    self.stitcher.within(conn, lambda stitch_in: stitch_in([]))
+                    self.stitcher.within(conn, lambda stitch_in: stitch_in([], None))
         except Exception as exc:
             if not retry.is_transient(exc):
                 raise

@@ -30,6 +30,7 @@ from psycopg import sql
 
 from stream_cps import telemetry
 from stream_cps.config import Schemas
+from stream_cps.db.arrays import TextArray
 from stream_cps.sources.messages import (
     ChangefeedRow,
     CustomerEvent,
@@ -39,7 +40,7 @@ from stream_cps.sources.messages import (
     reason_class,
     short_reason,
 )
-from stream_cps.stitching.stitcher import BatchResult, Stitcher, StitchIn
+from stream_cps.stitching.stitcher import BatchResult, Prepared, Stitcher, StitchIn
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,13 @@ class Applier:
         stats.erased += len(conflicts) - len(kept)
         conflicts = kept
         received -= stats.erased
-        inserted, failed = self._insert(conn, [ev for ev, _ in events.values()])
+        new_events = [ev for ev, _ in events.values()]
+        # Rules first, over the rows as they will be stored: the insert then writes them
+        # already marked, and the stitcher does not write them a second time.
+        ahead = None
+        if new_events:
+            ahead = self.stitcher.prepare_rows(conn, _ROWS, _columns(new_events))
+        inserted, failed = self._insert(conn, new_events, ahead)
         for event_id, reason in failed.items():
             stats.dead_letters.append(dataclasses.replace(events[event_id][1][0], reason=reason))
         present = [
@@ -139,19 +146,20 @@ class Applier:
         self._record_dead(conn, stats.dead_letters)
         ids = [eid for eid in events if eid not in failed]
         ids += [eid for eid in stitch_ids if eid not in events]
-        stats.stitch = stitch_in(ids)
+        stats.stitch = stitch_in(ids, ahead.inserted(inserted) if ahead else None)
         return stats
 
     def _insert(
-        self, conn: psycopg.Connection[Any], events: list[CustomerEvent]
+        self, conn: psycopg.Connection[Any], events: list[CustomerEvent], ahead: Prepared | None
     ) -> tuple[set[str], dict[str, str]]:
-        """Insert new events (the ids inserted); rows the database refuses are isolated with
-        savepoints."""
+        """Insert new events (the ids inserted), marked with their identifiers when ``ahead``
+        has them; rows the database refuses are isolated with savepoints."""
         if not events:
             return set(), {}
+        marks = dict(zip(ahead.marks.ids, ahead.marks.literals, strict=True)) if ahead else {}
         try:
             with conn.transaction():
-                return self._insert_rows(conn, events), {}
+                return self._insert_rows(conn, events, marks), {}
         except (psycopg.DataError, psycopg.IntegrityError):
             pass
         inserted: set[str] = set()
@@ -159,22 +167,31 @@ class Applier:
         for event in events:
             try:
                 with conn.transaction():
-                    inserted |= self._insert_rows(conn, [event])
+                    inserted |= self._insert_rows(conn, [event], marks)
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
                 failed[event.id] = f"database refused the event: {exc.diag.message_primary}"
         return inserted, failed
 
-    def _insert_rows(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> set[str]:
+    def _insert_rows(
+        self, conn: psycopg.Connection[Any], events: list[CustomerEvent], marks: dict[str, str]
+    ) -> set[str]:
         # One statement with one array per column: no per-row placeholders to parse, and
         # multi-argument unnest exists in CockroachDB too. Payloads travel as text[] and are
         # cast row by row (jsonb[] parameters are newer in CockroachDB). Binary parameters (%b)
-        # skip the per-element quoting of text-format array literals.
+        # skip the per-element quoting of text-format array literals. With ``marks`` (every
+        # event's identifiers as an array literal) the rows are stored stitched.
         statement = sql.SQL(
-            "INSERT INTO {} ({}) "
-            "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb) "
-            "FROM {} ON CONFLICT (id) DO NOTHING RETURNING id"
+            "INSERT INTO {} ({}, stitched, identifiers) "
+            "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb), "
+            "CASE WHEN m.idents IS NOT NULL THEN clock_timestamp() END, m.idents::text[] "
+            "FROM {} LEFT JOIN unnest(%(idents)b::text[]) WITH ORDINALITY AS m(idents, n) "
+            "ON m.n = u.n ON CONFLICT (id) DO NOTHING RETURNING id"
         ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), _UNNEST)
-        return {str(row[0]) for row in conn.execute(statement, _columns(events))}
+        params: dict[str, object] = {
+            **_columns(events),
+            "idents": TextArray([marks[ev.id] for ev in events] if marks else []),
+        }
+        return {str(row[0]) for row in conn.execute(statement, params)}
 
     def _differing(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> list[str]:
         """Ids among ``events`` (not inserted: already stored) whose stored content differs.
@@ -216,23 +233,30 @@ class Applier:
 
 
 _UNNEST = sql.SQL(
-    "unnest(CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), CAST(%b AS text[]), "
-    "CAST(%b AS timestamptz[]), CAST(%b AS text[])) "
-    "AS u (id, source_id, type, version, event_time, payload)"
+    "unnest(CAST(%(id)b AS text[]), CAST(%(source_id)b AS text[]), CAST(%(type)b AS text[]), "
+    "CAST(%(version)b AS text[]), CAST(%(event_time)b AS timestamptz[]), "
+    "CAST(%(payload)b AS text[])) WITH ORDINALITY "
+    "AS u (id, source_id, type, version, event_time, payload, n)"
 )
+# The batch as rows of the events table's shape, for the rules (``Stitcher.prepare_rows``).
+_ROWS = sql.SQL(
+    "SELECT u.id, u.source_id, u.type, u.version, u.event_time, "
+    "CAST(u.payload AS jsonb) AS payload, now() AS created, NULL::timestamptz AS stitched, "
+    "NULL::text[] AS identifiers FROM {}"
+).format(_UNNEST)
 
 
-def _columns(events: list[CustomerEvent]) -> list[list[Any]]:
+def _columns(events: list[CustomerEvent]) -> dict[str, object]:
     """The events as one list per column, for ``_UNNEST``."""
-    columns: list[list[Any]] = [[], [], [], [], [], []]
+    columns: dict[str, list[Any]] = {name: [] for name in EVENT_COLUMNS}
     for ev in events:
-        for column, value in zip(
-            columns,
-            (ev.id, ev.source_id, ev.type, ev.version, ev.event_time, ev.payload),
-            strict=True,
-        ):
-            column.append(value)
-    return columns
+        columns["id"].append(ev.id)
+        columns["source_id"].append(ev.source_id)
+        columns["type"].append(ev.type)
+        columns["version"].append(ev.version)
+        columns["event_time"].append(ev.event_time)
+        columns["payload"].append(ev.payload)
+    return dict(columns)
 
 
 def _same_event(first: CustomerEvent, other: CustomerEvent) -> bool:

@@ -248,6 +248,26 @@ def extract(
     return _isolate(conn, schemas, rules, event_ids, timeout_ms)
 
 
+def extract_rows(
+    conn: psycopg.Connection[Any],
+    schemas: Schemas,
+    rules: Sequence[Rule],
+    source: sql.Composable,
+    params: dict[str, object],
+    timeout_ms: int,
+) -> Extracted | None:
+    """Evaluate every rule against rows not stored yet (``source`` selects them in the events
+    table's shape: the Kafka path stores its events already stitched). None when a rule or a
+    row fails: the caller then stores the rows first and ``extract`` isolates the failure."""
+    try:
+        rows = _evaluate(conn, timeout_ms, *_query(schemas, rules, source, params))
+    except psycopg.Error as exc:
+        _raise_unless_isolable(conn, exc)
+        log.info("rules failed on a batch before its insert; stitching it after the insert")
+        return None
+    return _collect(rows, rules, [])
+
+
 def extract_next(
     conn: psycopg.Connection[Any],
     schemas: Schemas,

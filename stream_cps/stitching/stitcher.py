@@ -26,13 +26,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg
 from opentelemetry import metrics, trace
+from psycopg import sql
 
 from stream_cps import retry, telemetry
 from stream_cps.config import Settings
@@ -56,12 +57,38 @@ def isolation_for(conn: psycopg.Connection[Any]) -> psycopg.IsolationLevel:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A batch read and normalised, ready to be grouped against the state (``apply``)."""
+    """A batch read and normalised, ready to be grouped against the state (``apply``).
+
+    ``stored`` holds the events whose rows were inserted already marked, with these
+    identifiers (the Kafka path: no second write of the row); ``marks`` covers the others.
+    """
 
     event_ids: list[str]
     events: list[grouping.StitchEvent]
     failures: list[rules.RuleFailure]
     marks: EventMarks
+    stored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def inserted(self, ids: set[str]) -> Prepared:
+        """Only the events in ``ids`` (the rows the insert wrote), as stored already."""
+        events = [ev for ev in self.events if ev.id in ids]
+        return Prepared(
+            [i for i in self.event_ids if i in ids],
+            events,
+            [f for f in self.failures if f.event_id is None or f.event_id in ids],
+            EventMarks.of([]),
+            {ev.id: ev.identifiers for ev in events},
+        )
+
+    def joined(self, other: Prepared) -> Prepared:
+        """These stored events and ``other``'s, which still need marking."""
+        return Prepared(
+            self.event_ids + other.event_ids,
+            self.events + other.events,
+            self.failures + other.failures,
+            other.marks,
+            {**self.stored, **other.stored},
+        )
 
 
 @dataclass
@@ -78,8 +105,14 @@ class BatchResult:
 
 
 R = TypeVar("R")
-StitchIn = Callable[[list[str]], BatchResult]
-"""Stitches ids inside the transaction ``Stitcher.within`` opened for its caller."""
+StitchIn = Callable[[list[str], "Prepared | None"], BatchResult]
+"""Stitches ids inside the transaction ``Stitcher.within`` opened for its caller; the
+``Prepared`` given holds those of them that were inserted already marked (``prepare_rows``)."""
+
+
+def _marks(events: list[grouping.StitchEvent], stored: Mapping[str, tuple[str, ...]]) -> EventMarks:
+    """Marks for ``events``, but for rows inserted already holding the same identifiers."""
+    return EventMarks.of(ev for ev in events if stored.get(ev.id) != ev.identifiers)
 
 
 def _out_of_range(event_id: str, when: OutOfRange) -> rules.RuleFailure:
@@ -172,8 +205,8 @@ class Stitcher:
         def attempt() -> tuple[R, list[BatchResult]]:
             done: list[BatchResult] = []
 
-            def stitch_in(event_ids: list[str]) -> BatchResult:
-                result = self._in_transaction(conn, event_ids)
+            def stitch_in(event_ids: list[str], stored: Prepared | None) -> BatchResult:
+                result = self._in_transaction(conn, event_ids, stored)
                 done.append(result)
                 return result
 
@@ -271,8 +304,31 @@ class Stitcher:
         self._count(result, time.monotonic() - started)
         return result
 
-    def _in_transaction(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> BatchResult:
-        return self._batch(conn, len(event_ids), lambda: self._prepare(conn, event_ids))
+    def prepare_rows(
+        self, conn: psycopg.Connection[Any], source: sql.Composable, params: dict[str, object]
+    ) -> Prepared | None:
+        """Evaluate the rules over rows not stored yet (``source`` selects them in the events
+        table's shape), so that they can be inserted already marked; None when a rule or a
+        row fails (they are then stored unmarked and stitched by id, which isolates it)."""
+        ruleset = self.rulebook.refresh(conn)
+        with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
+            extracted = rules.extract_rows(
+                conn, self.schemas, ruleset.rules, source, params, self.rulebook.timeout_ms
+            )
+        if extracted is None:
+            return None
+        return self._normalise(list(extracted.events), extracted, ruleset)
+
+    def _in_transaction(
+        self, conn: psycopg.Connection[Any], event_ids: list[str], stored: Prepared | None = None
+    ) -> BatchResult:
+        def prepare() -> Prepared:
+            if stored is None:
+                return self._prepare(conn, event_ids)
+            rest = [i for i in event_ids if i not in stored.stored]
+            return stored.joined(self._prepare(conn, rest))
+
+        return self._batch(conn, len(event_ids), prepare)
 
     def _batch(
         self, conn: psycopg.Connection[Any], requested: int, prepare: Callable[[], Prepared]
@@ -332,7 +388,7 @@ class Stitcher:
         if erased:
             result.erased = self.erasure.drop(conn, sorted(erased))
             events = [ev for ev in events if ev.id not in erased]
-            marks = EventMarks.of(events)
+            marks = _marks(events, prepared.stored)
             log.info("deleted %d re-inserted rows of erased events", result.erased)
         touched = sorted({i for ev in events for i in ev.identifiers})
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
@@ -341,7 +397,7 @@ class Stitcher:
             suppressed = self.erasure.suppressed_among(conn, touched)
             if suppressed:
                 events = quarantine.without(events, suppressed)
-                marks = EventMarks.of(events)
+                marks = _marks(events, prepared.stored)
             trips = self.quarantine.record(conn, events, self.limits)
             excluded = self.quarantine.excluded(conn, touched)
             live = self.splits.live(conn, touched, [ev.id for ev in events])
@@ -361,7 +417,7 @@ class Stitcher:
         if excluded:
             self.quarantine.remember(conn, events, excluded)
         if excluded or live.detached:
-            marks = EventMarks.of(grouped)
+            marks = _marks(grouped, prepared.stored)
         if events:
             # Pipeline mode: marking the events (the largest statement, independent of the
             # plan) runs in PostgreSQL while Python groups; the entity writes follow it.
