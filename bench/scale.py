@@ -62,11 +62,121 @@ SIZES_OF = (
     ("customer_events", "cdp_ce.customer_events"),
     ("events GIN identifiers", "cdp_ce.customer_events_identifiers_idx"),
     ("events unstitched", "cdp_ce.customer_events_unstitched_time_idx"),
-    ("identifier_entities", "cdp_ps.identifier_entities"),
+    ("identifier_clusters", "cdp_ps.identifier_clusters"),
+    ("entity_clusters", "cdp_ps.entity_clusters"),
     ("customer_attributes", "public.customer_attributes"),
     ("entity_aliases", "cdp_ps.entity_aliases"),
     ("outbox", "cdp_attr.outbox"),
 )
+HOT_TABLES = (
+    "customer_events",
+    "identifier_clusters",
+    "entity_clusters",
+    "customer_attributes",
+    "entity_aliases",
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Profile:
+    """Where one step's time goes, from the server's own counters (reset before the step).
+
+    Per statement (pg_stat_statements): calls, time, buffer hits and reads, WAL; per hot
+    table: updates and how many were HOT, dead rows, autovacuum runs; the WAL written; and
+    CPU seconds per process (the service, and each server process by its role: the
+    service's sessions by application_name, the walsender, autovacuum, checkpointer...).
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], server_pid: int, service_pid: int) -> None:
+        self.conn, self.server_pid, self.service_pid = conn, server_pid, service_pid
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        self.cpu_before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.conn.execute("SELECT pg_stat_statements_reset()")
+        self.conn.execute("SELECT pg_stat_reset()")
+        self.conn.execute("SELECT pg_stat_reset_shared('wal')")
+        self.cpu_before = self.cpu()
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far by process role (exited processes, e.g. autovacuum workers
+        that finished, drop out: their share is a lower bound)."""
+        names = dict(
+            self.conn.execute(
+                "SELECT pid, CASE WHEN backend_type = 'client backend' "
+                "THEN coalesce(nullif(application_name, ''), 'client') ELSE backend_type END "
+                "FROM pg_stat_activity"
+            ).fetchall()
+        )
+        out: dict[str, float] = {"service (python)": _cpu_seconds(self.service_pid)}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) != self.server_pid:  # field 4: ppid
+                continue
+            role = names.get(int(proc.name), "other server process")
+            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return out
+
+    def collect(self, top: int = 12) -> dict[str, Any]:
+        time.sleep(1.5)  # backends flush their table and WAL counters at most once a second
+        now = self.cpu()
+        cpu = {k: round(v - self.cpu_before.get(k, 0.0), 2) for k, v in now.items()}
+        statements = [
+            {
+                "query": q,
+                "calls": calls,
+                "total_ms": round(total),
+                "mean_ms": round(mean, 3),
+                "hit": int(hit),
+                "read": int(read),
+                "dirtied": int(dirtied),
+                "wal_mb": round(float(wal) / 2**20, 1),  # numeric in pg_stat_statements
+            }
+            for q, calls, total, mean, hit, read, dirtied, wal in self.conn.execute(
+                "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 100), calls, "
+                "total_exec_time, mean_exec_time, shared_blks_hit, shared_blks_read, "
+                "shared_blks_dirtied, wal_bytes FROM pg_stat_statements "
+                "WHERE query NOT ILIKE '%%pg_stat%%' ORDER BY total_exec_time DESC LIMIT %s",
+                [top],
+            ).fetchall()
+        ]
+        tables = {
+            name: {"upd": upd, "hot": hot, "dead": dead, "autovacuum": av, "seq_scan": seq}
+            for name, upd, hot, dead, av, seq in self.conn.execute(
+                "SELECT relname, n_tup_upd, n_tup_hot_upd, n_dead_tup, autovacuum_count, "
+                "seq_scan FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+                [list(HOT_TABLES)],
+            ).fetchall()
+        }
+        wal = self.conn.execute("SELECT wal_records, wal_bytes FROM pg_stat_wal").fetchone()
+        return {
+            "cpu_s": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+            "statements": statements,
+            "tables": tables,
+            "wal_mb": round(int(wal[1]) / 2**20, 1) if wal else None,
+        }
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def print_profile(prof: dict[str, Any]) -> None:
+    cpu = ", ".join(f"{k} {v:.1f}" for k, v in prof["cpu_s"].items() if v >= 0.05)
+    print(f"    CPU s: {cpu}; WAL {prof['wal_mb']} MB")
+    for st in prof["statements"][:8]:
+        print(
+            f"    {st['total_ms']:>7,} ms {st['calls']:>6} x {st['mean_ms']:>8.2f} ms "
+            f"hit {st['hit']:>9,} read {st['read']:>7,}  {st['query'][:70]}"
+        )
+    for name, t in prof["tables"].items():
+        print(f"    {name}: {t}")
 
 
 class Loader:
@@ -157,6 +267,11 @@ def restitch_one(conn: psycopg.Connection[Any]) -> float:
     return time.perf_counter() - started
 
 
+def server_pid(datadir: Path) -> int:
+    """The postmaster's pid (first line of postmaster.pid)."""
+    return int((datadir / "postmaster.pid").read_text().split()[0])
+
+
 def service(dsn: str, workdir: Path, batch_size: int) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -202,31 +317,41 @@ def main() -> int:
     rng = random.Random(5)
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-scale-"))
-    server = embedded.start(workdir / "pg", settings=PROFILES[args.profile])
+    settings = {**PROFILES[args.profile], "shared_preload_libraries": "pg_stat_statements"}
+    server = embedded.start(workdir / "pg", settings=settings)
     steps: list[dict[str, Any]] = []
     try:
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             schema.migrate(conn, SCHEMAS)
             conn.execute(generator.config_sql(SCHEMAS))
             proc = service(server.dsn, workdir, args.batch_size)
+            profiler = Profile(conn, server_pid(workdir / "pg"), proc.pid)
             loader = Loader(conn)
             try:
                 for target in [0, *targets]:
+                    if loader.events < target:
+                        profiler.start()
                     while loader.events < target:
                         rows = loader.new_people(min(args.chunk, target - loader.events))
                         seconds = loader.copy_and_wait(rows)
                         steps.append(_step("history", len(rows), seconds, loader, proc, conn))
                         _print(steps[-1])
+                        if loader.events >= target:
+                            steps[-1]["profile"] = profiler.collect()  # of the whole segment
+                            print_profile(steps[-1]["profile"])
                     returning = int(args.burst * args.returning) if loader.events else 0
                     rows = loader.new_people(args.burst - returning)
                     rows += loader.returning(returning, rng)
                     rng.shuffle(rows)
+                    profiler.start()
                     step = _step("burst", len(rows), loader.copy_and_wait(rows), loader, proc, conn)
+                    step["profile"] = profiler.collect()
                     step["rss_mb"] = rss_mb(proc.pid)
                     step["sizes"] = sizes(conn)
                     step["restitch_one_s"] = restitch_one(conn)
                     steps.append(step)
                     _print(step)
+                    print_profile(step["profile"])
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
