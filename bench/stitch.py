@@ -113,7 +113,8 @@ def reset(conn: psycopg.Connection[Any]) -> None:
     """Empty the stitching state and drop the slot, so each mode starts alike."""
     conn.execute(sql.SQL("TRUNCATE {}").format(EVENTS))
     conn.execute(
-        "TRUNCATE customer_attributes, cdp_ps.identifier_entities, cdp_ps.entity_aliases, "
+        "TRUNCATE customer_attributes, cdp_ps.identifier_clusters, cdp_ps.entity_clusters, "
+        "cdp_ps.entity_aliases, "
         "cdp_attr.outbox"
     )
     conn.execute(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from stream_cps.stitching import quarantine
 from tests import oracle
@@ -193,3 +194,27 @@ def start_service(dsn: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "stream_cps", "run"], env=environment, stdout=handle, stderr=handle
     )
+
+
+def count_row_updates(conn: psycopg.Connection[Any], table: str) -> Callable[[], int]:
+    """Install a trigger counting the row UPDATEs of ``table`` (``schema.name``); the function
+    returned gives the count since its last call."""
+    schema_name, _, table_name = table.partition(".")
+    ids = {
+        "t": sql.Identifier(schema_name, table_name),
+        "n": sql.Identifier("count_updates_" + table_name),
+    }
+    for statement in (
+        "CREATE TABLE {n} (n bigint NOT NULL)",
+        "CREATE FUNCTION {n}() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN INSERT INTO {n} VALUES (1); RETURN NEW; END$$",
+        "CREATE TRIGGER {n} BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {n}()",
+    ):
+        conn.execute(sql.SQL(statement).format(**ids))
+    taken = sql.SQL("WITH d AS (DELETE FROM {n} RETURNING 1) SELECT count(*) FROM d").format(**ids)
+
+    def updates() -> int:
+        row = conn.execute(taken).fetchone()
+        return int(row[0]) if row else -1
+
+    return updates

@@ -19,6 +19,7 @@ from stream_cps import telemetry
 from stream_cps.config import Schemas
 from stream_cps.db.arrays import TextArray
 from stream_cps.errors import StreamCpsError
+from stream_cps.stitching.store import free_identifiers
 
 # What an erase counts, in the order it reports them.
 KINDS = (
@@ -130,7 +131,7 @@ class ErasureStore:
             "%(erasure)s FROM unnest(%(idents)b::text[]) AS t(x) "
             "ON CONFLICT (hash) DO NOTHING"
         )
-        self.delete_identifiers = q("DELETE FROM {ie} WHERE entity_id = %(id)s")
+        self.delete_identifiers = free_identifiers(schemas)
         self.delete_entity = q("DELETE FROM {ca} WHERE customer_entity_id = %(id)s")
         self.delete_aliases = q("DELETE FROM {al} WHERE old_id = %(id)s OR new_id = %(id)s")
         self.delete_pairs = q(
@@ -215,7 +216,9 @@ class ErasureStore:
         counts["events"] = len(erased_ids)
         conn.execute(self.tombstone_events, {"ids": ids, "erasure": erasure})
         by_entity = {"id": entity_id}
-        counts["identifiers"] = conn.execute(self.delete_identifiers, by_entity).rowcount
+        counts["identifiers"] = conn.execute(
+            self.delete_identifiers, {"ids": TextArray([entity_id])}
+        ).rowcount
         counts["entities"] = conn.execute(self.delete_entity, by_entity).rowcount
         counts["aliases"] = conn.execute(self.delete_aliases, by_entity).rowcount
         counts["identifier_pairs"] = conn.execute(self.delete_pairs, {"idents": idents}).rowcount

@@ -392,7 +392,7 @@ class Stitcher:
             log.info("deleted %d re-inserted rows of erased events", result.erased)
         touched = sorted({i for ev in events for i in ev.identifiers})
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
-            owner, keys = self.store.lock_owners(conn, touched)
+            owners = self.store.lock_owners(conn, touched)
             # After the lock: an erase of the owner committed meanwhile is seen here.
             suppressed = self.erasure.suppressed_among(conn, touched)
             if suppressed:
@@ -425,10 +425,10 @@ class Stitcher:
                 marked = self.store.mark(conn, marks, prepared.failures)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
                     gone = set(result.purged)
-                    owner = {i: e for i, e in owner.items() if e not in gone}
-                    plan = grouping.plan(grouped, owner, keys)
+                    owner = {i: e for i, e in owners.owner.items() if e not in gone}
+                    plan = grouping.plan(grouped, owner, owners.keys)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
-                    written = self.store.write(conn, plan, len(events))
+                    written = self.store.write(conn, plan, len(events), owners)
             result.events = written.events
             result.created = written.created
             result.merges = written.merged

@@ -36,6 +36,26 @@ class EventMarks:
 
 
 @dataclass(frozen=True)
+class Owners:
+    """What the lock lookup found for a batch's identifiers."""
+
+    owner: dict[str, str]  # identifier -> entity id
+    keys: dict[str, EventKey]  # entity id -> its first event (time, id)
+    clusters: dict[str, tuple[int, int]]  # entity id -> (cluster, size)
+
+
+def free_identifiers(schemas: Schemas) -> sql.Composed:
+    """Free every identifier of the entities ``%(ids)b`` (a purge, an erase)."""
+    return sql.SQL(
+        "WITH gone AS (DELETE FROM {cl} WHERE entity_id = ANY(%(ids)b::text[]) RETURNING cluster) "
+        "DELETE FROM {ic} AS ic USING gone WHERE ic.cluster = gone.cluster"
+    ).format(
+        cl=sql.Identifier(schemas.ps, "entity_clusters"),
+        ic=sql.Identifier(schemas.ps, "identifier_clusters"),
+    )
+
+
+@dataclass(frozen=True)
 class Written:
     """What one batch changed, for progress lines and metrics."""
 
@@ -53,7 +73,8 @@ class StitchStore:
         ids = {
             "ca": sql.Identifier(schemas.cdp, "customer_attributes"),
             "ce": sql.Identifier(schemas.ce, "customer_events"),
-            "ie": sql.Identifier(schemas.ps, "identifier_entities"),
+            "ic": sql.Identifier(schemas.ps, "identifier_clusters"),
+            "cl": sql.Identifier(schemas.ps, "entity_clusters"),
             "al": sql.Identifier(schemas.ps, "entity_aliases"),
             "err": sql.Identifier(schemas.ps, "stitching_errors"),
             "seq": sql.Literal(sql.Identifier(schemas.ps, "entity_version_seq").as_string()),
@@ -78,7 +99,7 @@ class StitchStore:
             "UPDATE {ce} SET stitched = NULL, identifiers = NULL "
             "WHERE identifiers && %(idents)b::text[] AND stitched IS NOT NULL"
         )
-        self.free_identifiers = q("DELETE FROM {ie} WHERE entity_id = ANY(%(ids)b)")
+        self.free_identifiers = free_identifiers(schemas)
         self.outbox_deletes = q(
             # The writing span's traceparent: the relay links its delivery to this batch.
             "INSERT INTO {outbox} (entity_id, op, version, traceparent) "
@@ -87,19 +108,33 @@ class StitchStore:
         )
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         self.lock_lookup = q(
-            "SELECT ie.identifier, ie.entity_id, ca.first_event_time, ca.first_event_id "
-            "FROM {ie} ie JOIN {ca} ca ON ca.customer_entity_id = ie.entity_id "
-            "WHERE ie.identifier = ANY(%(idents)b) ORDER BY ca.customer_entity_id "
+            "SELECT ic.identifier, cl.entity_id, ca.first_event_time, ca.first_event_id, "
+            "cl.cluster, cl.size "
+            "FROM {ic} ic JOIN {cl} cl ON cl.cluster = ic.cluster "
+            "JOIN {ca} ca ON ca.customer_entity_id = cl.entity_id "
+            "WHERE ic.identifier = ANY(%(idents)b) ORDER BY ca.customer_entity_id "
             "FOR UPDATE OF ca"
         )
         self.absorb = q(
             "DELETE FROM {ca} WHERE customer_entity_id = ANY(%(old)b) "
             "RETURNING customer_entity_id, identifiers"
         )
+        # Clusters merged into a larger one: theirs are the only identifiers that move.
+        self.drop_clusters = q("DELETE FROM {cl} WHERE cluster = ANY(%(clusters)s::bigint[])")
         self.repoint = q(
-            "UPDATE {ie} AS ie SET entity_id = m.new_id "
-            "FROM unnest(%(old)b::text[], %(new)b::text[]) AS m(old_id, new_id) "
-            "WHERE ie.entity_id = m.old_id"
+            "UPDATE {ic} AS ic SET cluster = m.keep "
+            "FROM unnest(%(old)s::bigint[], %(keep)s::bigint[]) AS m(old, keep) "
+            "WHERE ic.cluster = m.old"
+        )
+        # A surviving cluster takes the entity's (possibly new) id: one row, however large.
+        self.rename_clusters = q(
+            "UPDATE {cl} AS cl SET entity_id = m.id, size = cl.size + m.added "
+            "FROM unnest(%(clusters)s::bigint[], %(ids)b::text[], %(added)s::bigint[]) "
+            "AS m(cluster, id, added) WHERE cl.cluster = m.cluster"
+        )
+        self.new_clusters = q(
+            "INSERT INTO {cl} (entity_id, size) "
+            "SELECT * FROM unnest(%(ids)b::text[], %(sizes)s::bigint[])"
         )
         self.alias_insert = q(
             "INSERT INTO {al} (old_id, new_id, reason) "
@@ -118,9 +153,10 @@ class StitchStore:
             "DELETE FROM {al} AS al USING unnest(%(ids)b::text[]) AS d(id) WHERE al.old_id = d.id"
         )
         self.claim = q(
-            "INSERT INTO {ie} (identifier, entity_id) "
-            "SELECT * FROM unnest(%(idents)b::text[], %(owners)b::text[]) "
-            "ON CONFLICT (identifier) DO UPDATE SET entity_id = excluded.entity_id"
+            "INSERT INTO {ic} (identifier, cluster) SELECT u.ident, cl.cluster "
+            "FROM unnest(%(idents)b::text[], %(owners)b::text[]) AS u(ident, owner) "
+            "JOIN {cl} cl ON cl.entity_id = u.owner "
+            "ON CONFLICT (identifier) DO UPDATE SET cluster = excluded.cluster"
         )
         # modified is the statement's clock, not the transaction's start: when this batch had
         # to wait for a calculation's row lock, the change must still sort after that
@@ -196,26 +232,24 @@ class StitchStore:
 
     # -- read --------------------------------------------------------------------------------
 
-    def lock_owners(
-        self, conn: psycopg.Connection[Any], identifiers: list[str]
-    ) -> tuple[dict[str, str], dict[str, EventKey]]:
-        """Lock the entities owning ``identifiers``; return each identifier's entity and each
-        entity's first event key.
+    def lock_owners(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> Owners:
+        """Lock the entities owning ``identifiers``; return each identifier's entity, and each
+        entity's first event key and cluster.
 
         Called before purge signals are read: a purge committed later waits for this batch.
         """
-        owner: dict[str, str] = {}
-        keys: dict[str, EventKey] = {}
+        owners = Owners({}, {}, {})
         if not identifiers:
-            return owner, keys
+            return owners
         # first_event_time of an entity founded by an out-of-range event is the clamped end of
         # datetime's range, which a session time zone east of UTC shows as year 10000.
-        for ident, entity, first_time, first_id in fetch_all(
+        for ident, entity, first_time, first_id, cluster, size in fetch_all(
             conn, self.lock_lookup, {"idents": TextArray(identifiers)}
         ):
-            owner[ident] = entity
-            keys[entity] = (first_time, first_id)
-        return owner, keys
+            owners.owner[ident] = entity
+            owners.keys[entity] = (first_time, first_id)
+            owners.clusters[entity] = (int(cluster), int(size))
+        return owners
 
     # -- write -------------------------------------------------------------------------------
 
@@ -241,8 +275,10 @@ class StitchStore:
             )
         return marked
 
-    def write(self, conn: psycopg.Connection[Any], plan: BatchPlan, events: int) -> Written:
-        """Apply a plan: absorb, claim identifiers, upsert survivors."""
+    def write(
+        self, conn: psycopg.Connection[Any], plan: BatchPlan, events: int, owners: Owners
+    ) -> Written:
+        """Apply a plan: absorb, merge clusters, claim identifiers, upsert survivors."""
         old, new, why = [], [], []
         for comp in plan.components:
             for absorbed in comp.absorbed:
@@ -253,7 +289,8 @@ class StitchStore:
         if old:
             for entity, idents in conn.execute(self.absorb, {"old": TextArray(old)}).fetchall():
                 absorbed_identifiers[entity] = list(idents)
-            conn.execute(self.repoint, {"old": TextArray(old), "new": TextArray(new)})
+        self._write_clusters(conn, plan, owners.clusters)
+        if old:
             conn.execute(self.alias_compress, {"old": TextArray(old), "new": TextArray(new)})
             conn.execute(
                 self.alias_insert,
@@ -296,3 +333,36 @@ class StitchStore:
                 },
             )
         return Written(events, plan.created, plan.merges, len(old))
+
+    def _write_clusters(
+        self, conn: psycopg.Connection[Any], plan: BatchPlan, clusters: dict[str, tuple[int, int]]
+    ) -> None:
+        """Each component's entities become one cluster, the largest of them (union by size):
+        only the smaller clusters' identifiers are re-pointed, and a new entity id (re-key or
+        merge) renames the surviving cluster's row. The identifiers themselves are claimed
+        afterwards (``claim``, by entity id)."""
+        dropped, keep_of, kept, kept_ids, added = [], [], [], [], []
+        founded, founded_sizes = [], []
+        for comp in plan.components:
+            if not comp.existing:
+                founded.append(comp.entity_id)
+                founded_sizes.append(len(comp.new_identifiers))
+                continue
+            members = sorted((clusters[e] for e in comp.existing), key=lambda c: (-c[1], c[0]))
+            (keep, _), merged = members[0], members[1:]
+            for cluster, _ in merged:
+                dropped.append(cluster)
+                keep_of.append(keep)
+            kept.append(keep)
+            kept_ids.append(comp.entity_id)
+            added.append(len(comp.new_identifiers) + sum(size for _, size in merged))
+        if dropped:
+            conn.execute(self.drop_clusters, {"clusters": dropped})
+            conn.execute(self.repoint, {"old": dropped, "keep": keep_of})
+        if kept:
+            conn.execute(
+                self.rename_clusters,
+                {"clusters": kept, "ids": TextArray(kept_ids), "added": added},
+            )
+        if founded:
+            conn.execute(self.new_clusters, {"ids": TextArray(founded), "sizes": founded_sizes})

@@ -161,7 +161,7 @@ def test_blocked_and_quarantined_values_of_its_events_are_shown(
     db.execute(
         "UPDATE customer_attributes SET identifiers = array_remove(identifiers, 'cookie:c2')"
     )
-    db.execute("DELETE FROM cdp_ps.identifier_entities WHERE identifier = 'cookie:c2'")
+    db.execute("DELETE FROM cdp_ps.identifier_clusters WHERE identifier = 'cookie:c2'")
     db.execute(
         "INSERT INTO cdp_ps.quarantined_identifiers (identifier, attribute_id, value, "
         "other_attribute_id, cooccurring, limit_value, state, reason) VALUES "

@@ -40,7 +40,7 @@ from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev.encode import avro_event, changefeed_message, json_event
 from stream_cps_dev.sample import generator
 from tests.fixtures.kafka import create_topics
-from tests.support import expected, observed, snapshot, wait_until
+from tests.support import count_row_updates, expected, observed, snapshot, wait_until
 from tests.webhook_support import client_context, running, webhook_settings
 from tests.webhook_support import post as webhook_post
 
@@ -911,15 +911,6 @@ def test_status_reads_the_group_lag_from_the_real_broker(
     wait_until(lambda: sum(p["lag"] for p in status()["kafka"]) == 0, 30, "the lag at zero")
 
 
-COUNT_UPDATES = """
-CREATE TABLE event_updates (n bigint NOT NULL);
-CREATE FUNCTION count_event_update() RETURNS trigger LANGUAGE plpgsql AS
-$$BEGIN INSERT INTO event_updates VALUES (1); RETURN NEW; END$$;
-CREATE TRIGGER count_event_update BEFORE UPDATE ON cdp_ce.customer_events
-    FOR EACH ROW EXECUTE FUNCTION count_event_update();
-"""
-
-
 def restitched_by_the_sweep(db: psycopg.Connection[Any], settings: config.Settings) -> Any:
     """The contract's tables after the guide's restitch of everything, done by the sweep (the
     replication path's reader): what the Kafka path must have written in the first place."""
@@ -938,12 +929,12 @@ def test_kafka_events_are_stored_stitched_in_one_write(
     """The rules run over the messages before the insert, so the row is written once, already
     stitched (issue 15: no second write of every event); it is what the sweep would write."""
     settings, topic = kafka_env
-    db.execute(COUNT_UPDATES)
+    updates = count_row_updates(db, "cdp_ce.customer_events")
     rows = sample(400, seed=73)
     produce(kafka_broker.bootstrap, topic, events_of(rows))
     with member(settings):
         wait_until(lambda: all_stitched(db, len(rows)), what="all stitched")
-    assert count(db, "SELECT count(*) FROM event_updates") == 0
+    assert updates() == 0
     assert observed(db) == expected(db)
     stored = snapshot(db)
     assert restitched_by_the_sweep(db, settings) == stored
@@ -965,12 +956,10 @@ def test_a_rule_failing_before_the_insert_falls_back_to_stitching_the_stored_row
         "%s::text, value_expression) WHERE event_id = 'shop_purchase'",
         [bad],
     )
-    db.execute(COUNT_UPDATES)
+    updates = count_row_updates(db, "cdp_ce.customer_events")
     produce(kafka_broker.bootstrap, topic, events_of(rows))
     with member(settings):
         wait_until(lambda: all_stitched(db, len(rows)), what="all stitched")
-    assert count(db, "SELECT count(*) FROM event_updates") > 0  # the stored-rows path ran
-    assert count(
-        db, "SELECT count(*) FROM cdp_ps.stitching_errors WHERE event_id = %s", bad
-    ) >= 1
+    assert updates() > 0  # the stored-rows path ran
+    assert count(db, "SELECT count(*) FROM cdp_ps.stitching_errors WHERE event_id = %s", bad) >= 1
     assert observed(db) == expected(db)

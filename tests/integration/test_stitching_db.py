@@ -15,7 +15,15 @@ from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev import embedded
 from stream_cps_dev.sample import generator
-from tests.support import event, expected, insert, observed, setup_rules, snapshot
+from tests.support import (
+    count_row_updates,
+    event,
+    expected,
+    insert,
+    observed,
+    setup_rules,
+    snapshot,
+)
 
 
 def stitch_all(stitcher: Stitcher, conn: psycopg.Connection[Any]) -> None:
@@ -350,3 +358,56 @@ def test_waiting_events_are_counted_up_to_a_cap(
     assert store.waiting(db, 5) == 5
     stitch_all(Stitcher(settings), db)
     assert store.waiting(db, 100) == 0
+
+
+def test_rekey_and_merge_cost_the_smaller_side_not_the_large_entity(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """Issue 15: an earlier event next to a large entity renames one cluster row instead of
+    re-pointing its thousands of identifiers, and a merge moves only the smaller entity's
+    identifiers; ids, aliases and the partition stay as the rule says."""
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    steps = 1500  # a chain e_k - c_k - e_k' - c_{k+1}: 3,001 identifiers, none a hub
+    rows = []
+    for k in range(steps):
+        rows.append(event(f"big{k:04d}a", 100 + 2 * k, email=f"m{k}@a", cookie=f"c{k}"))
+        rows.append(event(f"big{k:04d}b", 101 + 2 * k, email=f"m{k}@a", cookie=f"c{k + 1}"))
+    insert(db, rows)
+    insert(db, [event("small", 50, email="s@a", cookie="s1")])
+    stitch_all(stitcher, db)
+    big, small = entity_id_for("big0000a"), entity_id_for("small")
+    sizes = dict(
+        db.execute(
+            "SELECT entity_id, count(*) FROM cdp_ps.identifier_entities GROUP BY 1"
+        ).fetchall()
+    )
+    assert sizes == {big: 2 * steps + 1, small: 2}
+    moves = count_row_updates(db, "cdp_ps.identifier_clusters")
+
+    insert(db, [event("early", 60, cookie="c7")])  # re-keys the large entity
+    stitch_all(stitcher, db)
+    assert moves() == 0
+    rekeyed = entity_id_for("early")
+    assert db.execute(
+        "SELECT new_id, reason FROM cdp_ps.entity_aliases WHERE old_id = %s", [big]
+    ).fetchone() == (rekeyed, "rekey")
+
+    insert(db, [event("link", 5000, email="s@a", cookie="c9")])  # merges small into it
+    stitch_all(stitcher, db)
+    assert moves() == 2  # s@a and s1, not the 3,001 of the large side
+    # the public id is the earliest event's, the small entity's, whichever cluster survived
+    sizes = dict(
+        db.execute(
+            "SELECT entity_id, count(*) FROM cdp_ps.identifier_entities GROUP BY 1"
+        ).fetchall()
+    )
+    assert sizes == {small: 2 * steps + 3}
+    assert dict(db.execute("SELECT old_id, new_id FROM cdp_ps.entity_aliases").fetchall()) == {
+        big: small,
+        rekeyed: small,
+    }
+    assert db.execute(
+        "SELECT customer_entity_id, cardinality(identifiers) FROM customer_attributes"
+    ).fetchall() == [(small, 2 * steps + 3)]
+    assert observed(db) == expected(db)
