@@ -10,7 +10,8 @@
    to the last stitch (database clock: excludes process start and group join), reported as
    events/s and as a fraction of (2):
    - ``cli``: `stream-cps run --source kafka` as users run it, i.e. with attribute calculation
-     running in the same process (it shares the GIL and the two cores);
+     running in the same process (it shares the GIL and the two cores); ``cli2`` runs two
+     such processes in the group (the Kafka path scales out by members, replication cannot);
    - ``inproc``: the Kafka source alone (``KafkaLoop`` in a thread, no calculation);
    - ``replication``: the same events COPYed into ``customer_events`` while `stream-cps run`
      (the replication path, calculation included) is up: the baseline the Kafka path must
@@ -59,7 +60,9 @@ def main() -> int:
     parser.add_argument("--format", choices=["avro", "json"], default="avro")
     parser.add_argument("--batch-sizes", default="500,2000", help="kafka.batch_size values")
     parser.add_argument(
-        "--modes", default="replication,cli,inproc", help="replication, cli and/or inproc"
+        "--modes",
+        default="replication,cli,inproc",
+        help="replication, cli, cliN (N members) and/or inproc",
     )
     args = parser.parse_args()
 
@@ -229,19 +232,26 @@ def end_to_end(
                 stop.set()
                 thread.join(30)
         else:
+            # ``cli`` is one `stream-cps run --source kafka`; ``cliN`` is N of them in the group
+            members = int(mode[3:] or 1)
             with (workdir / f"{name}.log").open("wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "stream_cps", "run", "--source", "kafka"],
-                    env={**os.environ, **env},
-                    stdout=log,
-                    stderr=log,
-                )
+                processes = [
+                    subprocess.Popen(
+                        [sys.executable, "-m", "stream_cps", "run", "--source", "kafka"],
+                        env={**os.environ, **env},
+                        stdout=log,
+                        stderr=log,
+                    )
+                    for _ in range(members)
+                ]
                 try:
-                    wait_stitched(conn, n, lambda: process.poll() is None)
+                    wait_stitched(conn, n, lambda: all(p.poll() is None for p in processes))
                     wall = time.monotonic() - started
                 finally:
-                    process.send_signal(signal.SIGTERM)
-                    process.wait(timeout=30)
+                    for process in processes:
+                        process.send_signal(signal.SIGTERM)
+                    for process in processes:
+                        process.wait(timeout=30)
         span = conn.execute(
             "SELECT extract(epoch FROM max(stitched) - min(created)) FROM cdp_ce.customer_events"
         ).fetchone()

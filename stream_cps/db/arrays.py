@@ -23,12 +23,19 @@ _EMPTY = struct.pack("!iii", 0, 0, _TEXT_OID)  # no dimensions
 
 
 class TextArray:
-    """A parameter sent as a binary ``text[]`` (pass it to a ``%b`` placeholder)."""
+    """A parameter sent as a binary ``text[]`` (pass it to a ``%b`` placeholder). Encoded once:
+    the Kafka ingest sends the same columns to the rules and then to the insert."""
 
-    __slots__ = ("values",)
+    __slots__ = ("_binary", "values")
 
     def __init__(self, values: Sequence[str]) -> None:
         self.values = values
+        self._binary: bytes | None = None
+
+    def binary(self) -> bytes:
+        if self._binary is None:
+            self._binary = encode_text_array(self.values)
+        return self._binary
 
 
 def encode_text_array(values: Sequence[str]) -> bytes:
@@ -48,7 +55,7 @@ class TextArrayDumper(Dumper):
     oid = types["text"].array_oid
 
     def dump(self, obj: TextArray) -> bytes:
-        return encode_text_array(obj.values)
+        return obj.binary()
 
 
 def array_texts(sets: Sequence[Sequence[str]]) -> list[str]:
