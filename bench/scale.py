@@ -220,13 +220,17 @@ class Loader:
 
 
 def wait_stitched(conn: psycopg.Connection[Any], timeout: float = 7200.0) -> None:
+    """Until nothing is unstitched. Polled every 50 ms for 2 s, then every 250 ms: at 10M
+    events this EXISTS walks the partial index's dead entries (milliseconds each), and polled
+    every 50 ms it cost the server a sixth of a core during the history loads (at most 250 ms
+    more per step, under 3% of a burst)."""
     query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE stitched IS NULL)").format(EVENTS)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
         row = conn.execute(query).fetchone()
         if row and not row[0]:
             return
-        time.sleep(0.05)
+        time.sleep(0.05 if time.monotonic() - started < 2 else 0.25)
     raise TimeoutError("events still unstitched")
 
 
@@ -247,24 +251,34 @@ def sizes(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return found
 
 
-def restitch_one(conn: psycopg.Connection[Any]) -> float:
-    """The guide's restitch-one script on the biggest entity: seconds until stitched again."""
+def restitch_one(conn: psycopg.Connection[Any]) -> dict[str, float]:
+    """The guide's restitch-one script on the biggest entity: seconds until stitched again,
+    split into the script's statement and the restitch, and the events it reset."""
     row = conn.execute(
         "SELECT customer_entity_id FROM customer_attributes "
         "ORDER BY cardinality(identifiers) DESC LIMIT 1"
     ).fetchone()
     if row is None:
-        return 0.0
+        return {"total_s": 0.0, "statement_s": 0.0, "reset": 0, "reset_without_identifiers": 0}
+    without = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE identifiers = '{{}}'").format(EVENTS)
+    ).fetchone()
     started = time.perf_counter()
-    conn.execute(
+    reset = conn.execute(
         "WITH entities AS (UPDATE customer_attributes SET modified = NULL "
         "WHERE customer_entity_id = %s RETURNING identifiers) "
         "UPDATE customer_events SET stitched = NULL, identifiers = NULL "
         "FROM entities WHERE customer_events.identifiers <@ entities.identifiers",
         [row[0]],
-    )
+    ).rowcount
+    statement = time.perf_counter() - started
     wait_stitched(conn)
-    return time.perf_counter() - started
+    return {
+        "total_s": round(time.perf_counter() - started, 2),
+        "statement_s": round(statement, 2),
+        "reset": reset,
+        "reset_without_identifiers": int(without[0]) if without else 0,
+    }
 
 
 def server_pid(datadir: Path) -> int:
@@ -348,7 +362,7 @@ def main() -> int:
                     step["profile"] = profiler.collect()
                     step["rss_mb"] = rss_mb(proc.pid)
                     step["sizes"] = sizes(conn)
-                    step["restitch_one_s"] = restitch_one(conn)
+                    step["restitch_one"] = restitch_one(conn)
                     steps.append(step)
                     _print(step)
                     print_profile(step["profile"])
@@ -387,7 +401,13 @@ def _print(step: dict[str, Any]) -> None:
     print(
         f"{step['kind']:8} {step['events']:>9,} events into {step['db_events']:>11,}: "
         f"{step['rate']:>7,}/s  RSS {step['rss_mb']:.0f} MB"
-        + (f"  restitch-one {step['restitch_one_s']:.2f}s" if "restitch_one_s" in step else ""),
+        + (
+            f"  restitch-one {r['total_s']:.2f}s (statement {r['statement_s']:.2f}s, "
+            f"{r['reset']:,} events reset, {r['reset_without_identifiers']:,} of them without "
+            "identifiers)"
+            if (r := step.get("restitch_one"))
+            else ""
+        ),
         flush=True,
     )
 
