@@ -10,7 +10,9 @@ this measures stitching), the same generator as bench/stitch.py. Each step COPYs
 
 - **burst** (``--burst`` events): new customers (a person range of their own), plus
   ``--returning`` of them from people already stored (their e-mails, user ids and phones link
-  them to existing entities: joins and merges against the grown tables);
+  them to existing entities: joins and merges against the grown tables); then a **new-only**
+  burst of the same size with no returning customers, the empty database's mix, which
+  separates what the grown tables cost from what the returning customers' merges cost;
 - **history**: events of further new customers up to the next size, in chunks of
   ``--chunk``: the rate of a restitch from zero (a backlog the sweep works through).
 
@@ -366,6 +368,18 @@ def main() -> int:
                     steps.append(step)
                     _print(step)
                     print_profile(step["profile"])
+                    if returning:
+                        # The same size with the empty database's mix (new customers only):
+                        # separates what the grown tables cost from what returning ones do.
+                        profiler.start()
+                        rows = loader.new_people(args.burst)
+                        step = _step(
+                            "new-only", len(rows), loader.copy_and_wait(rows), loader, proc, conn
+                        )
+                        step["profile"] = profiler.collect()
+                        steps.append(step)
+                        _print(step)
+                        print_profile(step["profile"])
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
@@ -413,14 +427,14 @@ def _print(step: dict[str, Any]) -> None:
 
 
 def report(steps: list[dict[str, Any]], profile: str) -> None:
-    bursts = [s for s in steps if s["kind"] == "burst"]
+    bursts = [s for s in steps if s["kind"] in ("burst", "new-only")]
     history = [s for s in steps if s["kind"] == "history"]
     base = bursts[0]["rate"] if bursts else 1
     print(f"\nprofile {profile}: bursts as a ratio of the empty-database burst")
     for s in bursts:
         mb = {k: round(v / 2**20) for k, v in s.get("sizes", {}).items()}
         print(
-            f"  at {s['db_events'] - s['events']:>11,} events: {s['rate']:>7,}/s "
+            f"  {s['kind']:8} at {s['db_events'] - s['events']:>11,} events: {s['rate']:>7,}/s "
             f"ratio {s['rate'] / base:.2f}  RSS {s['rss_mb']:.0f} MB  sizes MB {mb}"
         )
     if history:
