@@ -384,7 +384,10 @@ class Stitcher:
         result = BatchResult()
         events = prepared.events
         marks = prepared.marks
-        erased = self.erasure.erased_among(conn, [ev.id for ev in events])
+        # Rows inserted by this transaction (``stored``) were checked before their insert.
+        erased = self.erasure.erased_among(
+            conn, [ev.id for ev in events if ev.id not in prepared.stored]
+        )
         if erased:
             result.erased = self.erasure.drop(conn, sorted(erased))
             events = [ev for ev in events if ev.id not in erased]

@@ -14,7 +14,10 @@ import pytest
 from stream_cps import config
 from stream_cps.db import schema
 from stream_cps.errors import SchemaError
+from stream_cps.stitching.grouping import entity_id_for
+from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev import embedded
+from tests.support import event, expected, insert, observed, setup_rules
 
 CONTRACT_TABLES = {
     "public": {
@@ -223,3 +226,66 @@ def test_two_databases_on_one_server_cannot_share_a_slot_name(
                     [name],
                 )
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_identifier_clusters_migration_keeps_a_stitched_database(
+    pg_dsn: str, settings: config.Settings
+) -> None:
+    """Migration 0012 on a database stitched before it: identifier_entities (then a table)
+    becomes clusters with the same mapping, read through the view of the same name, and
+    stitching carries on from there (a new event joins a migrated entity)."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        with conn.transaction():  # the schema as it was at version 11
+            conn.execute("CREATE SCHEMA cdp_ps")
+            conn.execute(
+                "CREATE TABLE cdp_ps.stream_cps_schema (version integer PRIMARY KEY, "
+                "name text NOT NULL, applied timestamptz NOT NULL DEFAULT now())"
+            )
+            for version, name, template in schema.migrations():
+                if version > 11:
+                    break
+                conn.execute(schema.render(template, settings.schemas))
+                conn.execute(
+                    "INSERT INTO cdp_ps.stream_cps_schema (version, name) VALUES (%s, %s)",
+                    [version, name],
+                )
+        setup_rules(conn)
+        insert(conn, [event("a", 1, email="x@a", cookie="c1"), event("b", 2, cookie="c2")])
+        a, b = entity_id_for("a"), entity_id_for("b")
+        conn.execute(  # what the stitcher of version 11 wrote for them
+            "INSERT INTO cdp_ps.identifier_entities VALUES "
+            "('email:x@a', %(a)s), ('cookie:c1', %(a)s), ('cookie:c2', %(b)s)",
+            {"a": a, "b": b},
+        )
+        conn.execute(
+            "INSERT INTO customer_attributes (customer_entity_id, identifiers, modified, "
+            "first_event_time, first_event_id) SELECT %s, %s, now(), event_time, id "
+            "FROM cdp_ce.customer_events WHERE id = %s",
+            [a, ["cookie:c1", "email:x@a"], "a"],
+        )
+        conn.execute(
+            "INSERT INTO customer_attributes (customer_entity_id, identifiers, modified, "
+            "first_event_time, first_event_id) SELECT %s, %s, now(), event_time, id "
+            "FROM cdp_ce.customer_events WHERE id = %s",
+            [b, ["cookie:c2"], "b"],
+        )
+        conn.execute(
+            "UPDATE cdp_ce.customer_events SET stitched = now(), identifiers = CASE id "
+            "WHEN 'a' THEN ARRAY['cookie:c1', 'email:x@a'] ELSE ARRAY['cookie:c2'] END"
+        )
+
+        assert schema.migrate(conn, settings.schemas) == [12]
+        assert dict(
+            conn.execute("SELECT identifier, entity_id FROM cdp_ps.identifier_entities")
+        ) == {"email:x@a": a, "cookie:c1": a, "cookie:c2": b}
+        assert sorted(
+            conn.execute("SELECT entity_id, size FROM cdp_ps.entity_clusters").fetchall()
+        ) == sorted([(a, 2), (b, 1)])
+
+        insert(conn, [event("c", 3, email="x@a", cookie="c2")])  # joins both: a merge
+        for _ in Stitcher(settings).sweep(conn):
+            pass
+        assert observed(conn) == expected(conn)
+        assert {r[0] for r in conn.execute("SELECT entity_id FROM cdp_ps.identifier_entities")} == {
+            a
+        }
