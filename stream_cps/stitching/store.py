@@ -41,7 +41,7 @@ class Owners:
 
     owner: dict[str, str]  # identifier -> entity id
     keys: dict[str, EventKey]  # entity id -> its first event (time, id)
-    clusters: dict[str, tuple[int, int]]  # entity id -> (cluster, size)
+    clusters: dict[str, int]  # entity id -> its cluster
 
 
 def free_identifiers(schemas: Schemas) -> sql.Composed:
@@ -109,7 +109,7 @@ class StitchStore:
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         self.lock_lookup = q(
             "SELECT ic.identifier, cl.entity_id, ca.first_event_time, ca.first_event_id, "
-            "cl.cluster, cl.size "
+            "cl.cluster "
             "FROM {ic} ic JOIN {cl} cl ON cl.cluster = ic.cluster "
             "JOIN {ca} ca ON ca.customer_entity_id = cl.entity_id "
             "WHERE ic.identifier = ANY(%(idents)b) ORDER BY ca.customer_entity_id "
@@ -126,15 +126,17 @@ class StitchStore:
             "FROM unnest(%(old)s::bigint[], %(keep)s::bigint[]) AS m(old, keep) "
             "WHERE ic.cluster = m.old"
         )
-        # A surviving cluster takes the entity's (possibly new) id: one row, however large.
+        # A surviving cluster takes the entity's new id: one row, however large the entity.
         self.rename_clusters = q(
-            "UPDATE {cl} AS cl SET entity_id = m.id, size = cl.size + m.added "
-            "FROM unnest(%(clusters)s::bigint[], %(ids)b::text[], %(added)s::bigint[]) "
-            "AS m(cluster, id, added) WHERE cl.cluster = m.cluster"
+            "UPDATE {cl} AS cl SET entity_id = m.id "
+            "FROM unnest(%(clusters)s::bigint[], %(ids)b::text[]) AS m(cluster, id) "
+            "WHERE cl.cluster = m.cluster"
         )
-        self.new_clusters = q(
-            "INSERT INTO {cl} (entity_id, size) "
-            "SELECT * FROM unnest(%(ids)b::text[], %(sizes)s::bigint[])"
+        self.new_clusters = q("INSERT INTO {cl} (entity_id) SELECT * FROM unnest(%(ids)b::text[])")
+        # Only when clusters merge (rare): the identifiers of each, from the cluster index.
+        self.cluster_sizes = q(
+            "SELECT cluster, count(*) FROM {ic} WHERE cluster = ANY(%(clusters)s::bigint[]) "
+            "GROUP BY cluster"
         )
         self.alias_insert = q(
             "INSERT INTO {al} (old_id, new_id, reason) "
@@ -243,12 +245,12 @@ class StitchStore:
             return owners
         # first_event_time of an entity founded by an out-of-range event is the clamped end of
         # datetime's range, which a session time zone east of UTC shows as year 10000.
-        for ident, entity, first_time, first_id, cluster, size in fetch_all(
+        for ident, entity, first_time, first_id, cluster in fetch_all(
             conn, self.lock_lookup, {"idents": TextArray(identifiers)}
         ):
             owners.owner[ident] = entity
             owners.keys[entity] = (first_time, first_id)
-            owners.clusters[entity] = (int(cluster), int(size))
+            owners.clusters[entity] = int(cluster)
         return owners
 
     # -- write -------------------------------------------------------------------------------
@@ -335,34 +337,37 @@ class StitchStore:
         return Written(events, plan.created, plan.merges, len(old))
 
     def _write_clusters(
-        self, conn: psycopg.Connection[Any], plan: BatchPlan, clusters: dict[str, tuple[int, int]]
+        self, conn: psycopg.Connection[Any], plan: BatchPlan, clusters: dict[str, int]
     ) -> None:
         """Each component's entities become one cluster, the largest of them (union by size):
         only the smaller clusters' identifiers are re-pointed, and a new entity id (re-key or
-        merge) renames the surviving cluster's row. The identifiers themselves are claimed
-        afterwards (``claim``, by entity id)."""
-        dropped, keep_of, kept, kept_ids, added = [], [], [], [], []
-        founded, founded_sizes = [], []
+        merge) renames the surviving cluster's row. Nothing is written for an entity that only
+        gains identifiers: they are claimed afterwards (``claim``, by entity id)."""
+        merging = [c for c in plan.components if len(c.existing) > 1]
+        sizes: dict[int, int] = {}
+        if merging:
+            wanted = sorted({clusters[e] for c in merging for e in c.existing})
+            for cluster, count in conn.execute(self.cluster_sizes, {"clusters": wanted}):
+                sizes[int(cluster)] = int(count)
+        dropped, keep_of, renamed, renamed_ids, founded = [], [], [], [], []
         for comp in plan.components:
             if not comp.existing:
                 founded.append(comp.entity_id)
-                founded_sizes.append(len(comp.new_identifiers))
                 continue
-            members = sorted((clusters[e] for e in comp.existing), key=lambda c: (-c[1], c[0]))
-            (keep, _), merged = members[0], members[1:]
-            for cluster, _ in merged:
+            members = sorted(
+                (clusters[e] for e in comp.existing), key=lambda c: (-sizes.get(c, 0), c)
+            )
+            keep = members[0]
+            for cluster in members[1:]:
                 dropped.append(cluster)
                 keep_of.append(keep)
-            kept.append(keep)
-            kept_ids.append(comp.entity_id)
-            added.append(len(comp.new_identifiers) + sum(size for _, size in merged))
+            if comp.absorbed:  # the entity's id changes (re-key or merge)
+                renamed.append(keep)
+                renamed_ids.append(comp.entity_id)
         if dropped:
             conn.execute(self.drop_clusters, {"clusters": dropped})
             conn.execute(self.repoint, {"old": dropped, "keep": keep_of})
-        if kept:
-            conn.execute(
-                self.rename_clusters,
-                {"clusters": kept, "ids": TextArray(kept_ids), "added": added},
-            )
+        if renamed:
+            conn.execute(self.rename_clusters, {"clusters": renamed, "ids": TextArray(renamed_ids)})
         if founded:
-            conn.execute(self.new_clusters, {"ids": TextArray(founded), "sizes": founded_sizes})
+            conn.execute(self.new_clusters, {"ids": TextArray(founded)})

@@ -279,8 +279,8 @@ def test_identifier_clusters_migration_keeps_a_stitched_database(
             conn.execute("SELECT identifier, entity_id FROM cdp_ps.identifier_entities")
         ) == {"email:x@a": a, "cookie:c1": a, "cookie:c2": b}
         assert sorted(
-            conn.execute("SELECT entity_id, size FROM cdp_ps.entity_clusters").fetchall()
-        ) == sorted([(a, 2), (b, 1)])
+            r[0] for r in conn.execute("SELECT entity_id FROM cdp_ps.entity_clusters")
+        ) == sorted([a, b])
 
         insert(conn, [event("c", 3, email="x@a", cookie="c2")])  # joins both: a merge
         for _ in Stitcher(settings).sweep(conn):
