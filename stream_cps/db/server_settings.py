@@ -4,7 +4,8 @@ Measured with bench/scale.py: on PostgreSQL's defaults (shared_buffers 128 MB, m
 1 GB, checkpoint_timeout 5 min) the per-event cost of a burst into a grown database was 2-4x
 that into an empty one; checkpoints every few seconds (each first touch of a page after one
 writes the whole page to WAL) and the hot indexes outgrowing the buffer cache are the cause.
-``init`` prints a warning per setting below these floors; nothing is refused.
+``init`` logs a warning per setting below these floors and ``status`` shows them; nothing is
+refused.
 """
 
 from __future__ import annotations

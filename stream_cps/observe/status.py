@@ -20,6 +20,7 @@ from psycopg import sql
 
 from stream_cps.config import Schemas
 from stream_cps.db.connect import APPLICATION_NAME
+from stream_cps.db.server_settings import slow_settings
 from stream_cps.sources.kafka.lag import PartitionLag
 
 CAP = 100_000  # counts stop here: "at least" is enough to know the service is behind
@@ -70,6 +71,8 @@ class Snapshot:
     attribute_errors_24h: int | None = None
     quarantined: int | None = None  # hub identifiers that link nothing (state quarantined)
     kafka: list[PartitionLag] | None = None
+    # server settings that will make stitching slow as the data grows (warnings, not problems)
+    settings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -197,6 +200,7 @@ def read(
     snap.quarantined = _capped_count(
         conn, sql.Identifier(ps, "quarantined_identifiers"), "state = 'quarantined'"
     )
+    snap.settings = slow_settings(conn)
     try:
         with conn.transaction():
             conn.execute(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")
@@ -258,6 +262,7 @@ def render(snap: Snapshot) -> str:
             f"{'none' if p.committed is None else p.committed}, end {p.end})"
             for p in snap.kafka
         ]
+    lines += [f"settings      {warning}" for warning in snap.settings]
     lines += [f"note          {note}" for note in snap.notes]
     problems = snap.problems
     lines.append("health        " + ("ok" if not problems else "degraded"))

@@ -90,3 +90,16 @@ def test_unreachable_database_or_missing_schema_is_exit_2(pg_dsn: str) -> None:
     bare = _cli("status", dsn=pg_dsn)  # a database without `init`
     assert bare.returncode == 2, bare.stdout + bare.stderr
     assert "init" in bare.stderr and "Traceback" not in bare.stderr
+
+
+def test_status_names_the_server_settings_that_will_make_stitching_slow(pg_dsn: str) -> None:
+    """The test server runs PostgreSQL's defaults: status shows each (health unaffected)."""
+    assert _cli("init", dsn=pg_dsn).returncode == 0
+    _, snap = _status(pg_dsn)
+    assert [w.split(" is ")[0] for w in snap["settings"]] == [
+        "shared_buffers",
+        "max_wal_size",
+        "checkpoint_timeout",
+    ]
+    assert not any("shared_buffers" in p for p in snap["problems"])
+    assert "settings      shared_buffers is 128MB" in _cli("status", dsn=pg_dsn).stdout
