@@ -126,13 +126,24 @@ class StitchStore:
             "FROM unnest(%(old)s::bigint[], %(keep)s::bigint[]) AS m(old, keep) "
             "WHERE ic.cluster = m.old"
         )
+        # A cluster row whose entity row is gone (deleted by hand, not through the purge)
+        # must not keep the id a surviving cluster takes now; its identifiers dangle and are
+        # claimed again (the lock lookup does not find them).
+        self.drop_stale_clusters = q(
+            "DELETE FROM {cl} WHERE entity_id = ANY(%(ids)b::text[]) "
+            "AND cluster <> ALL(%(clusters)s::bigint[])"
+        )
         # A surviving cluster takes the entity's new id: one row, however large the entity.
         self.rename_clusters = q(
             "UPDATE {cl} AS cl SET entity_id = m.id "
             "FROM unnest(%(clusters)s::bigint[], %(ids)b::text[]) AS m(cluster, id) "
             "WHERE cl.cluster = m.cluster"
         )
-        self.new_clusters = q("INSERT INTO {cl} (entity_id) SELECT * FROM unnest(%(ids)b::text[])")
+        # A left-over row of the same entity id (see drop_stale_clusters) is taken over.
+        self.new_clusters = q(
+            "INSERT INTO {cl} (entity_id) SELECT * FROM unnest(%(ids)b::text[]) "
+            "ON CONFLICT (entity_id) DO NOTHING"
+        )
         # Only when clusters merge (rare): the identifiers of each, from the cluster index.
         self.cluster_sizes = q(
             "SELECT cluster, count(*) FROM {ic} WHERE cluster = ANY(%(clusters)s::bigint[]) "
@@ -368,6 +379,8 @@ class StitchStore:
             conn.execute(self.drop_clusters, {"clusters": dropped})
             conn.execute(self.repoint, {"old": dropped, "keep": keep_of})
         if renamed:
-            conn.execute(self.rename_clusters, {"clusters": renamed, "ids": TextArray(renamed_ids)})
+            params = {"clusters": renamed, "ids": TextArray(renamed_ids)}
+            conn.execute(self.drop_stale_clusters, params)
+            conn.execute(self.rename_clusters, params)
         if founded:
             conn.execute(self.new_clusters, {"ids": TextArray(founded)})

@@ -411,3 +411,33 @@ def test_rekey_and_merge_cost_the_smaller_side_not_the_large_entity(
         "SELECT customer_entity_id, cardinality(identifiers) FROM customer_attributes"
     ).fetchall() == [(small, 2 * steps + 3)]
     assert observed(db) == expected(db)
+
+
+def test_entity_rows_deleted_by_hand_then_restitched_stitch_again(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """customer_attributes rows deleted directly (not through the purge) leave their clusters
+    behind; restitching their events must not trip over them, for founded, re-keyed and
+    merged entities alike."""
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(
+        db,
+        [
+            event("a1", 10, email="a@x", cookie="ca"),
+            event("b1", 20, email="b@x"),
+            event("c1", 30, cookie="cc"),
+        ],
+    )
+    stitch_all(stitcher, db)
+    db.execute("DELETE FROM customer_attributes")
+    db.execute("UPDATE cdp_ce.customer_events SET stitched = NULL, identifiers = NULL")
+    insert(  # a re-key of a1's entity, and a merge of b's and c's
+        db, [event("a0", 5, cookie="ca"), event("bc", 40, email="b@x", cookie="cc")]
+    )
+    stitch_all(stitcher, db)
+    assert observed(db) == expected(db)
+    assert {r[0] for r in db.execute("SELECT customer_entity_id FROM customer_attributes")} == {
+        entity_id_for("a0"),
+        entity_id_for("b1"),
+    }
