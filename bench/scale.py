@@ -67,6 +67,8 @@ SIZES_OF = (
     ("identifier_clusters", "cdp_ps.identifier_clusters"),
     ("entity_clusters", "cdp_ps.entity_clusters"),
     ("customer_attributes", "public.customer_attributes"),
+    ("identifier_pairs", "cdp_ps.identifier_pairs"),
+    ("identifier_cooccurrence", "cdp_ps.identifier_cooccurrence"),
     ("entity_aliases", "cdp_ps.entity_aliases"),
     ("outbox", "cdp_attr.outbox"),
 )
