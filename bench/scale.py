@@ -262,7 +262,9 @@ RESTITCH_ONE = (
     "FROM entities WHERE customer_events.identifiers <@ entities.identifiers"
 )
 # docs/operations.md: the same result without resetting the events that belong to no entity
-RESTITCH_ONE_OWN = RESTITCH_ONE + " AND cardinality(customer_events.identifiers) > 0"
+# (an entity's events share an identifier with it; '&&' finds them in the GIN index without
+# the scan of every empty array that '<@' makes)
+RESTITCH_ONE_OWN = RESTITCH_ONE + " AND customer_events.identifiers && entities.identifiers"
 
 
 def restitch_one(conn: psycopg.Connection[Any]) -> dict[str, float]:
