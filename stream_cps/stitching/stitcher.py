@@ -23,6 +23,7 @@ Three entry points, each owning its isolation, its retry on lost conflicts
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -68,6 +69,8 @@ class Prepared:
     failures: list[rules.RuleFailure]
     marks: EventMarks
     stored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # when the rules ran for ``stored`` (ns), before the batch's span existed
+    extracted: tuple[int, int] | None = None
 
     def inserted(self, ids: set[str]) -> Prepared:
         """Only the events in ``ids`` (the rows the insert wrote), as stored already."""
@@ -78,6 +81,7 @@ class Prepared:
             [f for f in self.failures if f.event_id is None or f.event_id in ids],
             EventMarks.of([]),
             {ev.id: ev.identifiers for ev in events},
+            self.extracted,
         )
 
     def joined(self, other: Prepared) -> Prepared:
@@ -88,6 +92,7 @@ class Prepared:
             self.failures + other.failures,
             other.marks,
             {**self.stored, **other.stored},
+            self.extracted or other.extracted,
         )
 
 
@@ -311,13 +316,15 @@ class Stitcher:
         table's shape), so that they can be inserted already marked; None when a rule or a
         row fails (they are then stored unmarked and stitched by id, which isolates it)."""
         ruleset = self.rulebook.refresh(conn)
-        with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):
-            extracted = rules.extract_rows(
-                conn, self.schemas, ruleset.rules, source, params, self.rulebook.timeout_ms
-            )
+        started = telemetry.now()
+        extracted = rules.extract_rows(
+            conn, self.schemas, ruleset.rules, source, params, self.rulebook.timeout_ms
+        )
         if extracted is None:
             return None
-        return self._normalise(list(extracted.events), extracted, ruleset)
+        prepared = self._normalise(list(extracted.events), extracted, ruleset)
+        # its span is the batch's extract stage, recorded once the batch's span exists
+        return dataclasses.replace(prepared, extracted=(started, telemetry.now()))
 
     def _in_transaction(
         self, conn: psycopg.Connection[Any], event_ids: list[str], stored: Prepared | None = None
@@ -325,17 +332,27 @@ class Stitcher:
         def prepare() -> Prepared:
             if stored is None:
                 return self._prepare(conn, event_ids)
+            if stored.extracted:
+                telemetry.record(telemetry.SPAN_STITCH_EXTRACT, *stored.extracted)
             rest = [i for i in event_ids if i not in stored.stored]
             return stored.joined(self._prepare(conn, rest))
 
-        return self._batch(conn, len(event_ids), prepare)
+        start = stored.extracted[0] if stored and stored.extracted else None
+        return self._batch(conn, len(event_ids), prepare, start)
 
     def _batch(
-        self, conn: psycopg.Connection[Any], requested: int, prepare: Callable[[], Prepared]
+        self,
+        conn: psycopg.Connection[Any],
+        requested: int,
+        prepare: Callable[[], Prepared],
+        start: int | None = None,
     ) -> BatchResult:
-        """One ``stitch.batch`` span: prepare (when not read ahead), then lock, purge, group,
-        write, in the transaction that is open."""
-        with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_BATCH) as span:
+        """One ``stitch.batch`` span (from ``start`` when the rules ran before the insert):
+        prepare (when not read ahead), then lock, purge, group, write, in the transaction
+        that is open."""
+        with telemetry.tracer().start_as_current_span(
+            telemetry.SPAN_STITCH_BATCH, start_time=start
+        ) as span:
             span.set_attribute("events.requested", requested)
             return self._apply(conn, prepare())
 
