@@ -46,10 +46,10 @@ def avro_event(row: EventRow, schema_id: int = 1) -> bytes:
     return encode(record, _schema(), schema_id)
 
 
-def json_event(row: EventRow) -> bytes:
-    """The JSON form: the same fields, ``event_time`` ISO 8601, ``payload`` an object."""
+def _json_fields(row: EventRow) -> dict[str, Any]:
+    """The event's fields as JSON carries them: ``event_time`` ISO 8601, ``payload`` an object."""
     eid, source, etype, version, when, payload = row
-    body = {
+    return {
         "id": eid,
         "source_id": source,
         "type": etype,
@@ -57,21 +57,19 @@ def json_event(row: EventRow) -> bytes:
         "event_time": when.isoformat(),
         "payload": json.loads(payload),
     }
-    return json.dumps(body).encode()
+
+
+def json_event(row: EventRow) -> bytes:
+    """The JSON form: the same fields, ``event_time`` ISO 8601, ``payload`` an object."""
+    return json.dumps(_json_fields(row)).encode()
 
 
 def changefeed_message(row: EventRow, n: int) -> dict[str, Any]:
     """A CockroachDB changefeed's wrapped JSON message for the row (the ``n``-th: its
     ``updated`` timestamp), as Kafka and webhook sinks send it; webhooks add key and topic."""
-    eid, source, etype, version, when, payload = row
     after = {
-        "id": eid,
-        "source_id": source,
-        "type": etype,
-        "version": version,
-        "event_time": when.isoformat(),
-        "payload": json.loads(payload),
-        "created": when.isoformat(),
+        **_json_fields(row),
+        "created": row[4].isoformat(),
         "stitched": None,
         "identifiers": None,
     }

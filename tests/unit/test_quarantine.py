@@ -11,26 +11,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_cps.stitching import quarantine
-from stream_cps.stitching.grouping import StitchEvent, plan
+from stream_cps.stitching.grouping import StitchEvent
 from tests import oracle
+from tests.memory_state import MemoryEntities
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-class MemoryStore:
+class MemoryStore(MemoryEntities):
     """The stitching state in memory: distinct pairs and counts, the quarantine list, owners,
     entities; a newly quarantined identifier purges its entity and resets its events."""
 
     def __init__(self, limits: quarantine.Limits) -> None:
+        super().__init__()
         self.limits = limits
         self.pairs: set[tuple[str, str]] = set()
         self.counts: dict[tuple[str, str], int] = {}
         self.quarantined: set[str] = set()
-        self.owner: dict[str, str] = {}
-        self.first: dict[str, tuple[datetime, str]] = {}
-        self.idents: dict[str, set[str]] = {}  # entity -> identifiers (customer_attributes)
         self.stitched: dict[str, StitchEvent] = {}  # event id -> event as extracted
-        self.pending: list[StitchEvent] = []  # reset by a purge: the sweep takes them again
 
     def apply(self, batch: list[StitchEvent]) -> None:
         new = [p for p in quarantine.pairs(batch) if p not in self.pairs]
@@ -45,37 +43,16 @@ class MemoryStore:
         for entity in sorted({self.owner[i] for i in fresh if i in self.owner}):
             self._purge(entity)
         view = quarantine.without(batch, self.quarantined)
-        idents = {i for ev in view for i in ev.identifiers}
-        owner = {i: self.owner[i] for i in idents if i in self.owner}
-        result = plan(view, owner, {e: self.first[e] for e in owner.values()})
-        for comp in result.components:
-            merged = set(comp.new_identifiers)
-            for old in comp.absorbed:
-                del self.first[old]
-                for ident in self.idents.pop(old):
-                    self.owner[ident] = comp.entity_id
-                    merged.add(ident)
-            for ident in comp.new_identifiers:
-                self.owner[ident] = comp.entity_id
-            self.first[comp.entity_id] = comp.first_key
-            self.idents.setdefault(comp.entity_id, set()).update(merged)
+        self.group(view)
         for ev in batch:
             self.stitched[ev.id] = ev
 
     def _purge(self, entity: str) -> None:
-        gone = self.idents.pop(entity)
-        del self.first[entity]
-        for ident in gone:
-            del self.owner[ident]
+        gone = self.forget(entity)
         for eid, ev in list(self.stitched.items()):
             if gone.intersection(ev.identifiers):
                 del self.stitched[eid]
                 self.pending.append(ev)
-
-    def sweep(self, size: int) -> None:
-        while self.pending:
-            batch, self.pending = self.pending[:size], self.pending[size:]
-            self.apply(batch)
 
     def mapping(self) -> dict[str, str | None]:
         out: dict[str, str | None] = {}

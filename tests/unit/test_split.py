@@ -12,25 +12,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_cps.stitching import quarantine, split
-from stream_cps.stitching.grouping import EventKey, StitchEvent, entity_id_for, plan
+from stream_cps.stitching.grouping import StitchEvent, entity_id_for
 from tests import oracle
+from tests.memory_state import MemoryEntities
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-class MemoryStitch:
+class MemoryStitch(MemoryEntities):
     """The stitching state in memory, decisions included: a cut purges the entity owning the
     identifier; a detach purges the event's entity; undoing a cut purges the entities sharing
     an event with it and resets those events (remembered where it was dropped); undoing a
     detach resets the event. A purge resets every stitched event of the entity."""
 
     def __init__(self) -> None:
-        self.owner: dict[str, str] = {}
-        self.first: dict[str, EventKey] = {}
-        self.idents: dict[str, set[str]] = {}
+        super().__init__()
         self.extracted: dict[str, StitchEvent] = {}  # stitched events, as the rules saw them
         self.stored: dict[str, tuple[str, ...]] = {}  # what customer_events.identifiers holds
-        self.pending: list[StitchEvent] = []
         self.cut: set[str] = set()
         self.detached: set[str] = set()
         self.dropped: dict[str, set[str]] = {}  # cut identifier -> events it was dropped from
@@ -42,34 +40,13 @@ class MemoryStitch:
         for ev in batch:
             for ident in set(ev.identifiers) & self.cut:
                 self.dropped.setdefault(ident, set()).add(ev.id)
-        idents = {i for ev in view for i in ev.identifiers}
-        owner = {i: self.owner[i] for i in idents if i in self.owner}
-        result = plan(view, owner, {e: self.first[e] for e in owner.values()})
-        for comp in result.components:
-            merged = set(comp.new_identifiers)
-            for old in comp.absorbed:
-                del self.first[old]
-                for ident in self.idents.pop(old):
-                    self.owner[ident] = comp.entity_id
-                    merged.add(ident)
-            for ident in comp.new_identifiers:
-                self.owner[ident] = comp.entity_id
-            self.first[comp.entity_id] = comp.first_key
-            self.idents.setdefault(comp.entity_id, set()).update(merged)
+        self.group(view)
         for ev, seen in zip(batch, view, strict=True):
             self.extracted[ev.id] = ev
             self.stored[ev.id] = seen.identifiers
 
-    def sweep(self, size: int) -> None:
-        while self.pending:
-            batch, self.pending = self.pending[:size], self.pending[size:]
-            self.apply(batch)
-
     def _purge(self, entity: str) -> None:
-        gone = self.idents.pop(entity)
-        del self.first[entity]
-        for ident in gone:
-            del self.owner[ident]
+        gone = self.forget(entity)
         for eid in [e for e, idents in self.stored.items() if gone.intersection(idents)]:
             self._reset(eid)
 
