@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -333,6 +334,9 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="compare with the offline oracle")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the stopped server's data (to study the plans)"
+    )
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.burst, args.chunk, args.check = "3000", 1000, 1000, True
@@ -393,7 +397,12 @@ def main() -> int:
             if args.check:
                 check(conn)
     finally:
-        embedded.destroy(server)
+        if args.keep:
+            server.stop()
+            print(f"kept the data directory {workdir / 'pg'}", flush=True)
+        else:
+            embedded.destroy(server)
+            shutil.rmtree(workdir, ignore_errors=True)
     report(steps, args.profile)
     if args.json:
         args.json.write_text(json.dumps({"profile": args.profile, "steps": steps}, indent=1))

@@ -70,9 +70,51 @@ def test_ensure_creates_an_insert_only_publication_and_a_pgoutput_slot(
         [slot.publication],
     ).fetchone()
     assert publication == (True, False, False, False)
+    assert published_columns(db, slot) == ["id", "stitched"]
     assert db.execute(
         "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", [slot.slot]
     ).fetchone() == ("pgoutput",)
+
+
+def published_columns(db: psycopg.Connection[Any], slot: SlotSource) -> list[str]:
+    row = db.execute(
+        "SELECT attnames FROM pg_publication_tables WHERE pubname = %s AND tablename = %s",
+        [slot.publication, "customer_events"],
+    ).fetchone()
+    assert row is not None
+    return sorted(row[0])
+
+
+def test_the_stream_carries_only_the_columns_the_reader_decodes(
+    slot: SlotSource, db: psycopg.Connection[Any]
+) -> None:
+    """The payload is never sent: the walsender would turn every one into text for nothing."""
+    insert(db, [event("a", 1)])
+    ids, _ = collect(slot, db, 1)
+    assert ids == ["a"]
+    (relation,) = slot.decoder.relations.values()
+    assert relation.columns == ("id", "stitched")
+
+
+def test_an_existing_publication_of_every_column_gets_the_column_list(
+    local: config.Settings, db: psycopg.Connection[Any]
+) -> None:
+    """A database set up by an earlier version (or by hand) is narrowed by ``ensure``."""
+    db.execute(
+        "CREATE PUBLICATION stream_cps_events FOR TABLE cdp_ce.customer_events "
+        "WITH (publish = 'insert, update')"
+    )
+    source = reader(local)
+    try:
+        source.ensure(db)
+        assert published_columns(db, source) == ["id", "stitched"]
+        insert(db, [event("a", 1)])
+        ids, _ = collect(source, db, 1)
+        assert ids == ["a"]
+        (relation,) = source.decoder.relations.values()
+        assert relation.columns == ("id", "stitched")
+    finally:
+        source.close()
 
 
 def test_committed_inserts_arrive_in_commit_order_and_stitched_rows_do_not(

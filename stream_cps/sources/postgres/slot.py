@@ -24,7 +24,8 @@ from stream_cps.sources.postgres.pgoutput import Decoder, RowChange
 log = logging.getLogger(__name__)
 
 # All the stitcher takes from a change: the row is re-read anyway (TOAST, replays).
-NEEDED_COLUMNS = frozenset({"id", "stitched"})
+PUBLISHED_COLUMNS = ("id", "stitched")
+NEEDED_COLUMNS = frozenset(PUBLISHED_COLUMNS)
 # What a reader of an invalidated slot is told (SQLSTATE 55000): PostgreSQL 16/17 "can no
 # longer get changes from replication slot" ("This slot has been invalidated because ..."),
 # 18 "can no longer access replication slot" ("... has been invalidated due to ...").
@@ -77,29 +78,7 @@ class SlotSource:
                 f"wal_level is {level[0] if level else '?'}; logical replication needs "
                 "wal_level=logical (postgresql.conf, then restart PostgreSQL)"
             )
-        # Inserts only: every stitched row is an UPDATE of customer_events, and streaming those
-        # back (full rows, payload included) only to ignore them put the service's own WAL in
-        # front of new events (docs/replication.md). Rows reset to stitched = NULL are found by
-        # the sweep, at once when a purge signal is pending (the guide's scripts send one).
-        publication = conn.execute(
-            "SELECT pubinsert, pubupdate OR pubdelete OR pubtruncate FROM pg_publication "
-            "WHERE pubname = %s",
-            [self.publication],
-        ).fetchone()
-        if not publication:
-            conn.execute(
-                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
-                    sql.Identifier(self.publication), sql.Identifier(*self.table)
-                )
-            )
-            log.info("created publication %s (inserts)", self.publication)
-        elif publication != (True, False):
-            conn.execute(
-                sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert')").format(
-                    sql.Identifier(self.publication)
-                )
-            )
-            log.info("publication %s now carries inserts only", self.publication)
+        self._ensure_publication(conn)
         # invalidation_reason exists from PostgreSQL 17 on; to_jsonb reads it where it does.
         slot = conn.execute(
             "SELECT plugin, database, current_database(), wal_status, "
@@ -121,6 +100,56 @@ class SlotSource:
             raise SchemaError(f"slot {self.slot} uses plugin {plugin}, expected pgoutput")
         if wal_status == "lost":
             self._recreate(conn, reason)
+
+    def _ensure_publication(self, conn: psycopg.Connection[Any]) -> None:
+        """Inserts only, and only the columns the reader decodes (``NEEDED_COLUMNS``).
+
+        Every stitched row is an UPDATE of customer_events, and streaming those back (full rows,
+        payload included) only to ignore them put the service's own WAL in front of new events
+        (docs/replication.md). Rows reset to stitched = NULL are found by the sweep, at once
+        when a purge signal is pending (the guide's scripts send one). The column list
+        (PostgreSQL 15 on) keeps the walsender from turning every payload into text for a
+        reader that steps over it."""
+        pub = sql.Identifier(self.publication)
+        table = sql.Identifier(*self.table)
+        columns = sql.SQL(", ").join(sql.Identifier(c) for c in PUBLISHED_COLUMNS)
+        with_list = conn.info.server_version >= 150000
+        published = sql.SQL("{} ({})").format(table, columns) if with_list else table
+        publication = conn.execute(
+            "SELECT pubinsert, pubupdate OR pubdelete OR pubtruncate, puballtables "
+            "FROM pg_publication WHERE pubname = %s",
+            [self.publication],
+        ).fetchone()
+        if not publication:
+            conn.execute(
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')").format(
+                    pub, published
+                )
+            )
+            log.info("created publication %s (inserts)", self.publication)
+            return
+        if tuple(publication[:2]) != (True, False):
+            conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert')").format(pub))
+            log.info("publication %s now carries inserts only", self.publication)
+        if not with_list or publication[2]:
+            return  # FOR ALL TABLES takes no column list; the reader steps over the rest
+        row = conn.execute(
+            "SELECT attnames FROM pg_publication_tables "
+            "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
+            [self.publication, *self.table],
+        ).fetchone()
+        if row is not None and sorted(row[0] or ()) == sorted(PUBLISHED_COLUMNS):
+            return
+        with conn.transaction():
+            if row is not None:
+                conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(pub, table))
+            conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, published))
+        log.info(
+            "publication %s now carries only %s of %s.%s",
+            self.publication,
+            ", ".join(PUBLISHED_COLUMNS),
+            *self.table,
+        )
 
     def _recreate(self, conn: psycopg.Connection[Any], reason: str | None) -> None:
         """Replace a slot the server invalidated: it can never stream again. Nothing is lost,
