@@ -441,3 +441,48 @@ def test_entity_rows_deleted_by_hand_then_restitched_stitch_again(
         entity_id_for("a0"),
         entity_id_for("b1"),
     }
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes += _plan_nodes(child)
+    return nodes
+
+
+def test_the_lock_lookup_finds_clusters_by_key_however_many_identifiers_a_batch_has(
+    db: psycopg.Connection[Any], settings: config.Settings
+) -> None:
+    """The planner expects every identifier of a batch to be found, and for a batch of 12,000
+    it read all of entity_clusters into a hash instead (220 ms at 1.3M entities, growing
+    with them); the lookup must stay index probes."""
+    db.execute(
+        "INSERT INTO cdp_ps.entity_clusters (cluster, entity_id) "
+        "SELECT g, 'e' || g FROM generate_series(1, 60000) g"
+    )
+    db.execute(
+        "INSERT INTO customer_attributes (customer_entity_id, identifiers, first_event_time, "
+        "first_event_id) SELECT 'e' || g, ARRAY['id:' || g], now(), 'ev' || g "
+        "FROM generate_series(1, 60000) g"
+    )
+    db.execute(
+        "INSERT INTO cdp_ps.identifier_clusters (identifier, cluster) "
+        "SELECT 'id:' || g, g FROM generate_series(1, 60000) g"
+    )
+    db.execute("ANALYZE cdp_ps.entity_clusters, cdp_ps.identifier_clusters, customer_attributes")
+    store = Stitcher(settings).store
+    wanted = [f"id:{n}" for n in range(1, 60000, 5)]
+    lookup = store.lock_lookup.as_string(db).replace("%(idents)b", "%(idents)s")
+    with db.transaction():
+        plan = db.execute("EXPLAIN (FORMAT JSON) " + lookup, {"idents": wanted}).fetchone()
+    assert plan is not None
+    scanned = {
+        node.get("Relation Name")
+        for node in _plan_nodes(plan[0][0]["Plan"])
+        if node["Node Type"] == "Seq Scan"
+    }
+    assert "entity_clusters" not in scanned
+    with db.transaction():
+        owners = store.lock_owners(db, wanted)
+    assert len(owners.owner) == len(wanted)
+    assert owners.owner["id:6"] == "e6" and owners.clusters["e6"] == 6
