@@ -3,6 +3,12 @@
 
     python bench/scale.py [--sizes 1000000,10000000] [--burst 100000] [--profile tuned]
     python bench/scale.py --smoke          # what CI runs: tiny sizes, checks it all works
+    python bench/scale.py --sizes 10000000 --keep       # keeps the work directory
+    python bench/scale.py --resume DIR --sizes 10000000 # bursts into that database again
+
+``--resume`` runs only the bursts into a database an earlier ``--keep`` left (its loader state
+in ``loader.json``): the way to compare two versions of the code at 10M events without loading
+the history again for each (alternate them; the database grows by two bursts a run).
 
 One embedded PostgreSQL, one ``stream-cps run`` (replication path, attribute calculation off:
 this measures stitching), the same generator as bench/stitch.py. Each step COPYs events into
@@ -187,11 +193,15 @@ def print_profile(prof: dict[str, Any]) -> None:
 class Loader:
     """Generates people in ranges of their own and COPYs their events."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], state: dict[str, int] | None = None) -> None:
         self.conn = conn
-        self.people = 0  # people stored so far (numbered 0 .. people-1)
-        self.events = 0
-        self.seed = 100
+        state = state or {}
+        self.people = state.get("people", 0)  # people stored so far (numbered 0 .. people-1)
+        self.events = state.get("events", 0)
+        self.seed = state.get("seed", 100)
+
+    def state(self) -> dict[str, int]:
+        return {"people": self.people, "events": self.events, "seed": self.seed}
 
     def new_people(self, n_events: int) -> list[Any]:
         """Events of people never seen before: about ``n_events`` (whole people)."""
@@ -335,27 +345,31 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     parser.add_argument(
-        "--keep", action="store_true", help="keep the stopped server's data (to study the plans)"
+        "--keep", action="store_true", help="keep the work directory (plans, --resume)"
     )
+    parser.add_argument("--resume", type=Path, help="a work directory --keep left: bursts only")
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.burst, args.chunk, args.check = "3000", 1000, 1000, True
     targets = [int(s) for s in args.sizes.split(",") if s]
     rng = random.Random(5)
 
-    workdir = Path(tempfile.mkdtemp(prefix="stream-cps-scale-"))
+    workdir = args.resume or Path(tempfile.mkdtemp(prefix="stream-cps-scale-"))
+    keep = args.keep or args.resume is not None
+    state = json.loads((workdir / "loader.json").read_text()) if args.resume else None
     settings = {**PROFILES[args.profile], "shared_preload_libraries": "pg_stat_statements"}
     server = embedded.start(workdir / "pg", settings=settings)
     steps: list[dict[str, Any]] = []
+    loader: Loader | None = None
     try:
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             schema.migrate(conn, SCHEMAS)
             conn.execute(generator.config_sql(SCHEMAS))
             proc = service(server.dsn, workdir, args.batch_size)
             profiler = Profile(conn, server_pid(workdir / "pg"), proc.pid)
-            loader = Loader(conn)
+            loader = Loader(conn, state)
             try:
-                for target in [0, *targets]:
+                for target in targets if state else [0, *targets]:
                     if loader.events < target:
                         profiler.start()
                     while loader.events < target:
@@ -397,9 +411,11 @@ def main() -> int:
             if args.check:
                 check(conn)
     finally:
-        if args.keep:
+        if keep:
             server.stop()
-            print(f"kept the data directory {workdir / 'pg'}", flush=True)
+            if loader is not None:
+                (workdir / "loader.json").write_text(json.dumps(loader.state()))
+            print(f"kept the work directory {workdir} (--resume {workdir})", flush=True)
         else:
             embedded.destroy(server)
             shutil.rmtree(workdir, ignore_errors=True)
@@ -446,7 +462,9 @@ def report(steps: list[dict[str, Any]], profile: str) -> None:
     bursts = [s for s in steps if s["kind"] in ("burst", "new-only")]
     history = [s for s in steps if s["kind"] == "history"]
     base = bursts[0]["rate"] if bursts else 1
-    print(f"\nprofile {profile}: bursts as a ratio of the empty-database burst")
+    empty = bool(bursts) and bursts[0]["db_events"] == bursts[0]["events"]
+    first = "empty-database" if empty else "first"
+    print(f"\nprofile {profile}: bursts as a ratio of the {first} burst")
     for s in bursts:
         mb = {k: round(v / 2**20) for k, v in s.get("sizes", {}).items()}
         print(
