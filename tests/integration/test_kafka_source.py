@@ -33,9 +33,10 @@ from stream_cps.db import schema
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.kafka import KafkaLoop
 from stream_cps.sources.changefeed.webhook import envelopes_of
+from stream_cps.sources.kafka.avro import SchemaResolver
 from stream_cps.sources.kafka.consumer import KafkaBatch, KafkaSource
 from stream_cps.sources.kafka.replay import run_replay
-from stream_cps.sources.messages import MAX_REASON
+from stream_cps.sources.messages import MAX_REASON, Envelope, decode
 from stream_cps.stitching.ingest import Applier
 from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev.encode import avro_event, changefeed_message, json_event
@@ -935,6 +936,15 @@ def test_kafka_events_are_stored_stitched_in_one_write(
     produce(kafka_broker.bootstrap, topic, events_of(rows))
     with member(settings):
         wait_until(lambda: all_stitched(db, len(rows)), what="all stitched")
+        # the rules of each batch were evaluated ahead, on the member's second connection
+        assert (
+            count(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'stream-cps kafka-read-ahead'",
+            )
+            == 1
+        )
     assert updates() == 0
     assert observed(db) == expected(db)
     stored = snapshot(db)
@@ -1057,3 +1067,33 @@ def test_a_rebalance_drops_the_revoked_partitions_from_the_batch_in_hand(
         thread.join(timeout=30)
         first.close()
         second.close()
+
+
+def test_rules_evaluated_ahead_on_another_connection_are_what_the_batch_stores(
+    settings: config.Settings, db: psycopg.Connection[Any]
+) -> None:
+    """The member evaluates a batch's rules on its read-ahead connection while the batch
+    before is written; the batch's transaction then stores that result (it does not evaluate
+    them again), redelivered twins included once."""
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(40, seed=83)
+    avro = SchemaResolver(None)
+    envelopes = [  # Avro and JSON; the first three again (a redelivery)
+        Envelope(
+            f"kafka:t:0:{n}", "kafka", "t", 0, n, key, value, None, decode(key, value, "auto", avro)
+        )
+        for n, (key, value) in enumerate(events_of(rows) + events_of(rows[:3]))
+    ]
+    applier = Applier(settings.schemas, Stitcher(settings))
+    with psycopg.connect(settings.dsn, autocommit=True) as ahead:
+        ruled = applier.rule_ahead(ahead, envelopes)
+    assert ruled.prepared is not None and len(ruled.prepared.events) == len(rows)
+    # Rules changed after the read-ahead: the batch still stores what was evaluated, as the
+    # sweep's read-ahead does (the next batch sees the change).
+    db.execute("UPDATE cdp_ps.stitching_attributes_config SET value_expression = 'NULL'")
+    updates = count_row_updates(db, "cdp_ce.customer_events")
+    stats = applier.apply(db, envelopes, ruled)
+    assert (stats.events_new, stats.events_seen) == (len(rows), 3)
+    assert updates() == 0
+    assert observed(db) == expected(db)  # what the sample rules extract, grouped right
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events WHERE identifiers <> '{}'") > 0
