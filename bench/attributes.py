@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -324,6 +325,7 @@ def main() -> None:
             print(cross_check(conn))
     finally:
         embedded.destroy(server)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +124,7 @@ def main() -> int:
     finally:
         broker.stop()
         embedded.destroy(server)
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

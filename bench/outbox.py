@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -202,6 +203,7 @@ def main() -> int:
             service.stop(workdir / "os")
         if server is not None:
             embedded.destroy(server)
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

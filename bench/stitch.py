@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -106,6 +107,7 @@ def main() -> int:
                 print(f"[{mode}] COPY + stitch / contract floor: {floor_s / stitch_s:.3f}")
     finally:
         embedded.destroy(server)
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
