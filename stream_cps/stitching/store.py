@@ -108,9 +108,9 @@ class StitchStore:
         )
         # Locks the touched entities in id order (lockers cannot deadlock on each other).
         # The cluster of each identifier found is looked up by its key (LATERAL ... OFFSET 0
-        # keeps it a nested loop): the planner, expecting every identifier of the batch to be
-        # found, chose a hash join over a sequential scan of all entity_clusters instead, which
-        # at 1.3M entities took 220 of a 480 ms lookup of 12,000 identifiers (docs/benchmarks.md).
+        # keeps it a nested loop): planned for a batch's own 12,000 identifiers, which it
+        # expects all to be found, PostgreSQL chose a hash join over a sequential scan of all
+        # entity_clusters instead, 220 of a 480 ms lookup at 1.3M entities (docs/benchmarks.md).
         self.lock_lookup = q(
             "SELECT ic.identifier, cl.entity_id, ca.first_event_time, ca.first_event_id, "
             "ic.cluster "
