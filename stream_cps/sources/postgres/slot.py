@@ -134,12 +134,17 @@ class SlotSource:
         if not with_list or publication[2]:
             return  # FOR ALL TABLES takes no column list; the reader steps over the rest
         row = conn.execute(
-            "SELECT attnames FROM pg_publication_tables "
-            "WHERE pubname = %s AND schemaname = %s AND tablename = %s",
-            [self.publication, *self.table],
+            "SELECT pt.attnames, EXISTS (SELECT 1 FROM pg_publication_rel pr "
+            "JOIN pg_publication p ON p.oid = pr.prpubid "
+            "WHERE p.pubname = pt.pubname AND pr.prrelid = to_regclass(%s)) "
+            "FROM pg_publication_tables pt "
+            "WHERE pt.pubname = %s AND pt.schemaname = %s AND pt.tablename = %s",
+            [table.as_string(conn), self.publication, *self.table],
         ).fetchone()
         if row is not None and sorted(row[0] or ()) == sorted(PUBLISHED_COLUMNS):
             return
+        if row is not None and not row[1]:
+            return  # published through its schema (FOR TABLES IN SCHEMA): no list there either
         with conn.transaction():
             if row is not None:
                 conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(pub, table))
