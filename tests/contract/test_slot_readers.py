@@ -5,11 +5,13 @@ PostgreSQL. The replication loop relies on exactly these behaviours from either.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from stream_cps import config
 from stream_cps.sources.postgres.readers import PeekReader, StreamReader, reader
@@ -223,3 +225,32 @@ def test_a_publication_of_the_whole_schema_is_left_as_it_is(
         assert ids == ["a"]
     finally:
         source.close()
+
+
+def test_a_publication_someone_else_owns_is_used_as_it_is_with_a_warning(
+    local: config.Settings, db: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Narrowing needs the publication's owner; a service role that is not must still start
+    (it did before the column list), and say how the owner can narrow it."""
+    role = "cps_" + uuid.uuid4().hex[:8]
+    db.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    db.execute(f"GRANT USAGE ON SCHEMA cdp_ce TO {role}")
+    db.execute(f"GRANT SELECT ON cdp_ce.customer_events TO {role}")
+    db.execute(
+        "CREATE PUBLICATION stream_cps_events FOR TABLE cdp_ce.customer_events "
+        "WITH (publish = 'insert')"
+    )
+    dsn = make_conninfo(local.dsn, user=role)
+    source = reader(local.replace(dsn=dsn))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            source.ensure(conn)
+        assert len(published_columns(db, source)) > 2
+        assert "only its owner can narrow it" in caplog.text
+        insert(db, [event("a", 1)])
+        ids, _ = collect(source, db, 1)
+        assert ids == ["a"]
+    finally:
+        source.close()  # the database's teardown drops the slot
+        db.execute(f"DROP OWNED BY {role}")
+        db.execute(f"DROP ROLE {role}")
