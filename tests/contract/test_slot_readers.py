@@ -246,7 +246,7 @@ def test_a_publication_someone_else_owns_is_used_as_it_is_with_a_warning(
         with psycopg.connect(dsn, autocommit=True) as conn:
             source.ensure(conn)
         assert len(published_columns(db, source)) > 2
-        assert "only its owner can narrow it" in caplog.text
+        assert "only its owner can change it" in caplog.text
         insert(db, [event("a", 1)])
         ids, _ = collect(source, db, 1)
         assert ids == ["a"]

@@ -131,8 +131,16 @@ class SlotSource:
         if tuple(publication[:2]) != (True, False):
             conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert')").format(pub))
             log.info("publication %s now carries inserts only", self.publication)
-        if not with_list or publication[2]:
-            return  # FOR ALL TABLES takes no column list; the reader steps over the rest
+        if with_list and not publication[2]:  # FOR ALL TABLES takes no column list
+            self._narrow(conn, published)
+
+    def _narrow(self, conn: psycopg.Connection[Any], published: sql.Composable) -> None:
+        """Make the publication carry ``PUBLISHED_COLUMNS`` of the table, where it can: not
+        through a schema (``FOR TABLES IN SCHEMA`` takes no list), and only as its owner (a
+        publication a DBA made stays as it is, with a warning). The reader steps over any other
+        column, so either way the service runs."""
+        pub = sql.Identifier(self.publication)
+        table = sql.Identifier(*self.table)
         row = conn.execute(
             "SELECT pt.attnames, EXISTS (SELECT 1 FROM pg_publication_rel pr "
             "JOIN pg_publication p ON p.oid = pr.prpubid "
@@ -141,32 +149,28 @@ class SlotSource:
             "WHERE pt.pubname = %s AND pt.schemaname = %s AND pt.tablename = %s",
             [table.as_string(conn), self.publication, *self.table],
         ).fetchone()
-        if row is not None and sorted(row[0] or ()) == sorted(PUBLISHED_COLUMNS):
+        if row is not None and (sorted(row[0] or ()) == sorted(PUBLISHED_COLUMNS) or not row[1]):
             return
-        if row is not None and not row[1]:
-            return  # published through its schema (FOR TABLES IN SCHEMA): no list there either
+        columns = ", ".join(PUBLISHED_COLUMNS)
         try:
             with conn.transaction():
                 if row is not None:
                     conn.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(pub, table))
                 conn.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, published))
         except psycopg.errors.InsufficientPrivilege:
-            # Someone else owns it (a DBA made it): it works as it is, only slower to stream.
             log.warning(
-                "publication %s sends every column of %s.%s and only its owner can narrow it "
-                "(faster streaming): ALTER PUBLICATION %s SET TABLE %s.%s (%s)",
+                "publication %s should carry only %s of %s.%s (faster streaming), and only its "
+                "owner can change it: ALTER PUBLICATION %s SET TABLE %s.%s (%s)",
                 self.publication,
+                columns,
                 *self.table,
                 self.publication,
                 *self.table,
-                ", ".join(PUBLISHED_COLUMNS),
+                columns,
             )
             return
         log.info(
-            "publication %s now carries only %s of %s.%s",
-            self.publication,
-            ", ".join(PUBLISHED_COLUMNS),
-            *self.table,
+            "publication %s now carries only %s of %s.%s", self.publication, columns, *self.table
         )
 
     def _recreate(self, conn: psycopg.Connection[Any], reason: str | None) -> None:
