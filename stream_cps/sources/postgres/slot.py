@@ -132,15 +132,19 @@ class SlotSource:
             conn.execute(sql.SQL("ALTER PUBLICATION {} SET (publish = 'insert')").format(pub))
             log.info("publication %s now carries inserts only", self.publication)
         if with_list and not publication[2]:  # FOR ALL TABLES takes no column list
-            self._narrow(conn, published)
+            self._narrow(conn, pub, table, published)
 
-    def _narrow(self, conn: psycopg.Connection[Any], published: sql.Composable) -> None:
+    def _narrow(
+        self,
+        conn: psycopg.Connection[Any],
+        pub: sql.Identifier,
+        table: sql.Identifier,
+        published: sql.Composable,
+    ) -> None:
         """Make the publication carry ``PUBLISHED_COLUMNS`` of the table, where it can: not
         through a schema (``FOR TABLES IN SCHEMA`` takes no list), and only as its owner (a
         publication a DBA made stays as it is, with a warning). The reader steps over any other
         column, so either way the service runs."""
-        pub = sql.Identifier(self.publication)
-        table = sql.Identifier(*self.table)
         row = conn.execute(
             "SELECT pt.attnames, EXISTS (SELECT 1 FROM pg_publication_rel pr "
             "JOIN pg_publication p ON p.oid = pr.prpubid "
