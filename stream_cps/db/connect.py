@@ -16,3 +16,9 @@ def connect(dsn: str, role: str = "main", **kwargs: Any) -> psycopg.Connection[A
     the tag keeps that working.
     """
     return psycopg.connect(dsn, application_name=f"{APPLICATION_NAME} {role}", **kwargs)
+
+
+def is_cockroach(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server is CockroachDB (it reports ``crdb_version``), for the few statements
+    that differ (isolation, row addresses)."""
+    return conn.info.parameter_status("crdb_version") is not None

@@ -36,6 +36,7 @@ from stream_cps.stitching.stitcher import Stitcher
 log = logging.getLogger(__name__)
 
 MAINTENANCE_EVERY = 1.0  # replay requests and purge signals while idle
+PURGE_BUDGET = 2.0  # s of purging per idle round, in bounded transactions
 
 
 class KafkaLoop:
@@ -178,9 +179,14 @@ class KafkaLoop:
         try:
             conn = self._db()
             self.source.apply_replays(conn)
-            if idle and self.stitcher.purge_pending(conn):
+            # A purge takes a bounded share per batch (StitchStore.purge): while idle, shares
+            # one after another for up to PURGE_BUDGET, then the consumer polls again.
+            deadline = time.monotonic() + PURGE_BUDGET
+            while idle and not self.stop.is_set() and self.stitcher.purge_pending(conn):
                 with telemetry.root(telemetry.SPAN_STITCH_SWEEP, telemetry.now()):
                     self.stitcher.within(conn, lambda stitch_in: stitch_in([], None))
+                if time.monotonic() > deadline:
+                    break
         except Exception as exc:
             if not retry.is_transient(exc):
                 raise

@@ -18,8 +18,9 @@ from psycopg.types.json import Jsonb
 from stream_cps import telemetry
 from stream_cps.config import Schemas
 from stream_cps.db.arrays import TextArray
+from stream_cps.db.connect import is_cockroach
 from stream_cps.errors import StreamCpsError
-from stream_cps.stitching.store import free_identifiers
+from stream_cps.stitching.store import events_holding, free_identifiers
 
 # What an erase counts, in the order it reports them.
 KINDS = (
@@ -118,8 +119,12 @@ class ErasureStore:
             f"{_hash('entity', '%(id)s::text')}) RETURNING id"
         )
         self.audit_close = q("UPDATE {audit} SET counts = %(counts)s WHERE id = %(erasure)s")
-        self.delete_events = q(
-            "DELETE FROM {ce} WHERE identifiers && %(idents)b::text[] RETURNING id"
+        self.delete_events, self.delete_events_cockroach = (
+            sql.SQL("DELETE FROM {ce} WHERE {holding} RETURNING id").format(
+                ce=sql.Identifier(schemas.ce, "customer_events"),
+                holding=events_holding(schemas, cockroach),
+            )
+            for cockroach in (False, True)
         )
         self.tombstone_events = q(
             f"INSERT INTO {{ee}} (hash, erasure_id) SELECT {_hash('event', 't.id')}, "
@@ -210,7 +215,8 @@ class ErasureStore:
         if opened is None:
             raise UnknownSubject("cdp_ps.erasure_salt is empty: run `stream-cps init`")
         erasure = int(opened[0])
-        erased_ids = sorted(str(r[0]) for r in conn.execute(self.delete_events, {"idents": idents}))
+        delete = self.delete_events_cockroach if is_cockroach(conn) else self.delete_events
+        erased_ids = sorted(str(r[0]) for r in conn.execute(delete, {"idents": idents}))
         ids = TextArray(erased_ids)
         counts = dict.fromkeys(KINDS, 0)
         counts["events"] = len(erased_ids)

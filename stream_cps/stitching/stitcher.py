@@ -38,6 +38,7 @@ from psycopg import sql
 
 from stream_cps import retry, telemetry
 from stream_cps.config import Settings
+from stream_cps.db.connect import is_cockroach
 from stream_cps.db.timestamps import OutOfRange
 from stream_cps.stitching import grouping, quarantine, rules
 from stream_cps.stitching.erasure_store import ErasureStore
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 def isolation_for(conn: psycopg.Connection[Any]) -> psycopg.IsolationLevel:
     """REPEATABLE READ on PostgreSQL; CockroachDB runs SERIALIZABLE (its default) instead."""
-    if conn.info.parameter_status("crdb_version") is not None:
+    if is_cockroach(conn):
         return psycopg.IsolationLevel.SERIALIZABLE
     return psycopg.IsolationLevel.REPEATABLE_READ
 
@@ -156,6 +157,9 @@ class Stitcher:
         self._duration = telemetry.histogram(telemetry.METRIC_BATCH_DURATION)
         self._latency = telemetry.histogram(telemetry.METRIC_EVENTS_LATENCY)
         self.last_batch: float | None = None
+        # Where the bounded purge goes on round the entity ids (``StitchStore.purge``); kept
+        # in memory only: a restart starts again from the lowest id.
+        self._purged_up_to = ""
         telemetry.gauge(telemetry.METRIC_LAST_BATCH, self._observe_last_batch)
 
     def _observe_last_batch(self, _options: metrics.CallbackOptions) -> list[metrics.Observation]:
@@ -422,7 +426,9 @@ class Stitcher:
             excluded = self.quarantine.excluded(conn, touched)
             live = self.splits.live(conn, touched, [ev.id for ev in events])
             excluded |= live.cut
-            result.purged = self.store.purge(conn)
+            result.purged = self.store.purge(conn, owners.keys, self.batch_size, self._purged_up_to)
+            if result.purged:
+                self._purged_up_to = max(result.purged)
         for trip in trips:
             log.warning(
                 "identifier %s quarantined: it co-occurs with %d distinct %s identifiers "
