@@ -28,6 +28,9 @@ Rates are reported as ratios against the empty-database burst of the same run (m
 are noisy; only the ratio means something). ``--profile defaults`` runs PostgreSQL's defaults
 (shared_buffers 128 MB, max_wal_size 1 GB), ``tuned`` the settings docs/benchmarks.md
 recommends. ``--check`` compares the final partition with the offline oracle (minutes at 10M).
+``--restitch-all`` ends with the guide's restitch of everything (both statements as written),
+timed until every entity is purged and every event stitched again; the entities must come back
+unchanged (CI's smoke run does it too).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -325,6 +329,59 @@ def restitch_one(conn: psycopg.Connection[Any]) -> dict[str, float]:
     return out
 
 
+# The guide's restitch of everything, its two statements as written (contract.md).
+RESTITCH_ALL = (
+    "UPDATE customer_attributes SET modified = NULL",
+    "UPDATE customer_events SET stitched = NULL, identifiers = NULL",
+)
+ENTITIES_DIGEST = (
+    "SELECT count(*), md5(string_agg(customer_entity_id || ':' || "
+    "array_to_string(identifiers, ','), ';' ORDER BY customer_entity_id)) "
+    "FROM customer_attributes"
+)
+
+
+def restitch_all(conn: psycopg.Connection[Any], pid: int) -> dict[str, Any]:
+    """The guide's restitch of everything on the whole database, timed until every entity is
+    purged and every event stitched again, with the service's peak RSS meanwhile; the entities
+    must come back the same (ids and identifiers depend only on the events)."""
+    entities, digest = conn.execute(ENTITIES_DIGEST).fetchone() or (0, "")
+    peak = [rss_mb(pid)]
+    done = threading.Event()
+
+    def sample() -> None:  # the service's RSS while the statements run, too
+        while not done.wait(0.2):
+            peak[0] = max(peak[0], rss_mb(pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    statements = []
+    for statement in RESTITCH_ALL:
+        begun = time.perf_counter()
+        conn.execute(statement)
+        statements.append(round(time.perf_counter() - begun, 2))
+    pending = sql.SQL(
+        "SELECT EXISTS (SELECT 1 FROM customer_attributes WHERE modified IS NULL) "
+        "OR EXISTS (SELECT 1 FROM {} WHERE stitched IS NULL)"
+    ).format(EVENTS)
+    while (row := conn.execute(pending).fetchone()) and row[0]:
+        time.sleep(0.5)
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    after, after_digest = conn.execute(ENTITIES_DIGEST).fetchone() or (0, "")
+    if (after, after_digest) != (entities, digest):
+        raise AssertionError(f"restitch all: {entities} entities before, {after} after, or changed")
+    return {
+        "kind": "restitch-all",
+        "entities": entities,
+        "statements_s": statements,
+        "seconds": round(seconds, 2),
+        "rss_peak_mb": round(peak[0], 1),
+    }
+
+
 def server_pid(datadir: Path) -> int:
     """The postmaster's pid (first line of postmaster.pid)."""
     return int((datadir / "postmaster.pid").read_text().split()[0])
@@ -372,9 +429,15 @@ def main() -> int:
         "--keep", action="store_true", help="keep the work directory (plans, --resume)"
     )
     parser.add_argument("--resume", type=Path, help="a work directory --keep left: bursts only")
+    parser.add_argument(
+        "--restitch-all",
+        action="store_true",
+        help="end with the guide's restitch of everything, timed (the entities must not change)",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.sizes, args.burst, args.chunk, args.check = "3000", 1000, 1000, True
+        args.restitch_all = True
     targets = [int(s) for s in args.sizes.split(",") if s]
     rng = random.Random(5)
 
@@ -431,6 +494,9 @@ def main() -> int:
                         steps.append(step)
                         _print(step)
                         print_profile(step["profile"])
+                if args.restitch_all:
+                    steps.append(restitch_all(conn, proc.pid))
+                    _print(steps[-1])
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
@@ -470,6 +536,15 @@ def _step(
 
 
 def _print(step: dict[str, Any]) -> None:
+    if step["kind"] == "restitch-all":
+        print(
+            f"restitch all: {step['entities']:,} entities purged and rebuilt, every event "
+            f"restitched, in {step['seconds']:.1f} s (the guide's statements "
+            f"{' + '.join(f'{s:.1f}' for s in step['statements_s'])} s of it); "
+            f"RSS peak {step['rss_peak_mb']:.0f} MB; entities unchanged",
+            flush=True,
+        )
+        return
     print(
         f"{step['kind']:8} {step['events']:>9,} events into {step['db_events']:>11,}: "
         f"{step['rate']:>7,}/s  RSS {step['rss_mb']:.0f} MB"
@@ -486,6 +561,7 @@ def _print(step: dict[str, Any]) -> None:
 
 def report(steps: list[dict[str, Any]], profile: str) -> None:
     bursts = [s for s in steps if s["kind"] in ("burst", "new-only")]
+    everything = [s for s in steps if s["kind"] == "restitch-all"]
     history = [s for s in steps if s["kind"] == "history"]
     base = bursts[0]["rate"] if bursts else 1
     empty = bool(bursts) and bursts[0]["db_events"] == bursts[0]["events"]
@@ -501,6 +577,12 @@ def report(steps: list[dict[str, Any]], profile: str) -> None:
         total = sum(s["events"] for s in history)
         seconds = sum(s["seconds"] for s in history)
         print(f"  history: {total:,} events in {seconds:.0f} s = {total / seconds:,.0f}/s")
+    for s in everything:
+        events = bursts[-1]["db_events"] if bursts else 0
+        print(
+            f"  restitch all: {events:,} events, {s['entities']:,} entities in {s['seconds']:.0f} s"
+            f" = {events / max(s['seconds'], 1e-9):,.0f} events/s"
+        )
 
 
 def check(conn: psycopg.Connection[Any]) -> None:

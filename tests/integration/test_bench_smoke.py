@@ -20,3 +20,4 @@ def test_scale_benchmark_smoke_run() -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "check: partition equals the offline oracle" in done.stdout
     assert "ratio 1.00" in done.stdout and "history:" in done.stdout
+    assert "restitch all:" in done.stdout and "entities unchanged" in done.stdout
