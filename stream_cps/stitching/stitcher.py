@@ -157,7 +157,7 @@ class Stitcher:
         self._duration = telemetry.histogram(telemetry.METRIC_BATCH_DURATION)
         self._latency = telemetry.histogram(telemetry.METRIC_EVENTS_LATENCY)
         self.last_batch: float | None = None
-        # Where the bounded purge goes on round the entity ids (``StitchStore.purge``); kept
+        # Where the next bounded purge share starts in entity-id order (``StitchStore.purge``);
         # in memory only: a restart starts again from the lowest id.
         self._purged_up_to = ""
         telemetry.gauge(telemetry.METRIC_LAST_BATCH, self._observe_last_batch)
@@ -427,8 +427,9 @@ class Stitcher:
             live = self.splits.live(conn, touched, [ev.id for ev in events])
             excluded |= live.cut
             result.purged = self.store.purge(conn, owners.keys, self.batch_size, self._purged_up_to)
-            if result.purged:
-                self._purged_up_to = max(result.purged)
+            # Past the last share's highest id; a short share went round: from the lowest.
+            full = len(result.purged) >= self.batch_size
+            self._purged_up_to = max(result.purged) if full else ""
         for trip in trips:
             log.warning(
                 "identifier %s quarantined: it co-occurs with %d distinct %s identifiers "

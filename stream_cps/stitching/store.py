@@ -119,18 +119,14 @@ class StitchStore:
         )
         # A bounded share of the purge signals per batch (a restitch of everything signals
         # every entity at once): those among the batch's own (locked) entities, so no event
-        # joins an entity that is about to go, and up to %(limit)s more, taken round the ring
-        # of entity ids from %(after)s on (the purge index in order; the dead entries of
-        # entities purged before are not walked again).
+        # joins an entity that is about to go, and up to %(limit)s more after %(after)s in id
+        # order (the purge index in order: the dead entries of the entities purged before
+        # are not walked again).
         self.purge_entities = q(
-            "WITH p AS ((SELECT customer_entity_id FROM {ca} WHERE modified IS NULL "
-            "AND customer_entity_id = ANY(%(owners)b::text[])) "
-            "UNION (SELECT customer_entity_id FROM ("
-            "(SELECT customer_entity_id FROM {ca} WHERE modified IS NULL "
-            "AND customer_entity_id > %(after)s ORDER BY 1 LIMIT %(limit)s) "
-            "UNION ALL (SELECT customer_entity_id FROM {ca} WHERE modified IS NULL "
-            "AND customer_entity_id <= %(after)s ORDER BY 1 LIMIT %(limit)s)"
-            ") ring LIMIT %(limit)s)) "
+            "WITH p AS (SELECT customer_entity_id FROM {ca} WHERE modified IS NULL "
+            "AND customer_entity_id = ANY(%(owners)b::text[]) "
+            "UNION (SELECT customer_entity_id FROM {ca} WHERE modified IS NULL "
+            "AND customer_entity_id > %(after)s ORDER BY 1 LIMIT %(limit)s)) "
             "DELETE FROM {ca} AS ca USING p WHERE ca.customer_entity_id = p.customer_entity_id "
             "AND ca.modified IS NULL RETURNING ca.customer_entity_id, ca.identifiers"
         )
@@ -261,9 +257,9 @@ class StitchStore:
         """Delete entities whose ``modified`` was set to NULL, free their identifiers and queue
         OpenSearch deletes (the guide's clean-up routine): every such entity among ``owners``
         (the batch's locked entities) and up to ``limit`` others, the first after ``after``
-        in id order (wrapping round). The rest waits for the next batch, so a restitch of
-        everything costs many bounded transactions instead of one that resets every event and
-        holds every entity's identifiers in memory.
+        in id order. The rest waits for the next batch, so a restitch of everything costs
+        many bounded transactions instead of one that resets every event and holds every
+        entity's identifiers in memory.
 
         Every event of a deleted entity that is still stitched is reset for the sweep: an
         event never stays stitched inside no entity. The guide's restitch-one script resets
