@@ -88,7 +88,9 @@ FIELDS: dict[str, Field] = {
     "ce_schema": Field(str, "cdp_ce", "schema of customer_events"),
     "ps_schema": Field(str, "cdp_ps", "schema of stitching_attributes_config and stitching state"),
     "attr_schema": Field(str, "cdp_attr", "schema of caches, context alias, outbox, errors"),
-    "stitching.batch_size": Field(int, 2000, "events stitched per transaction"),
+    "stitching.batch_size": Field(
+        int, 2000, "events stitched per transaction (and purge signals applied, beyond its own)"
+    ),
     "stitching.poll_interval": Field(float, 0.05, "seconds between slot polls when idle"),
     "stitching.sweep_interval": Field(
         float,
