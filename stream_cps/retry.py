@@ -32,7 +32,9 @@ T = TypeVar("T")
 # admin shutdown, cannot connect now), system error (58). Plus lock not available (55P03).
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
 _TRANSIENT_STATES = frozenset({"55P03"})
-_CONFLICT_STATES = frozenset({"40001", "40P01"})
+# Lost conflicts: serialization failure, deadlock, and a row lock the stitcher gave way on
+# (its lock_timeout: stitching/store.py, give_way).
+_CONFLICT_STATES = frozenset({"40001", "40P01", "55P03"})
 # A connection that fails for one of these reasons fails the same way next time.
 _PERMANENT_CONNECT = (
     "password authentication failed",
@@ -63,7 +65,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def is_conflict(exc: BaseException) -> bool:
-    """A transaction that lost a conflict (40001 serialization failure, 40P01 deadlock)."""
+    """A transaction that lost a conflict (40001 serialization failure, 40P01 deadlock, 55P03
+    a row lock it stopped waiting for)."""
     return isinstance(exc, psycopg.Error) and exc.sqlstate in _CONFLICT_STATES
 
 

@@ -417,6 +417,7 @@ class Stitcher:
         touched = sorted({i for ev in events for i in ev.identifiers})
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
             owners = self.store.lock_owners(conn, touched)
+            conn.execute(self.store.give_way)  # no long waits on rows from here on
             # After the lock: an erase of the owner committed meanwhile is seen here.
             suppressed = self.erasure.suppressed_among(conn, touched)
             if suppressed:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import subprocess
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -151,6 +153,50 @@ def test_purge_takes_a_bounded_share_per_batch_round_the_entity_ids(
     stitch_all(stitcher, db)
     assert observed(db) == expected(db)
     assert sorted({e for e in observed(db).values() if e}) == entities
+
+
+def test_a_batch_gives_way_on_event_rows_another_transaction_holds(
+    db: psycopg.Connection[Any], settings: config.Settings, pg_dsn: str
+) -> None:
+    """The guide's ``UPDATE customer_events`` holds every row it passed until it commits
+    (minutes at 10M). A batch that needs one of them (here its purge, resetting the events of
+    the entities the script's first statement signalled) stops waiting after 50 ms and is
+    retried: it never waits long enough for PostgreSQL to break a deadlock with the script by
+    aborting the script, which it did in the bench's 10M restitch of everything."""
+    setup_rules(db)
+    stitcher = Stitcher(settings)
+    insert(db, [event("a", 1, email="x@a"), event("b", 2, email="y@a")])
+    stitch_all(stitcher, db)
+    db.execute("UPDATE customer_attributes SET modified = NULL")
+    with (
+        psycopg.connect(pg_dsn) as script,
+        psycopg.connect(pg_dsn, autocommit=True) as stitching,
+    ):
+        script.execute(  # the script's UPDATE, as far as row "a"
+            "UPDATE cdp_ce.customer_events SET stitched = NULL, identifiers = NULL WHERE id = 'a'"
+        )
+        worker = threading.Thread(target=stitch_all, args=(stitcher, stitching))
+        worker.start()
+        longest, since = 0.0, None  # the batch's longest wait on a lock, seconds
+        deadline = time.monotonic() + 2.0
+        while (now := time.monotonic()) < deadline:
+            row = db.execute(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                [stitching.info.backend_pid],
+            ).fetchone()
+            since = (since or now) if row and row[0] else None
+            longest = max(longest, now - since if since else 0.0)
+            time.sleep(0.01)
+        script.execute("UPDATE cdp_ce.customer_events SET stitched = NULL, identifiers = NULL")
+        script.commit()
+        worker.join(30)
+    assert not worker.is_alive()
+    assert longest < 0.5, f"the batch waited {longest:.2f} s on the script's row lock"
+    stitch_all(stitcher, db)
+    assert observed(db) == expected(db)
+    assert sorted(str(e) for e in observed(db).values()) == sorted(
+        [entity_id_for("a"), entity_id_for("b")]
+    )
 
 
 def test_batch_purges_the_signalled_entities_it_touches_beyond_its_share(

@@ -128,6 +128,7 @@ def test_policy_raises_stopped_when_stop_is_set_while_waiting() -> None:
 def test_conflict_policy_retries_only_lost_conflicts() -> None:
     assert retry.is_conflict(psycopg.errors.SerializationFailure("x"))
     assert retry.is_conflict(psycopg.errors.DeadlockDetected("x"))
+    assert retry.is_conflict(psycopg.errors.LockNotAvailable("x"))  # the stitcher gave way
     assert not retry.is_conflict(psycopg.errors.AdminShutdown("x"))
     assert not retry.is_conflict(Transient("x"))
 
