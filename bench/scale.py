@@ -54,6 +54,7 @@ from psycopg import sql
 
 from stream_cps.config import Schemas
 from stream_cps.db import schema
+from stream_cps.stitching.store import StitchStore
 from stream_cps_dev import embedded
 from stream_cps_dev.sample import generator
 
@@ -351,25 +352,27 @@ def restitch_all(conn: psycopg.Connection[Any], pid: int) -> dict[str, Any]:
 
     def sample() -> None:  # the service's RSS while the statements run, too
         while not done.wait(0.2):
-            peak[0] = max(peak[0], rss_mb(pid))
+            try:
+                peak[0] = max(peak[0], rss_mb(pid))
+            except OSError:  # the service is gone: the main thread reports why
+                return
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    started = time.perf_counter()
-    statements = []
-    for statement in RESTITCH_ALL:
-        begun = time.perf_counter()
-        conn.execute(statement)
-        statements.append(round(time.perf_counter() - begun, 2))
-    pending = sql.SQL(
-        "SELECT EXISTS (SELECT 1 FROM customer_attributes WHERE modified IS NULL) "
-        "OR EXISTS (SELECT 1 FROM {} WHERE stitched IS NULL)"
-    ).format(EVENTS)
-    while (row := conn.execute(pending).fetchone()) and row[0]:
-        time.sleep(0.5)
-    seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
+    pending = StitchStore(SCHEMAS).has_work  # an unstitched event or a purge signal
+    try:
+        started = time.perf_counter()
+        statements = []
+        for statement in RESTITCH_ALL:
+            begun = time.perf_counter()
+            conn.execute(statement)
+            statements.append(round(time.perf_counter() - begun, 2))
+        while (row := conn.execute(pending).fetchone()) and row[0]:
+            time.sleep(0.5)
+        seconds = time.perf_counter() - started
+    finally:
+        done.set()
+        sampler.join()
     after, after_digest = conn.execute(ENTITIES_DIGEST).fetchone() or (0, "")
     if (after, after_digest) != (entities, digest):
         raise AssertionError(f"restitch all: {entities} entities before, {after} after, or changed")

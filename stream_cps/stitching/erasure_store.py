@@ -18,9 +18,8 @@ from psycopg.types.json import Jsonb
 from stream_cps import telemetry
 from stream_cps.config import Schemas
 from stream_cps.db.arrays import TextArray
-from stream_cps.db.connect import is_cockroach
 from stream_cps.errors import StreamCpsError
-from stream_cps.stitching.store import events_holding, free_identifiers
+from stream_cps.stitching.store import OnEventsHolding, free_identifiers
 
 # What an erase counts, in the order it reports them.
 KINDS = (
@@ -119,12 +118,8 @@ class ErasureStore:
             f"{_hash('entity', '%(id)s::text')}) RETURNING id"
         )
         self.audit_close = q("UPDATE {audit} SET counts = %(counts)s WHERE id = %(erasure)s")
-        self.delete_events, self.delete_events_cockroach = (
-            sql.SQL("DELETE FROM {ce} WHERE {holding} RETURNING id").format(
-                ce=sql.Identifier(schemas.ce, "customer_events"),
-                holding=events_holding(schemas, cockroach),
-            )
-            for cockroach in (False, True)
+        self.delete_events = OnEventsHolding.build(
+            schemas, "DELETE FROM {ce} WHERE {holding} RETURNING id"
         )
         self.tombstone_events = q(
             f"INSERT INTO {{ee}} (hash, erasure_id) SELECT {_hash('event', 't.id')}, "
@@ -215,8 +210,8 @@ class ErasureStore:
         if opened is None:
             raise UnknownSubject("cdp_ps.erasure_salt is empty: run `stream-cps init`")
         erasure = int(opened[0])
-        delete = self.delete_events_cockroach if is_cockroach(conn) else self.delete_events
-        erased_ids = sorted(str(r[0]) for r in conn.execute(delete, {"idents": idents}))
+        deleted = conn.execute(self.delete_events.of(conn), {"idents": idents})
+        erased_ids = sorted(str(r[0]) for r in deleted)
         ids = TextArray(erased_ids)
         counts = dict.fromkeys(KINDS, 0)
         counts["events"] = len(erased_ids)

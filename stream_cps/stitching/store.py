@@ -48,6 +48,27 @@ def events_holding(schemas: Schemas, cockroach: bool = False) -> sql.Composable:
 
 
 @dataclass(frozen=True)
+class OnEventsHolding:
+    """A statement over the events holding ``%(idents)b`` (``{ce}``, ``{holding}`` in its
+    template), in each server's spelling (``events_holding``); ``of`` picks per connection."""
+
+    postgres: sql.Composed
+    cockroach: sql.Composed
+
+    @classmethod
+    def build(cls, schemas: Schemas, template: str) -> OnEventsHolding:
+        ce = sql.Identifier(schemas.ce, "customer_events")
+        postgres, cockroach = (
+            sql.SQL(template).format(ce=ce, holding=events_holding(schemas, crdb))
+            for crdb in (False, True)
+        )
+        return cls(postgres, cockroach)
+
+    def of(self, conn: psycopg.Connection[Any]) -> sql.Composed:
+        return self.cockroach if is_cockroach(conn) else self.postgres
+
+
+@dataclass(frozen=True)
 class EventMarks:
     """The parameters of marking a batch's events stitched, built ahead of the transaction."""
 
@@ -130,14 +151,11 @@ class StitchStore:
             "DELETE FROM {ca} AS ca USING p WHERE ca.customer_entity_id = p.customer_entity_id "
             "AND ca.modified IS NULL RETURNING ca.customer_entity_id, ca.identifiers"
         )
-        # An event of a purged entity still stitched (docs/stitching.md); CockroachDB has
-        # no row addresses (events_holding).
-        self.reset_orphans, self.reset_orphans_cockroach = (
-            sql.SQL(
-                "UPDATE {ce} SET stitched = NULL, identifiers = NULL "
-                "WHERE stitched IS NOT NULL AND {holding}"
-            ).format(ce=ids["ce"], holding=events_holding(schemas, cockroach))
-            for cockroach in (False, True)
+        # An event of a purged entity still stitched (docs/stitching.md).
+        self.reset_orphans = OnEventsHolding.build(
+            schemas,
+            "UPDATE {ce} SET stitched = NULL, identifiers = NULL "
+            "WHERE stitched IS NOT NULL AND {holding}",
         )
         # After its entities are locked, a batch stops waiting for rows other transactions
         # hold after 50 ms and is retried (55P03 is a lost conflict, retry.CONFLICT), well
@@ -280,8 +298,7 @@ class StitchStore:
         if ids:
             idents = sorted({i for r in rows for i in r[1] or ()})
             if idents:
-                reset = self.reset_orphans_cockroach if is_cockroach(conn) else self.reset_orphans
-                conn.execute(reset, {"idents": TextArray(idents)})
+                conn.execute(self.reset_orphans.of(conn), {"idents": TextArray(idents)})
             conn.execute(self.free_identifiers, {"ids": TextArray(ids)})
             if self.outbox:
                 conn.execute(

@@ -609,10 +609,10 @@ def test_events_of_many_identifiers_are_found_by_index_not_by_testing_every_row(
     db.execute("ANALYZE cdp_ce.customer_events")
     store = Stitcher(settings).store
     wanted = [f"id:{n}" for n in range(1, 60000, 20)]
-    assert _scans(db, store.reset_orphans, wanted) == {
+    assert _scans(db, store.reset_orphans.postgres, wanted) == {
         ("Bitmap Heap Scan", "customer_events"),  # the probes, one per identifier
         ("Tid Scan", "customer_events"),  # the update, in physical order
     }
-    db.execute(store.reset_orphans, {"idents": TextArray(wanted)})
+    db.execute(store.reset_orphans.of(db), {"idents": TextArray(wanted)})
     reset_ids = db.execute("SELECT id FROM cdp_ce.customer_events WHERE stitched IS NULL")
     assert sorted(r[0] for r in reset_ids) == sorted(f"ev{n}" for n in range(1, 60000, 20))
