@@ -153,6 +153,26 @@ def snapshot(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
     )
 
 
+def plan_scans(
+    conn: psycopg.Connection[Any], statement: sql.Composed, params: dict[str, Any]
+) -> set[tuple[str, str]]:
+    """(scan, table) of every node of a statement's plan that reads a table, planned for these
+    ``params`` (``%(idents)b`` sent as a literal array: the custom plan a batch of that size
+    gets)."""
+    text = statement.as_string(conn).replace("%(idents)b", "%(idents)s")
+    with conn.transaction():
+        row = conn.execute("EXPLAIN (FORMAT JSON) " + text, params).fetchone()
+    assert row is not None
+    found: set[tuple[str, str]] = set()
+    nodes = [row[0][0]["Plan"]]
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if "Relation Name" in node and node["Node Type"] != "ModifyTable":
+            found.add((str(node["Node Type"]), str(node["Relation Name"])))
+    return found
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

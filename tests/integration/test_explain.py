@@ -18,7 +18,7 @@ from stream_cps import cli, config
 from stream_cps.stitching.explain.queries import ExplainQueries
 from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.stitcher import Stitcher
-from tests.support import event, insert, setup_rules
+from tests.support import event, insert, plan_scans, setup_rules
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -245,26 +245,9 @@ def test_events_of_a_many_identifier_entity_are_found_by_index(
     queries = ExplainQueries(config.Schemas())
     wanted = [f"email:u{n}" for n in range(1, 3001)] + ["cookie:kiosk"]
     for statement in (queries.types.of(db), queries.events.of(db)):
-        scans = _scans(db, statement, wanted)
+        scans = plan_scans(db, statement, {"idents": wanted, "limit": 50})
         assert ("Seq Scan", "customer_events") not in scans
         assert ("Tid Scan", "customer_events") in scans
     report = explain(pg_dsn, capsys, "hub")
     assert report["entity"]["identifier_count"] == 3001
     assert report["entity"]["events_per_type"] == {"shop/buy": 750, "shop/visit": 2250}
-
-
-def _scans(
-    db: psycopg.Connection[Any], statement: psycopg.sql.Composed, idents: list[str]
-) -> set[tuple[str, str]]:
-    """(scan, table) of every node of a statement's plan for these ``%(idents)``."""
-    text = statement.as_string(db).replace("%(idents)b", "%(idents)s")
-    plan = db.execute("EXPLAIN (FORMAT JSON) " + text, {"idents": idents, "limit": 50}).fetchone()
-    assert plan is not None
-    found: set[tuple[str, str]] = set()
-    nodes = [plan[0][0]["Plan"]]
-    while nodes:
-        node = nodes.pop()
-        nodes += node.get("Plans", [])
-        if "Relation Name" in node:
-            found.add((str(node["Node Type"]), str(node["Relation Name"])))
-    return found

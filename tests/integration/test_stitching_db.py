@@ -24,6 +24,7 @@ from tests.support import (
     expected,
     insert,
     observed,
+    plan_scans,
     setup_rules,
     snapshot,
 )
@@ -541,29 +542,6 @@ def test_entity_rows_deleted_by_hand_then_restitched_stitch_again(
     }
 
 
-def _plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    nodes = [plan]
-    for child in plan.get("Plans", []):
-        nodes += _plan_nodes(child)
-    return nodes
-
-
-def _scans(
-    db: psycopg.Connection[Any], statement: psycopg.sql.Composed, idents: list[str]
-) -> set[tuple[str, str]]:
-    """(scan, table) of a statement's plan, planned for these ``%(idents)`` (as a literal
-    array: the custom plan a batch of that size gets)."""
-    text = statement.as_string(db).replace("%(idents)b", "%(idents)s")
-    with db.transaction():
-        plan = db.execute("EXPLAIN (FORMAT JSON) " + text, {"idents": idents}).fetchone()
-    assert plan is not None
-    return {
-        (str(node["Node Type"]), str(node["Relation Name"]))
-        for node in _plan_nodes(plan[0][0]["Plan"])
-        if "Relation Name" in node and node["Node Type"] != "ModifyTable"
-    }
-
-
 def test_the_lock_lookup_finds_clusters_by_key_however_many_identifiers_a_batch_has(
     db: psycopg.Connection[Any], settings: config.Settings
 ) -> None:
@@ -586,7 +564,9 @@ def test_the_lock_lookup_finds_clusters_by_key_however_many_identifiers_a_batch_
     db.execute("ANALYZE cdp_ps.entity_clusters, cdp_ps.identifier_clusters, customer_attributes")
     store = Stitcher(settings).store
     wanted = [f"id:{n}" for n in range(1, 60000, 5)]
-    assert ("Seq Scan", "entity_clusters") not in _scans(db, store.lock_lookup, wanted)
+    assert ("Seq Scan", "entity_clusters") not in plan_scans(
+        db, store.lock_lookup, {"idents": wanted}
+    )
     with db.transaction():
         owners = store.lock_owners(db, wanted)
     assert len(owners.owner) == len(wanted)
@@ -609,7 +589,7 @@ def test_events_of_many_identifiers_are_found_by_index_not_by_testing_every_row(
     db.execute("ANALYZE cdp_ce.customer_events")
     store = Stitcher(settings).store
     wanted = [f"id:{n}" for n in range(1, 60000, 20)]
-    assert _scans(db, store.reset_orphans.postgres, wanted) == {
+    assert plan_scans(db, store.reset_orphans.postgres, {"idents": wanted}) == {
         ("Bitmap Heap Scan", "customer_events"),  # the probes, one per identifier
         ("Tid Scan", "customer_events"),  # the update, in physical order
     }
