@@ -169,17 +169,14 @@ class ExplainQueries:
             raise NotFound(f"no entity {entity_id}")
         idents, first_id, first_time, modified, calculated, attributes = rows[0]
         idents = list(idents)
+        # one encoding of the identifiers for both statements
+        params = {"idents": TextArray(idents), "limit": limits.graph_events}
         by_type = {
-            f"{src}/{typ}": int(n)
-            for src, typ, n in conn.execute(self.types.of(conn), {"idents": TextArray(idents)})
+            f"{src}/{typ}": int(n) for src, typ, n in conn.execute(self.types.of(conn), params)
         }
         events = [
             EventInfo(str(eid), src, typ, when, tuple(evi or ()))
-            for eid, src, typ, when, evi in fetch_all(
-                conn,
-                self.events.of(conn),
-                {"idents": TextArray(idents), "limit": limits.graph_events},
-            )
+            for eid, src, typ, when, evi in fetch_all(conn, self.events.of(conn), params)
         ]
         graph = IdentityGraph.of(events)
         entity = Entity(
