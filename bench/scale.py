@@ -56,6 +56,7 @@ from stream_cps.config import Schemas
 from stream_cps.db import schema
 from stream_cps.stitching.store import StitchStore
 from stream_cps_dev import embedded
+from stream_cps_dev.procstat import cpu_seconds, stat_fields
 from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
@@ -91,7 +92,6 @@ HOT_TABLES = (
     "customer_attributes",
     "entity_aliases",
 )
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class Profile:
@@ -124,18 +124,18 @@ class Profile:
                 "FROM pg_stat_activity"
             ).fetchall()
         )
-        out: dict[str, float] = {"service (python)": _cpu_seconds(self.service_pid)}
+        out: dict[str, float] = {"service (python)": cpu_seconds(stat_fields(self.service_pid))}
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = stat_fields(int(proc.name))
             except OSError:
                 continue
             if int(fields[1]) != self.server_pid:  # field 4: ppid
                 continue
             role = names.get(int(proc.name), "other server process")
-            out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+            out[role] = out.get(role, 0.0) + cpu_seconds(fields)
         return out
 
     def collect(self, top: int = 12) -> dict[str, Any]:
@@ -176,11 +176,6 @@ class Profile:
             "tables": tables,
             "wal_mb": round(int(wal[1]) / 2**20, 1) if wal else None,
         }
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def print_profile(prof: dict[str, Any]) -> None:

@@ -7,7 +7,8 @@ Baseline and subject run in the same script on the same server (machines here ar
    PostgreSQL can take the rows in at all (median of three).
 2. COPY the same events into customer_events while `stream-cps run` is up, and time until the
    last one is stitched (logical replication -> extract -> group -> write). Reported as
-   events/s and as a fraction of (1).
+   events/s and as a fraction of (1), with the service process's CPU seconds meanwhile (from
+   /proc: steadier than a rate on a shared machine).
 3. Right after that burst, on the same running service (whose attribute calculation is still
    working through the burst's entities), insert at a steady rate (default 1,000 events/s) in
    small transactions for N seconds and report p50/p99 of ``stitched - created``.
@@ -42,6 +43,7 @@ from stream_cps.config import Schemas
 from stream_cps.db import schema
 from stream_cps.db.arrays import array_literal
 from stream_cps_dev import embedded
+from stream_cps_dev.procstat import cpu_seconds, stat_fields
 from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
@@ -75,7 +77,9 @@ def main() -> int:
                 reset(conn)
                 proc = service(server.dsn, workdir, mode, mode, args.batch_size)
                 try:
+                    cpu_before = cpu_seconds(stat_fields(proc.pid))
                     stitch_s, copy_ce_s = stitch_run(conn, rows)
+                    service_cpu = cpu_seconds(stat_fields(proc.pid)) - cpu_before
                     written = stitched_values(conn)
                     p50, p99 = steady_latency(conn, args.rate, args.seconds)
                 finally:
@@ -89,6 +93,10 @@ def main() -> int:
                     f"[{mode}] COPY + stitch: {n / stitch_s:,.0f} events/s ({stitch_s:.2f} s); "
                     f"/ plain COPY {copy_s / stitch_s:.3f} (target >= 0.10), "
                     f"/ customer_events COPY {copy_ce_s / stitch_s:.3f}"
+                )
+                print(
+                    f"[{mode}] the service's CPU during the burst: {service_cpu:.1f} s, "
+                    f"{service_cpu / n * 100_000:.2f} s per 100,000 events"
                 )
                 floor_results.append((mode, stitch_s))
                 print(

@@ -189,12 +189,19 @@ _metric_readers: list[Any] = []
 
 def enable_prometheus() -> Any:
     """Also export every metric for a Prometheus scrape; returns the ``CollectorRegistry`` to
-    serve. Call before ``setup`` (the meter provider is installed once, with its readers)."""
+    serve. Call before ``setup`` (the meter provider is installed once, with its readers).
+
+    The registry also carries prometheus-client's standard process and garbage-collector
+    series (``process_cpu_seconds_total``, ``process_resident_memory_bytes``,
+    ``python_gc_collections_total``...): what a dashboard expects of any Python service, and
+    how one sees the collector settings of ``service/gc_tuning.py`` at work."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector
 
     registry = CollectorRegistry()
     _metric_readers.append(PrometheusMetricReader(registry=registry))
+    ProcessCollector(registry=registry)
+    GCCollector(registry=registry)
     return registry
 
 

@@ -22,6 +22,7 @@ from stream_cps.observe import status as observe_status
 from stream_cps.observe.health import Health
 from stream_cps.observe.http import ObserveServer
 from stream_cps.observe.status import Snapshot
+from stream_cps.service import gc_tuning
 from stream_cps.service.background import Background
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
@@ -50,12 +51,15 @@ def run(settings: Settings, source: str, stop: threading.Event) -> Progress:
         if source == "kafka":
             from stream_cps.service.kafka import KafkaLoop
 
+            kafka = KafkaLoop(settings, stop, backlog, health)
+            gc_tuning.tune()
             background.start()
-            progress = KafkaLoop(settings, stop, backlog, health).run()
+            progress = kafka.run()
         else:
             from stream_cps.service.replication import ReplicationLoop
 
             loop = ReplicationLoop(settings, stop, backlog, background.start, health)
+            gc_tuning.tune()
             progress = loop.run()
     finally:
         stop.set()
