@@ -2,7 +2,8 @@
 
 Plain ``http.server`` in a daemon thread: three read-only GETs need no framework. ``/metrics``
 is the Prometheus text of the OpenTelemetry instruments (``telemetry.enable_prometheus``), so
-every metric is defined once for OTLP and Prometheus alike.
+every metric is defined once for OTLP and Prometheus alike, plus prometheus-client's standard
+``process_*`` and ``python_gc_*`` series.
 """
 
 from __future__ import annotations

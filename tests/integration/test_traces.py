@@ -168,6 +168,7 @@ def exported_by(count: int, spans: list[Span]) -> bool:
 def through_the_slot(
     db: psycopg.Connection[Any],
     receiver: OtlpReceiver,
+    slot: str,
     rows: Callable[[int], list[tuple[Any, ...]]],
 ) -> tuple[list[Span], Span, list[Span]]:
     """Insert ``rows(attempt)`` until the slot's batch stitches them: (spans, its root, the
@@ -175,12 +176,17 @@ def through_the_slot(
 
     The 0.5 s sweep (kept for the idle checks) races the slot for rows inserted while idle:
     when it finds them committed before the slot delivers them, it stitches them in a trace of
-    its own and the slot's batch finds nothing. A new set is inserted then; three lost races
-    in a row fail."""
+    its own and the slot's batch finds nothing. Then, once the slot has acknowledged that
+    insert (so that its rows cannot join the next set's batch), a new set is inserted; three
+    lost races in a row fail."""
     done = exported_stitching(receiver.spans())
+    lost: list[str] = []
     for attempt in range(3):
         batch = rows(attempt)
         insert(db, batch)
+        row = db.execute("SELECT pg_current_wal_lsn()").fetchone()
+        assert row is not None
+        inserted = row[0]
         wait_until(lambda: unstitched(db) == 0, what="stitching")
         done += len(batch)
         spans = receiver.wait_for(
@@ -191,10 +197,25 @@ def through_the_slot(
             for root, kids in one_trace_per_batch(spans, telemetry.SPAN_SOURCE_ACK)
             if stitched_in(spans, kids) == len(batch)
         ]
+        assert len(found) <= 1, f"{len(found)} slot traces stitched the same {len(batch)} rows"
         if found:
-            [(root, kids)] = found
-            return spans, root, kids
-    raise AssertionError("the sweep stitched the rows before the slot's batch three times")
+            return spans, *found[0]
+        lost.append(", ".join(sorted(root_names(spans))))
+
+        def acknowledged(lsn: str = inserted) -> bool:
+            ack = db.execute(
+                "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots "
+                "WHERE slot_name = %s",
+                (lsn, slot),
+            ).fetchone()
+            return bool(ack and ack[0])
+
+        wait_until(acknowledged, what="the slot past the lost insert")
+    raise AssertionError(f"the slot's batch never stitched the rows; traces seen: {lost}")
+
+
+def root_names(spans: list[Span]) -> set[str]:
+    return {s.name for s in spans if s.parent_id is None}
 
 
 def stitched_in(spans: list[Span], kids: list[Span]) -> int:
@@ -210,14 +231,14 @@ def test_replication_one_trace_per_batch_from_poll_to_ack_and_nothing_while_idle
 ) -> None:
     setup_rules(db)
     service = f"cps-{uuid.uuid4().hex[:8]}"
+    slot = f"traces_{uuid.uuid4().hex[:12]}"  # slot names are per server, which suites share
     env = {
         **otel_env(receiver, service),
         "STREAM_CPS_DSN": pg_dsn,
         "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.02",
         "STREAM_CPS_STITCHING_SWEEP_INTERVAL": "0.5",
         "STREAM_CPS_STITCHING_BATCH_SIZE": "5",
-        # Slot names are per server, which other suites share: one of its own.
-        "STREAM_CPS_STITCHING_SLOT_NAME": f"traces_{uuid.uuid4().hex[:12]}",
+        "STREAM_CPS_STITCHING_SLOT_NAME": slot,
     }
     log = tmp_path / "run.log"
     proc = start([], env, log)
@@ -229,6 +250,7 @@ def test_replication_one_trace_per_batch_from_poll_to_ack_and_nothing_while_idle
         spans, root, kids = through_the_slot(
             db,
             receiver,
+            slot,
             lambda n: [event(f"a{n}", 1, email=f"x{n}@a"), event(f"b{n}", 2, email=f"x{n}@a")],
         )
         assert [k.name for k in kids] == [
@@ -246,6 +268,7 @@ def test_replication_one_trace_per_batch_from_poll_to_ack_and_nothing_while_idle
         spans, root, kids = through_the_slot(
             db,
             receiver,
+            slot,
             lambda n: [event(f"s{n}-{i}", 10 + i, email=f"s{n}-{i % 4}@a") for i in range(17)],
         )
         batches = [k for k in kids if k.name == telemetry.SPAN_STITCH_BATCH]

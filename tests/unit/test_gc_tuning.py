@@ -21,7 +21,9 @@ def restored() -> Iterator[None]:
 
 @pytest.mark.usefixtures("restored")
 def test_a_batch_sized_working_set_does_not_wake_the_collector() -> None:
+    older = gc.get_threshold()[1:]
     gc_tuning.tune()
+    assert gc.get_threshold() == (gc_tuning.YOUNG_THRESHOLD, *older)
     assert gc.get_freeze_count() > 0  # what the process was built with is out of view
     before = gc.get_count()[0]
     collections = gc.get_stats()[0]["collections"]
@@ -36,7 +38,7 @@ def test_a_batch_sized_working_set_does_not_wake_the_collector() -> None:
 def test_cycles_are_still_collected() -> None:
     gc_tuning.tune()
     collections = gc.get_stats()[0]["collections"]
-    for _ in range(gc_tuning.YOUNG_THRESHOLD):
+    for _ in range(2 * gc_tuning.YOUNG_THRESHOLD):
         cycle: list[object] = []
         cycle.append(cycle)
     assert gc.get_stats()[0]["collections"] > collections
