@@ -154,11 +154,7 @@ def exported_stitching(spans: list[Span]) -> int:
             s = parent
         return True
 
-    return sum(
-        int(s.attributes.get("events.stitched", 0))
-        for s in spans
-        if s.name == telemetry.SPAN_STITCH_BATCH and rooted(s)
-    )
+    return stitched_in(spans, [s for s in spans if rooted(s)])
 
 
 def exported_by(count: int, spans: list[Span]) -> bool:
