@@ -1,6 +1,7 @@
 """The Kafka loop: poll a batch -> ONE database transaction -> dead letters -> store offsets.
 
-Commit order (docs/kafka.md): decode -> one transaction (insert events, record dead letters,
+Commit order (docs/kafka.md): decode and evaluate the rules (on a helper thread, while the
+batch before is in the database) -> one transaction (insert events, record dead letters,
 stitch) -> commit -> publish dead letters to the dead-letter topic -> store offsets past the
 batch. Nothing is stored before the database commit, so redelivery is the only thing a crash
 can cause, and it is harmless: inserts are ``ON CONFLICT DO NOTHING`` and the stitcher skips
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -24,13 +26,14 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
+from stream_cps.errors import StreamCpsError
 from stream_cps.observe.health import Health
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
-from stream_cps.sources.kafka.consumer import KafkaBatch, KafkaSource
+from stream_cps.sources.kafka.consumer import Consumed, KafkaBatch, KafkaSource
 from stream_cps.sources.kafka.deadletter import DeadLetterTopic
 from stream_cps.sources.messages import Envelope
-from stream_cps.stitching.ingest import Applier, ApplyStats
+from stream_cps.stitching.ingest import Applier, ApplyStats, Ruled
 from stream_cps.stitching.stitcher import Stitcher
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class KafkaLoop:
         self.source = KafkaSource(settings.kafka, settings.schemas, self.member)
         self.on_batch: Callable[[ApplyStats], None] | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        self._ahead: psycopg.Connection[Any] | None = None  # the read-ahead thread's
         self.health = health or Health()
 
     def run(self) -> Progress:
@@ -80,54 +84,91 @@ class KafkaLoop:
                 self.source.close()
             finally:
                 dead_topic.close()
-                if self._conn is not None:
-                    self._conn.close()
+                for conn in (self._conn, self._ahead):
+                    if conn is not None:
+                        conn.close()
                 self.progress.replays_applied = self.source.replays_applied
                 self.progress.maybe_log(force=True)
         return self.progress
 
     def _loop(self, dead_topic: DeadLetterTopic) -> None:
+        """Consume batch N+1, decode it and evaluate its rules on a helper thread (and a
+        connection of its own) while batch N is applied.
+
+        Decoding (Avro or JSON, the envelope) was a fifth of the member's time, and the rules
+        statement ran alone on the batch's connection too (docs/benchmarks.md). ``consume``
+        stays on this thread, between transactions, so the rebalance callbacks and replay
+        seeks still never meet a transaction in flight; what they take from the batch in hand
+        is dropped from it (``KafkaSource.fresh``). The next consume does not wait while a
+        batch is in hand: a quiet topic adds no latency.
+        """
         last_maintenance = 0.0
-        while not self.stop.is_set():
-            self.health.beat("stitching")
-            started = telemetry.now()
-            batch = self.source.poll()
-            polled = telemetry.now()
-            if self.backlog is not None:
-                # A full poll means more is waiting: calculation holds back (backlog.py).
-                self.backlog.report(batch.full)
-            if batch.envelopes:
-                # One trace per batch (an empty poll has none): the consumer's process span,
-                # linked to each message's producer; receive, stitch and commit inside it.
-                with telemetry.root(
-                    telemetry.SPAN_SOURCE_BATCH,
-                    started,
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes=self._attributes(batch, "process"),
-                    links=_producer_links(batch.envelopes),
-                ):
-                    telemetry.record(
-                        telemetry.SPAN_SOURCE_POLL,
-                        started,
-                        polled,
-                        kind=trace.SpanKind.CLIENT,
-                        attributes=self._attributes(batch, "receive"),
-                    )
-                    self._ingest(batch, dead_topic)
-            due = time.monotonic() - last_maintenance > MAINTENANCE_EVERY
-            if self.source.replay_due or due:
-                self._maintenance(idle=not batch.envelopes)
-                last_maintenance = time.monotonic()
-            self.progress.maybe_log()
+        held: Future[tuple[KafkaBatch, Ruled | None]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="kafka-read-ahead") as pool:
+            while not self.stop.is_set():
+                self.health.beat("stitching")
+                consumed = self.source.consume(wait=held is None)
+                ahead = pool.submit(self._read_ahead, consumed) if consumed.messages else None
+                batch, ruled = held.result() if held is not None else (None, None)
+                held = ahead
+                if self.backlog is not None:
+                    # A full poll means more is waiting: calculation holds back (backlog.py).
+                    # The batch in hand counts too: a consume that did not wait returns only
+                    # what the client had fetched, short in the middle of a backlog.
+                    self.backlog.report(consumed.full or (batch is not None and batch.full))
+                if batch is not None:
+                    batch = self.source.fresh(batch)
+                    if batch.envelopes:
+                        self._process(batch, ruled, dead_topic)
+                due = time.monotonic() - last_maintenance > MAINTENANCE_EVERY
+                if self.source.replay_due or due:
+                    self._maintenance(idle=held is None and batch is None)
+                    last_maintenance = time.monotonic()
+                self.progress.maybe_log()
+
+    def _read_ahead(self, consumed: Consumed) -> tuple[KafkaBatch, Ruled | None]:
+        """The helper thread's part: decode, then the rules over the new events. A database
+        failure here only means the batch's own transaction evaluates them (and meets the
+        failure under the retry policy)."""
+        batch = self.source.decode(consumed)
+        try:
+            if self._ahead is None or self._ahead.closed or self._ahead.broken:
+                if self._ahead is not None:
+                    self._ahead.close()
+                self._ahead = connect(self.settings.dsn, role="kafka-read-ahead", autocommit=True)
+            return batch, self.applier.rule_ahead(self._ahead, batch.envelopes)
+        except (psycopg.Error, StreamCpsError) as exc:
+            log.debug("kafka: rules not evaluated ahead (the transaction will): %s", exc)
+            return batch, None
+
+    def _process(self, batch: KafkaBatch, ruled: Ruled | None, dead_topic: DeadLetterTopic) -> None:
+        """One trace per batch (an empty poll has none): the consumer's process span, linked
+        to each message's producer; receive, stitch and commit inside it."""
+        started, polled = batch.polled
+        with telemetry.root(
+            telemetry.SPAN_SOURCE_BATCH,
+            started,
+            kind=trace.SpanKind.CONSUMER,
+            attributes=self._attributes(batch, "process"),
+            links=_producer_links(batch.envelopes),
+        ):
+            telemetry.record(
+                telemetry.SPAN_SOURCE_POLL,
+                started,
+                polled,
+                kind=trace.SpanKind.CLIENT,
+                attributes=self._attributes(batch, "receive"),
+            )
+            self._ingest(batch, ruled, dead_topic)
 
     def _observe_lag(self, _options: Any) -> list[Any]:
         from opentelemetry.metrics import Observation
 
         return [] if self.lag is None else [Observation(self.lag)]
 
-    def _ingest(self, batch: KafkaBatch, dead_topic: DeadLetterTopic) -> None:
+    def _ingest(self, batch: KafkaBatch, ruled: Ruled | None, dead_topic: DeadLetterTopic) -> None:
         """The commit order of the module docstring, for one batch."""
-        stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes))
+        stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes, ruled))
         retry.KAFKA_PRODUCE.call(lambda: dead_topic.publish(stats.dead_letters))
         with telemetry.tracer().start_as_current_span(
             telemetry.SPAN_SOURCE_COMMIT,
@@ -159,9 +200,9 @@ class KafkaLoop:
             out["messaging.destination.partition.id"] = str(next(iter(partitions))[1])
         return out
 
-    def _apply(self, envelopes: list[Envelope]) -> ApplyStats:
+    def _apply(self, envelopes: list[Envelope], ruled: Ruled | None) -> ApplyStats:
         """The batch's transaction; a lost connection is reopened by the next try."""
-        return self.applier.apply(self._db(), envelopes)
+        return self.applier.apply(self._db(), envelopes, ruled)
 
     def _db(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:

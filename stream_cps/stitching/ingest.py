@@ -58,6 +58,15 @@ DEAD_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class Ruled:
+    """The rules evaluated over a batch's new events before its transaction (``rule_ahead``,
+    on another connection while the batch before is written). ``prepared`` is None when a
+    rule or a row failed: the batch then goes the stored-rows way, which isolates it."""
+
+    prepared: Prepared | None
+
+
 @dataclass
 class ApplyStats:
     """What one committed batch did; the caller adds it to its progress."""
@@ -88,17 +97,43 @@ class Applier:
         self._dead_letters = telemetry.counter(telemetry.METRIC_DEAD_LETTERS)
         self._erased = telemetry.counter(telemetry.METRIC_ERASED_DROPPED)
 
-    def apply(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> ApplyStats:
-        """Commit the batch (retried on serialization conflicts); metrics counted after commit."""
-        stats = self.stitcher.within(conn, lambda stitch_in: self._once(conn, envelopes, stitch_in))
+    def apply(
+        self,
+        conn: psycopg.Connection[Any],
+        envelopes: Sequence[Envelope],
+        ruled: Ruled | None = None,
+    ) -> ApplyStats:
+        """Commit the batch (retried on serialization conflicts); metrics counted after commit.
+        ``ruled``: the rules' result for these envelopes, evaluated beforehand."""
+        stats = self.stitcher.within(
+            conn, lambda stitch_in: self._once(conn, envelopes, stitch_in, ruled)
+        )
         _log_outcomes(stats, envelopes)
         for dead in stats.dead_letters:
             self._dead_letters.add(1, {"reason": reason_class(dead.reason)})
         self._erased.add(stats.erased)
         return stats
 
+    def rule_ahead(self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope]) -> Ruled:
+        """Evaluate the rules over the new events of ``envelopes`` (the first of each id), on
+        an autocommit connection of its own: the rules read only the batch and the rule
+        tables, so this runs while the batch before is in the database, as the sweep reads
+        ahead. Any superset of what ``apply`` then inserts will do (erased events, conflicts)."""
+        first: dict[str, CustomerEvent] = {}
+        for envelope in envelopes:
+            if isinstance(envelope.decoded, CustomerEvent):
+                first.setdefault(envelope.decoded.id, envelope.decoded)
+        events = list(first.values())
+        if not events:
+            return Ruled(None)
+        return Ruled(self.stitcher.prepare_rows(conn, _ROWS, _columns(events)))
+
     def _once(
-        self, conn: psycopg.Connection[Any], envelopes: Sequence[Envelope], stitch_in: StitchIn
+        self,
+        conn: psycopg.Connection[Any],
+        envelopes: Sequence[Envelope],
+        stitch_in: StitchIn,
+        ruled: Ruled | None,
     ) -> ApplyStats:
         stats = _classify(envelopes)
         events: dict[str, tuple[CustomerEvent, list[Envelope]]] = {}
@@ -129,7 +164,11 @@ class Applier:
         ahead = None
         columns = _columns(new_events)
         if new_events:
-            ahead = self.stitcher.prepare_rows(conn, _ROWS, columns)
+            ahead = (
+                ruled.prepared
+                if ruled is not None
+                else self.stitcher.prepare_rows(conn, _ROWS, columns)
+            )
         inserted, failed = self._insert(conn, new_events, ahead, columns)
         for event_id, reason in failed.items():
             stats.dead_letters.append(dataclasses.replace(events[event_id][1][0], reason=reason))

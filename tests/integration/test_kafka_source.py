@@ -33,8 +33,10 @@ from stream_cps.db import schema
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.kafka import KafkaLoop
 from stream_cps.sources.changefeed.webhook import envelopes_of
+from stream_cps.sources.kafka.avro import SchemaResolver
+from stream_cps.sources.kafka.consumer import KafkaBatch, KafkaSource
 from stream_cps.sources.kafka.replay import run_replay
-from stream_cps.sources.messages import MAX_REASON
+from stream_cps.sources.messages import MAX_REASON, Envelope, decode
 from stream_cps.stitching.ingest import Applier
 from stream_cps.stitching.stitcher import Stitcher
 from stream_cps_dev.encode import avro_event, changefeed_message, json_event
@@ -934,6 +936,15 @@ def test_kafka_events_are_stored_stitched_in_one_write(
     produce(kafka_broker.bootstrap, topic, events_of(rows))
     with member(settings):
         wait_until(lambda: all_stitched(db, len(rows)), what="all stitched")
+        # the rules of each batch were evaluated ahead, on the member's second connection
+        assert (
+            count(
+                db,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'stream-cps kafka-read-ahead'",
+            )
+            == 1
+        )
     assert updates() == 0
     assert observed(db) == expected(db)
     stored = snapshot(db)
@@ -963,3 +974,126 @@ def test_a_rule_failing_before_the_insert_falls_back_to_stitching_the_stored_row
     assert updates() > 0  # the stored-rows path ran
     assert count(db, "SELECT count(*) FROM cdp_ps.stitching_errors WHERE event_id = %s", bad) >= 1
     assert observed(db) == expected(db)
+
+
+def _held_batch(source: KafkaSource, want: int, timeout: float = 30.0) -> KafkaBatch:
+    """Consume until one batch holds ``want`` messages (the whole topic: the settings' poll
+    waits long enough for every partition's fetch)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        consumed = source.consume()
+        if len(consumed.messages) >= want:
+            return source.decode(consumed)
+        assert not consumed.messages, "the topic should arrive as one batch"
+    raise AssertionError("no batch arrived")
+
+
+def _patient(settings: config.Settings) -> config.Settings:
+    return settings.replace(**{"kafka.poll_timeout": 3.0})
+
+
+def test_a_replay_seek_drops_the_sought_partition_from_the_batch_in_hand(
+    kafka_env: tuple[config.Settings, str], db: psycopg.Connection[Any]
+) -> None:
+    """The loop decodes batch N+1 while N is applied, so a seek finds a batch in hand: its
+    messages of that partition must not be applied (nor their offsets stored over the
+    seek's); the seek delivers them again."""
+    settings, topic = kafka_env
+    settings = _patient(settings)
+    rows = sample(60, seed=21)
+    produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
+    source = KafkaSource(settings.kafka, settings.schemas, "member-a")
+    source.open()
+    try:
+        held = _held_batch(source, len(rows))
+        assert {p for _, p in held.next_offsets} == {0, 1, 2}
+        db.execute(
+            "INSERT INTO cdp_ps.kafka_replay_requests (group_id, topic, kafka_partition, "
+            "kafka_offset) VALUES (%s, %s, 1, 0)",
+            [settings.kafka.group_id, topic],
+        )
+        source.apply_replays(db)
+        again = source.consume()
+        kept = source.fresh(held)
+        assert {p for _, p in kept.next_offsets} == {0, 2}
+        assert {e.partition for e in kept.envelopes} == {0, 2}
+        assert len(kept.envelopes) == len(held.envelopes) - sum(
+            1 for e in held.envelopes if e.partition == 1
+        )
+        # Batches consumed after the seek are untouched: partition 1 again, from offset 0.
+        replayed = source.fresh(source.decode(again)) if again.messages else None
+        while replayed is None or not replayed.envelopes:
+            replayed = source.fresh(source.decode(source.consume()))
+        assert {e.partition for e in replayed.envelopes} == {1}
+        assert min(e.offset or 0 for e in replayed.envelopes) == 0
+    finally:
+        source.close()
+
+
+def test_a_rebalance_drops_the_revoked_partitions_from_the_batch_in_hand(
+    kafka_env: tuple[config.Settings, str],
+) -> None:
+    """A member joins while the first one holds a batch of every partition: the partitions
+    it gives up are the newcomer's to deliver, so they leave the batch in hand."""
+    settings, topic = kafka_env
+    settings = _patient(settings)
+    rows = sample(60, seed=22)
+    produce(settings.kafka.bootstrap_servers, topic, events_of(rows))
+    first = KafkaSource(settings.kafka, settings.schemas, "member-a")
+    second = KafkaSource(settings.kafka, settings.schemas, "member-b")
+    first.open()
+    stop = threading.Event()
+
+    def newcomer() -> None:
+        second.open()
+        while not stop.is_set():
+            second.consume()
+
+    thread = threading.Thread(target=newcomer, daemon=True)
+    try:
+        held = _held_batch(first, len(rows))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while len(first.consumer.assignment()) == 3 and time.monotonic() < deadline:
+            first.consume()  # the revocation's callback runs in here
+        owned = {tp.partition for tp in first.consumer.assignment()}
+        assert 0 < len(owned) < 3, "the newcomer took no partition"
+        kept = first.fresh(held)
+        assert {p for _, p in kept.next_offsets} == owned
+        assert {e.partition for e in kept.envelopes} == owned
+        first.commit(kept)  # storing only owned partitions' offsets is accepted
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        first.close()
+        second.close()
+
+
+def test_rules_evaluated_ahead_on_another_connection_are_what_the_batch_stores(
+    settings: config.Settings, db: psycopg.Connection[Any]
+) -> None:
+    """The member evaluates a batch's rules on its read-ahead connection while the batch
+    before is written; the batch's transaction then stores that result (it does not evaluate
+    them again), redelivered twins included once."""
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(40, seed=83)
+    avro = SchemaResolver(None)
+    envelopes = [  # Avro and JSON; the first three again (a redelivery)
+        Envelope(
+            f"kafka:t:0:{n}", "kafka", "t", 0, n, key, value, None, decode(key, value, "auto", avro)
+        )
+        for n, (key, value) in enumerate(events_of(rows) + events_of(rows[:3]))
+    ]
+    applier = Applier(settings.schemas, Stitcher(settings))
+    with psycopg.connect(settings.dsn, autocommit=True) as ahead:
+        ruled = applier.rule_ahead(ahead, envelopes)
+    assert ruled.prepared is not None and len(ruled.prepared.events) == len(rows)
+    # Rules changed after the read-ahead: the batch still stores what was evaluated, as the
+    # sweep's read-ahead does (the next batch sees the change).
+    db.execute("UPDATE cdp_ps.stitching_attributes_config SET value_expression = 'NULL'")
+    updates = count_row_updates(db, "cdp_ce.customer_events")
+    stats = applier.apply(db, envelopes, ruled)
+    assert (stats.events_new, stats.events_seen) == (len(rows), 3)
+    assert updates() == 0
+    assert observed(db) == expected(db)  # what the sample rules extract, grouped right
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events WHERE identifiers <> '{}'") > 0

@@ -6,14 +6,18 @@ A batch carries its position (the next offset per partition); the caller stores 
 synchronously when partitions are revoked or the consumer closes. So a kill -9 anywhere
 redelivers at most the work since the last offset commit (docs/kafka.md has the whole order).
 
-Batches are processed between polls on the polling thread, so rebalance callbacks (which run
-inside ``consume``) always see finished work: on revocation the stored offsets are committed
-first, then the partitions go. Assignment is cooperative-sticky: a member joining or leaving
+Polling is split in two so that the loop can decode batch N+1 on a helper thread while batch N
+is in the database: ``consume`` (the polling thread only; rebalance callbacks run inside it) and
+``decode`` (pure, any thread). Offsets are stored only for applied batches, so on revocation the
+stored offsets are committed first, then the partitions go; a batch consumed but not applied
+yet loses the messages of partitions revoked, lost or sought since (``fresh``): the new owner,
+or the seek, delivers them again. Assignment is cooperative-sticky: a member joining or leaving
 moves only the partitions that must move.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -63,6 +67,18 @@ class KafkaBatch:
     envelopes: list[Envelope]
     next_offsets: dict[Partition, int]
     full: bool
+    polled: tuple[int, int] = (0, 0)  # when the consume started and ended (ns)
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """Messages as ``consume`` returned them, not decoded yet."""
+
+    messages: list[Message]
+    full: bool
+    polled: tuple[int, int]
+    seq: int  # which consume of the member it was
 
 
 def trace_headers(msg: Message, wanted: frozenset[str]) -> tuple[tuple[str, str], ...]:
@@ -121,6 +137,10 @@ class KafkaSource:
         self.replays_applied = 0
         self.replay_due = True  # after an assignment: look for replay requests at once
         self._consumer: Consumer | None = None
+        self._consumes = 0
+        # partition -> the consumes done when it was last revoked, lost or sought: batches
+        # consumed up to then must not apply its messages (``fresh``)
+        self._stale: dict[Partition, int] = {}
 
     def open(self) -> None:
         consumer = Consumer(consumer_config(self.settings, self.member, self.errors))
@@ -162,12 +182,21 @@ class KafkaSource:
             total += max(high - position, 0)
         return total
 
-    def poll(self) -> KafkaBatch:
-        """Up to ``kafka.batch_size`` messages, waiting at most ``kafka.poll_timeout``."""
+    def consume(self, wait: bool = True) -> Consumed:
+        """Up to ``kafka.batch_size`` messages, waiting at most ``kafka.poll_timeout`` (or not
+        at all: what the client has fetched already). The polling thread only."""
         size = self.settings.batch_size
-        polled = self.consumer.consume(num_messages=size, timeout=self.settings.poll_timeout)
+        started = telemetry.now()
+        timeout = self.settings.poll_timeout if wait else 0
+        polled = self.consumer.consume(num_messages=size, timeout=timeout)
+        self._consumes += 1  # after: a rebalance inside this consume is older than its batch
         self.errors.check()  # a refused login or certificate: stop, do not retry for ever
-        usable = [m for m in polled if self._usable(m)]
+        return Consumed(polled, len(polled) >= size, (started, telemetry.now()), self._consumes)
+
+    def decode(self, consumed: Consumed) -> KafkaBatch:
+        """The messages as envelopes, and the position after them. Touches no client state,
+        so it may run on another thread than ``consume``."""
+        usable = [m for m in consumed.messages if self._usable(m)]
         nxt: dict[Partition, int] = {}
         for msg in usable:
             topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
@@ -176,7 +205,26 @@ class KafkaSource:
         fmt = self.settings.message_format
         wanted = telemetry.carrier_fields()
         envelopes = [to_envelope(m, fmt, self.avro, wanted) for m in usable]
-        return KafkaBatch(envelopes, nxt, full=len(polled) >= size)
+        return KafkaBatch(envelopes, nxt, consumed.full, consumed.polled, consumed.seq)
+
+    def fresh(self, batch: KafkaBatch) -> KafkaBatch:
+        """``batch`` without the partitions revoked, lost or sought since it was consumed
+        (by a rebalance in a later consume, or a replay's seek): the new owner, or the seek,
+        delivers those messages again."""
+        self._stale = {p: at for p, at in self._stale.items() if at >= batch.seq}
+        stale = set(self._stale)
+        if not stale.intersection(batch.next_offsets):
+            return batch
+        log.info(
+            "kafka: %s revoked or sought while its batch waited: those messages are left to "
+            "the new owner (or the seek)",
+            ", ".join(f"{t}[{p}]" for t, p in sorted(stale.intersection(batch.next_offsets))),
+        )
+        return dataclasses.replace(
+            batch,
+            envelopes=[e for e in batch.envelopes if (e.topic, e.partition) not in stale],
+            next_offsets={p: o for p, o in batch.next_offsets.items() if p not in stale},
+        )
 
     def commit(self, batch: KafkaBatch) -> None:
         """Mark the batch done: next offset per partition (committed within a second)."""
@@ -211,9 +259,15 @@ class KafkaSource:
         if not partitions:
             return
         log.info("kafka: revoked %s; committing finished work first", _names(partitions))
+        self._went_stale(partitions)
         _commit_stored(consumer)
 
+    def _went_stale(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._stale[(tp.topic, tp.partition)] = self._consumes
+
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._went_stale(partitions)
         log.warning(
             "kafka: lost %s (session expired); their uncommitted work will be redelivered "
             "to the new owner, which is harmless",
@@ -245,6 +299,7 @@ class KafkaSource:
                 self.replay_due = True
                 continue
             log.info("kafka: replaying %s[%d] from offset %d", topic, partition, offset)
+            self._went_stale([target])
             done += ids
         if done:
             _commit_stored(self.consumer)
