@@ -224,14 +224,16 @@ class Loader:
             rows += generator.events(seed=self.seed, persons=50, first=first)
         return rows[:n_events]
 
-    def copy_and_wait(self, rows: list[Any]) -> float:
-        """Seconds from the start of the COPY until every event is stitched."""
+    def copy_and_wait(self, rows: list[Any]) -> tuple[float, float]:
+        """Seconds from the start of the COPY until every event is stitched, and of the COPY
+        alone (the service sees no row of it before it commits, so it waits meanwhile)."""
         started = time.perf_counter()
         with self.conn.cursor() as cur:
             generator.copy_events(cur, EVENTS, rows)
+        copied = time.perf_counter()
         self.events += len(rows)
         wait_stitched(self.conn)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, copied - started
 
 
 def wait_stitched(conn: psycopg.Connection[Any], timeout: float = 7200.0) -> None:
@@ -461,8 +463,8 @@ def main() -> int:
                         profiler.start()
                     while loader.events < target:
                         rows = loader.new_people(min(args.chunk, target - loader.events))
-                        seconds = loader.copy_and_wait(rows)
-                        steps.append(_step("history", len(rows), seconds, loader, proc, conn))
+                        timed = loader.copy_and_wait(rows)
+                        steps.append(_step("history", len(rows), timed, loader, proc, conn))
                         _print(steps[-1])
                         if loader.events >= target:
                             steps[-1]["profile"] = profiler.collect()  # of the whole segment
@@ -518,16 +520,18 @@ def main() -> int:
 def _step(
     kind: str,
     n: int,
-    seconds: float,
+    timed: tuple[float, float],
     loader: Loader,
     proc: subprocess.Popen[bytes],
     conn: psycopg.Connection[Any],
 ) -> dict[str, Any]:
+    seconds, copy_s = timed
     return {
         "kind": kind,
         "events": n,
         "db_events": loader.events,
         "seconds": round(seconds, 2),
+        "copy_s": round(copy_s, 2),
         "rate": round(n / seconds),
         "rss_mb": round(rss_mb(proc.pid), 1),
     }
@@ -574,7 +578,12 @@ def report(steps: list[dict[str, Any]], profile: str) -> None:
     if history:
         total = sum(s["events"] for s in history)
         seconds = sum(s["seconds"] for s in history)
-        print(f"  history: {total:,} events in {seconds:.0f} s = {total / seconds:,.0f}/s")
+        copying = sum(s.get("copy_s", 0.0) for s in history)
+        print(
+            f"  history: {total:,} events in {seconds:.0f} s = {total / seconds:,.0f}/s; "
+            f"{copying:.0f} s of it the bench's own COPYs, with the service idle until each "
+            f"committed: {total / (seconds - copying):,.0f}/s without them"
+        )
     for s in everything:
         events = bursts[-1]["db_events"] if bursts else 0
         print(
