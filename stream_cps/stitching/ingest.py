@@ -151,6 +151,11 @@ class Applier:
                     conflicts.append(envelope)
             elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
                 stitch_ids[decoded.event_id] = None
+        # Rules evaluated ahead name the batch's identifiers before the transaction began: their
+        # entities are locked by its first statement (``Stitcher.lock_first``).
+        locked = ruled.prepared if ruled is not None else None
+        if locked is not None and events:
+            locked = self.stitcher.lock_first(conn, locked)
         erased = self.stitcher.erasure.erased_among(conn, list(events))
         for event_id in erased:
             stats.erased += len(events.pop(event_id)[1])
@@ -165,9 +170,7 @@ class Applier:
         columns = _columns(new_events)
         if new_events:
             ahead = (
-                ruled.prepared
-                if ruled is not None
-                else self.stitcher.prepare_rows(conn, _ROWS, columns)
+                locked if ruled is not None else self.stitcher.prepare_rows(conn, _ROWS, columns)
             )
         inserted, failed = self._insert(conn, new_events, ahead, columns)
         for event_id, reason in failed.items():

@@ -45,7 +45,7 @@ from stream_cps.stitching.erasure_store import ErasureStore
 from stream_cps.stitching.normalize import identifiers_of
 from stream_cps.stitching.quarantine_store import QuarantineStore
 from stream_cps.stitching.split_store import SplitStore
-from stream_cps.stitching.store import EventMarks, StitchStore
+from stream_cps.stitching.store import EventMarks, Owners, StitchStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,15 @@ def isolation_for(conn: psycopg.Connection[Any]) -> psycopg.IsolationLevel:
     if is_cockroach(conn):
         return psycopg.IsolationLevel.SERIALIZABLE
     return psycopg.IsolationLevel.REPEATABLE_READ
+
+
+@dataclass(frozen=True)
+class Locked:
+    """Entities locked before the rest of the transaction (``Stitcher.lock_first``): the
+    owners of ``identifiers``, and those identifiers."""
+
+    identifiers: frozenset[str]
+    owners: Owners
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class Prepared:
     stored: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # when the rules ran for ``stored`` (ns), before the batch's span existed
     extracted: tuple[int, int] | None = None
+    locked: Locked | None = None  # the batch's entities, locked first (``Stitcher.lock_first``)
 
     def inserted(self, ids: set[str]) -> Prepared:
         """Only the events in ``ids`` (the rows the insert wrote), as stored already."""
@@ -83,6 +93,7 @@ class Prepared:
             EventMarks.of([]),
             {ev.id: ev.identifiers for ev in events},
             self.extracted,
+            self.locked,
         )
 
     def joined(self, other: Prepared) -> Prepared:
@@ -94,6 +105,7 @@ class Prepared:
             other.marks,
             {**self.stored, **other.stored},
             self.extracted or other.extracted,
+            self.locked or other.locked,
         )
 
 
@@ -228,6 +240,21 @@ class Stitcher:
         for result in results:
             self._count(result, time.monotonic() - started)
         return out
+
+    def lock_first(self, conn: psycopg.Connection[Any], prepared: Prepared) -> Prepared:
+        """Lock the entities of ``prepared``'s identifiers now, as the first statement of a
+        ``within`` transaction (the Kafka path, whose rules ran before it began).
+
+        At REPEATABLE READ the first statement takes the snapshot, and locking a row that
+        another transaction changed after it fails the whole transaction (40001): attribute
+        calculation stores into the entities that stitching has just changed, so a lock taken
+        after the insert lost that race often enough to cost a Kafka member an eighth of its
+        time in retries (docs/benchmarks.md). Taken first, only a calculation holding the row
+        at that very moment still conflicts. The batch reuses these owners when its
+        identifiers are among them (``_apply``)."""
+        touched = frozenset(i for ev in prepared.events for i in ev.identifiers)
+        owners = self.store.lock_owners(conn, sorted(touched))
+        return dataclasses.replace(prepared, locked=Locked(touched, owners))
 
     def purge_pending(self, conn: psycopg.Connection[Any]) -> bool:
         """Whether a purge signal (``modified = NULL``) waits to be applied."""
@@ -415,8 +442,12 @@ class Stitcher:
             marks = _marks(events, prepared.stored)
             log.info("deleted %d re-inserted rows of erased events", result.erased)
         touched = sorted({i for ev in events for i in ev.identifiers})
+        locked = prepared.locked
         with tracer.start_as_current_span(telemetry.SPAN_STITCH_PURGE):
-            owners = self.store.lock_owners(conn, touched)
+            if locked is not None and locked.identifiers.issuperset(touched):
+                owners = locked.owners  # an owner of an identifier dropped since stays locked
+            else:
+                owners = self.store.lock_owners(conn, touched)
             conn.execute(self.store.give_way)  # no long waits on rows from here on
             # After the lock: an erase of the owner committed meanwhile is seen here.
             suppressed = self.erasure.suppressed_among(conn, touched)

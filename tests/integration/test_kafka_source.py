@@ -1097,3 +1097,58 @@ def test_rules_evaluated_ahead_on_another_connection_are_what_the_batch_stores(
     assert updates() == 0
     assert observed(db) == expected(db)  # what the sample rules extract, grouped right
     assert count(db, "SELECT count(*) FROM cdp_ce.customer_events WHERE identifiers <> '{}'") > 0
+
+
+def test_a_calculation_storing_after_the_batch_began_does_not_make_it_retry(
+    settings: config.Settings, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its rules evaluated ahead, a batch locks its entities in its transaction's first
+    statement. Attribute calculation stores into just those entities (the ones stitching has
+    changed), skipping the rows it finds locked; had it stored into one after the batch's
+    snapshot, the lock would fail the batch at REPEATABLE READ (40001) and it would start over."""
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(40, seed=84)
+    avro = SchemaResolver(None)
+
+    def envelopes(batch: list[Row]) -> list[Envelope]:
+        return [
+            Envelope(f"kafka:t:0:{n}", "kafka", "t", 0, n, k, v, None, decode(k, v, "auto", avro))
+            for n, (k, v) in enumerate(events_of(batch))
+        ]
+
+    applier = Applier(settings.schemas, Stitcher(settings))
+    applier.apply(db, envelopes(rows))
+    entities = count(db, "SELECT count(*) FROM customer_attributes")
+    # The same people again (same identifiers), as new events.
+    again = envelopes([(f"{row[0]}-again", *row[1:]) for row in rows])
+    with psycopg.connect(settings.dsn, autocommit=True) as ahead:
+        ruled = applier.rule_ahead(ahead, again)
+    stored: list[int] = []  # rows the "calculation" stored into
+    attempts: list[int] = []
+    erased_among = applier.stitcher.erasure.erased_among
+    once = applier._once
+
+    def then_calculation_stores(conn: psycopg.Connection[Any], ids: list[str]) -> set[str]:
+        found = erased_among(conn, ids)  # the batch's snapshot exists by now
+        if not stored:
+            with psycopg.connect(settings.dsn, autocommit=True) as calc:
+                stored.append(
+                    calc.execute(
+                        "UPDATE customer_attributes SET calculated = now() "
+                        "WHERE customer_entity_id IN (SELECT customer_entity_id "
+                        "FROM customer_attributes ORDER BY 1 FOR UPDATE SKIP LOCKED)"
+                    ).rowcount
+                )
+        return found
+
+    def counted(*args: Any) -> Any:
+        attempts.append(1)
+        return once(*args)
+
+    monkeypatch.setattr(applier.stitcher.erasure, "erased_among", then_calculation_stores)
+    monkeypatch.setattr(applier, "_once", counted)
+    stats = applier.apply(db, again, ruled)
+    assert len(attempts) == 1, f"the batch started over {len(attempts) - 1} time(s)"
+    assert stored == [0] and entities > 0  # every entity of the batch was locked: skipped
+    assert stats.events_new == len(rows)
+    assert observed(db) == expected(db)
