@@ -68,6 +68,7 @@ class KafkaLoop:
         self.on_batch: Callable[[ApplyStats], None] | None = None
         self._conn: psycopg.Connection[Any] | None = None
         self._ahead: psycopg.Connection[Any] | None = None  # the read-ahead thread's
+        self._ahead_failing = False  # said once until the read-ahead works again
         self.health = health or Health()
 
     def run(self) -> Progress:
@@ -117,7 +118,10 @@ class KafkaLoop:
                     # what the client had fetched, short in the middle of a backlog.
                     self.backlog.report(consumed.full or (batch is not None and batch.full))
                 if batch is not None:
-                    batch = self.source.fresh(batch)
+                    kept = self.source.fresh(batch)
+                    if kept is not batch:
+                        # The rules ran over the first copy of each id: it may be gone now.
+                        batch, ruled = kept, None
                     if batch.envelopes:
                         self._process(batch, ruled, dead_topic)
                 due = time.monotonic() - last_maintenance > MAINTENANCE_EVERY
@@ -136,9 +140,16 @@ class KafkaLoop:
                 if self._ahead is not None:
                     self._ahead.close()
                 self._ahead = connect(self.settings.dsn, role="kafka-read-ahead", autocommit=True)
-            return batch, self.applier.rule_ahead(self._ahead, batch.envelopes)
+            ruled = self.applier.rule_ahead(self._ahead, batch.envelopes)
+            self._ahead_failing = False
+            return batch, ruled
         except (psycopg.Error, StreamCpsError) as exc:
-            log.debug("kafka: rules not evaluated ahead (the transaction will): %s", exc)
+            # Once per failure spell: each batch tries again, and the member carries on slower.
+            level = logging.DEBUG if self._ahead_failing else logging.WARNING
+            log.log(
+                level, "kafka: rules not evaluated ahead (each batch's transaction will): %s", exc
+            )
+            self._ahead_failing = True
             return batch, None
 
     def _process(self, batch: KafkaBatch, ruled: Ruled | None, dead_topic: DeadLetterTopic) -> None:

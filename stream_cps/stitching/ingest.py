@@ -151,10 +151,16 @@ class Applier:
                     conflicts.append(envelope)
             elif isinstance(decoded, ChangefeedRow) and decoded.needs_stitch:
                 stitch_ids[decoded.event_id] = None
-        # Rules evaluated ahead name the batch's identifiers before the transaction began: their
-        # entities are locked by its first statement (``Stitcher.lock_first``).
+        # Rules evaluated ahead stand only if the transaction sees the same rules (its first
+        # statement, so its snapshot). They name the batch's identifiers: their entities are
+        # locked next (``Stitcher.lock_first``), unless changefeed rows of the batch bring
+        # identifiers known only later (one round of locks, in id order, as everywhere else).
+        current = self.stitcher.rulebook.refresh(conn)
         locked = ruled.prepared if ruled is not None else None
-        if locked is not None and events:
+        if locked is not None and locked.ruleset is not current:
+            log.info("stitching rules changed since this batch's were evaluated: evaluating again")
+            ruled = locked = None
+        if locked is not None and events and not stitch_ids:
             locked = self.stitcher.lock_first(conn, locked)
         erased = self.stitcher.erasure.erased_among(conn, list(events))
         for event_id in erased:

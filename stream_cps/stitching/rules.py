@@ -100,10 +100,11 @@ class RuleBook:
         self._fingerprint: tuple[object, ...] | None = None
         self.current = RuleSet([], Blocklist())
         # Counted per Rule, which holds its whole row: a changed row is a new rule, counted
-        # from zero. The sweep's read-ahead thread reports failures too, hence the lock.
+        # from zero. The read-ahead threads (sweep, Kafka) report failures and reload too,
+        # hence the lock; reentrant, as a reload holds it while it validates and prunes.
         self._failed: Counter[Rule] = Counter()
         self._disabled: set[Rule] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def note(self, failures: Sequence[RuleFailure]) -> list[RuleFailure]:
         """Count run-time failures per rule; returns one failure more per rule disabled now."""
@@ -141,7 +142,12 @@ class RuleBook:
         return notices
 
     def refresh(self, conn: psycopg.Connection[Any]) -> RuleSet:
-        """Reload rules and blocklist if they changed (one small query when they did not)."""
+        """Reload rules and blocklist if they changed (one small query when they did not).
+
+        The same object comes back while nothing changed (the Kafka path compares them: a
+        batch whose rules were evaluated ahead with another set evaluates them again). The
+        comparison and the reload hold the lock: two threads reloading at once would
+        otherwise leave one's rule set under the other's fingerprint."""
         s = self.schemas
         rows = conn.execute(
             sql.SQL(
@@ -159,34 +165,36 @@ class RuleBook:
             )
         ).fetchall()
         fingerprint = (tuple(rows), tuple(blocked))
-        if fingerprint == self._fingerprint:
-            return self.current
-        rules, broken = [], []
-        loaded = {Rule(*row) for row in rows}
         with self._lock:
+            if fingerprint == self._fingerprint:
+                return self.current
+            rules, broken = [], []
+            loaded = {Rule(*row) for row in rows}
             self._disabled &= loaded
             self._failed = Counter({r: n for r, n in self._failed.items() if r in loaded})
-        for row in rows:
-            rule = Rule(*row)
-            if rule in self._disabled:
-                continue
-            problem = self._validate(conn, rule)
-            if problem:
-                broken.append(
-                    DefinitionError(f"stitching rule {rule.attribute_id}/{rule.event_id}", problem)
-                )
-                log.error(
-                    "stitching rule %s/%s is broken and skipped: %s",
-                    rule.attribute_id,
-                    rule.event_id,
-                    problem,
-                )
-            else:
-                rules.append(rule)
-        self.current = RuleSet(rules, Blocklist.from_rows(blocked), broken)
-        self._fingerprint = fingerprint
-        log.info("loaded %d stitching rules (%d broken)", len(rules), len(broken))
-        return self.current
+            for row in rows:
+                rule = Rule(*row)
+                if rule in self._disabled:
+                    continue
+                problem = self._validate(conn, rule)
+                if problem:
+                    broken.append(
+                        DefinitionError(
+                            f"stitching rule {rule.attribute_id}/{rule.event_id}", problem
+                        )
+                    )
+                    log.error(
+                        "stitching rule %s/%s is broken and skipped: %s",
+                        rule.attribute_id,
+                        rule.event_id,
+                        problem,
+                    )
+                else:
+                    rules.append(rule)
+            self.current = RuleSet(rules, Blocklist.from_rows(blocked), broken)
+            self._fingerprint = fingerprint
+            log.info("loaded %d stitching rules (%d broken)", len(rules), len(broken))
+            return self.current
 
     def _validate(self, conn: psycopg.Connection[Any], rule: Rule) -> str | None:
         if SEPARATOR in rule.attribute_id:

@@ -82,6 +82,7 @@ class Prepared:
     # when the rules ran for ``stored`` (ns), before the batch's span existed
     extracted: tuple[int, int] | None = None
     locked: Locked | None = None  # the batch's entities, locked first (``Stitcher.lock_first``)
+    ruleset: rules.RuleSet | None = None  # what the rules were evaluated with
 
     def inserted(self, ids: set[str]) -> Prepared:
         """Only the events in ``ids`` (the rows the insert wrote), as stored already."""
@@ -94,6 +95,7 @@ class Prepared:
             {ev.id: ev.identifiers for ev in events},
             self.extracted,
             self.locked,
+            self.ruleset,
         )
 
     def joined(self, other: Prepared) -> Prepared:
@@ -106,6 +108,7 @@ class Prepared:
             {**self.stored, **other.stored},
             self.extracted or other.extracted,
             self.locked or other.locked,
+            self.ruleset or other.ruleset,
         )
 
 
@@ -413,7 +416,7 @@ class Stitcher:
             if isinstance(ev.event_time, OutOfRange)
         ]
         failures += self.rulebook.note(extracted.failures)
-        return Prepared(event_ids, events, failures, EventMarks.of(events))
+        return Prepared(event_ids, events, failures, EventMarks.of(events), ruleset=ruleset)
 
     def _apply(self, conn: psycopg.Connection[Any], prepared: Prepared) -> BatchResult:
         """Lock, quarantine, purge, group and write, in the caller's transaction.
@@ -447,6 +450,11 @@ class Stitcher:
             if locked is not None and locked.identifiers.issuperset(touched):
                 owners = locked.owners  # an owner of an identifier dropped since stays locked
             else:
+                if locked is not None:
+                    # A second round of locks in id order, while the first is held, can wait
+                    # in a cycle with another member's one round: give way at once instead of
+                    # after deadlock_timeout (retried, retry.CONFLICT).
+                    conn.execute(self.store.give_way)
                 owners = self.store.lock_owners(conn, touched)
             conn.execute(self.store.give_way)  # no long waits on rows from here on
             # After the lock: an erase of the owner committed meanwhile is seen here.

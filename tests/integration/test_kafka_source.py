@@ -1022,7 +1022,9 @@ def test_a_replay_seek_drops_the_sought_partition_from_the_batch_in_hand(
         )
         # Batches consumed after the seek are untouched: partition 1 again, from offset 0.
         replayed = source.fresh(source.decode(again)) if again.messages else None
+        deadline = time.monotonic() + 30
         while replayed is None or not replayed.envelopes:
+            assert time.monotonic() < deadline, "the seek delivered nothing again"
             replayed = source.fresh(source.decode(source.consume()))
         assert {e.partition for e in replayed.envelopes} == {1}
         assert min(e.offset or 0 for e in replayed.envelopes) == 0
@@ -1070,33 +1072,55 @@ def test_a_rebalance_drops_the_revoked_partitions_from_the_batch_in_hand(
 
 
 def test_rules_evaluated_ahead_on_another_connection_are_what_the_batch_stores(
-    settings: config.Settings, db: psycopg.Connection[Any]
+    settings: config.Settings, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The member evaluates a batch's rules on its read-ahead connection while the batch
-    before is written; the batch's transaction then stores that result (it does not evaluate
-    them again), redelivered twins included once."""
+    before is written; the batch's transaction then stores that result without evaluating
+    them again, redelivered twins included once. If the rules changed in between, the
+    transaction evaluates them again: a rule change applies to the next batch committed."""
     db.execute(generator.config_sql(settings.schemas))
-    rows = sample(40, seed=83)
+    rows = sample(80, seed=83)
     avro = SchemaResolver(None)
-    envelopes = [  # Avro and JSON; the first three again (a redelivery)
-        Envelope(
-            f"kafka:t:0:{n}", "kafka", "t", 0, n, key, value, None, decode(key, value, "auto", avro)
-        )
-        for n, (key, value) in enumerate(events_of(rows) + events_of(rows[:3]))
-    ]
-    applier = Applier(settings.schemas, Stitcher(settings))
+
+    def envelopes(batch: list[Row]) -> list[Envelope]:  # Avro and JSON, as events_of makes
+        return [
+            Envelope(f"kafka:t:0:{n}", "kafka", "t", 0, n, k, v, None, decode(k, v, "auto", avro))
+            for n, (k, v) in enumerate(events_of(batch))
+        ]
+
+    stitcher = Stitcher(settings)
+    applier = Applier(settings.schemas, stitcher)
+    first, second = envelopes(rows[:40] + rows[:3]), envelopes(rows[40:])  # 3 redelivered
     with psycopg.connect(settings.dsn, autocommit=True) as ahead:
-        ruled = applier.rule_ahead(ahead, envelopes)
-    assert ruled.prepared is not None and len(ruled.prepared.events) == len(rows)
-    # Rules changed after the read-ahead: the batch still stores what was evaluated, as the
-    # sweep's read-ahead does (the next batch sees the change).
-    db.execute("UPDATE cdp_ps.stitching_attributes_config SET value_expression = 'NULL'")
+        ruled = applier.rule_ahead(ahead, first)
+    assert ruled.prepared is not None and len(ruled.prepared.events) == 40
+    evaluated: list[int] = []
+    prepare_rows = stitcher.prepare_rows
+
+    def counted(conn: psycopg.Connection[Any], *args: Any) -> Any:
+        if conn is db:  # in the batch's transaction, not ahead
+            evaluated.append(1)
+        return prepare_rows(conn, *args)
+
+    monkeypatch.setattr(stitcher, "prepare_rows", counted)
     updates = count_row_updates(db, "cdp_ce.customer_events")
-    stats = applier.apply(db, envelopes, ruled)
-    assert (stats.events_new, stats.events_seen) == (len(rows), 3)
-    assert updates() == 0
+    stats = applier.apply(db, first, ruled)
+    assert (stats.events_new, stats.events_seen) == (40, 3)
+    assert evaluated == [] and updates() == 0  # the ahead result, stored in one write
     assert observed(db) == expected(db)  # what the sample rules extract, grouped right
     assert count(db, "SELECT count(*) FROM cdp_ce.customer_events WHERE identifiers <> '{}'") > 0
+
+    with psycopg.connect(settings.dsn, autocommit=True) as ahead:
+        ruled = applier.rule_ahead(ahead, second)
+    db.execute("UPDATE cdp_ps.stitching_attributes_config SET value_expression = 'NULL'")
+    stats = applier.apply(db, second, ruled)
+    assert stats.events_new == len(second) and evaluated == [1] and updates() == 0
+    ids = [row[0] for row in rows[40:]]
+    assert count(
+        db,
+        "SELECT count(*) FROM cdp_ce.customer_events WHERE id = ANY(%s) AND identifiers = '{}'",
+        ids,
+    ) == len(ids), "the batch kept identifiers of the rules it was evaluated with ahead"
 
 
 def test_a_calculation_storing_after_the_batch_began_does_not_make_it_retry(
