@@ -19,7 +19,9 @@ LEFT, RIGHT, TOP, BOTTOM = 70, 20, 40, 50
 
 
 def svg(steps: list[dict[str, Any]], title: str) -> str:
-    """The SVG document of ``steps`` (the JSON's ``steps``)."""
+    """The SVG document of ``steps`` (the JSON's ``steps``; a restitch of everything, which
+    is not a point on the size axis, is left out)."""
+    steps = [s for s in steps if "db_events" in s]
     top_events = int(max(s["db_events"] for s in steps))
     top_rate = float(max(s["rate"] for s in steps)) * 1.15
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM

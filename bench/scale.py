@@ -22,6 +22,10 @@ this measures stitching), the same generator as bench/stitch.py. Each step COPYs
 - **history**: events of further new customers up to the next size, in chunks of
   ``--chunk``: the rate of a restitch from zero (a backlog the sweep works through).
 
+After the bursts into each grown size, the same burst goes into a fresh, empty database of
+the same server (a service and slot of its own), so each ratio also has a baseline measured
+minutes from it, not an hour before (the machine's speed drifts that much).
+
 After each burst it records the service's RSS (``/proc/<pid>/status``), the sizes of the hot
 tables and indexes, and the time the guide's restitch-one script takes to come back stitched.
 Rates are reported as ratios against the empty-database burst of the same run (machines here
@@ -50,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import psycopg.conninfo
 from psycopg import sql
 
 from stream_cps.config import Schemas
@@ -387,17 +392,20 @@ def server_pid(datadir: Path) -> int:
     return int((datadir / "postmaster.pid").read_text().split()[0])
 
 
-def service(dsn: str, workdir: Path, batch_size: int) -> subprocess.Popen[bytes]:
+def service(
+    dsn: str, workdir: Path, batch_size: int, slot: str = "stream_cps", log_name: str = "service"
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "STREAM_CPS_DSN": dsn,
+        "STREAM_CPS_STITCHING_SLOT_NAME": slot,
         "STREAM_CPS_STITCHING_POLL_INTERVAL": "0.01",
         "STREAM_CPS_STITCHING_BATCH_SIZE": str(batch_size),
         "STREAM_CPS_OPENSEARCH_OUTBOX": "always",  # merges' deletes are part of the cost
         "STREAM_CPS_ATTRIBUTES_ENABLED": "false",  # stitching only
         "STREAM_CPS_LOG_LEVEL": "WARNING",
     }
-    log = (workdir / "service.log").open("wb")
+    log = (workdir / f"{log_name}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "stream_cps", "run"], env=env, stdout=log, stderr=log
     )
@@ -405,13 +413,43 @@ def service(dsn: str, workdir: Path, batch_size: int) -> subprocess.Popen[bytes]
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if conn.execute(
-                "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = 'stream_cps'"
+                "SELECT 1 FROM pg_replication_slots WHERE active AND slot_name = %s", [slot]
             ).fetchone():
                 return proc
             if proc.poll() is not None:
-                raise RuntimeError((workdir / "service.log").read_text()[-3000:])
+                raise RuntimeError((workdir / f"{log_name}.log").read_text()[-3000:])
             time.sleep(0.1)
     raise TimeoutError("the service did not start")
+
+
+def empty_burst(server_dsn: str, workdir: Path, batch_size: int, n: int, seed: int) -> float:
+    """Events/s of a burst of ``n`` new customers into a fresh, empty database of the same
+    server, with a service of its own (own slot), timed like every step: the baseline for the
+    grown database's bursts measured minutes, not an hour, from them. In a 10M run the
+    machine's speed drifted by a third between the first burst and the last, which decided
+    the ratio more than the database did."""
+    name = f"empty_{seed}"
+    dsn = psycopg.conninfo.make_conninfo(server_dsn, dbname=name)
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            schema.migrate(conn, SCHEMAS)
+            conn.execute(generator.config_sql(SCHEMAS))
+            proc = service(dsn, workdir, batch_size, slot="stream_cps_empty", log_name=name)
+            try:
+                loader = Loader(conn, {"people": 0, "events": 0, "seed": seed})
+                rows = loader.new_people(n)
+                random.Random(seed).shuffle(rows)
+                seconds, _ = loader.copy_and_wait(rows)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+            conn.execute("SELECT pg_drop_replication_slot('stream_cps_empty')")
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+    return len(rows) / seconds
 
 
 def main() -> int:
@@ -494,6 +532,17 @@ def main() -> int:
                         steps.append(step)
                         _print(step)
                         print_profile(step["profile"])
+                        # The empty database again, now: the ratios of these two bursts
+                        # against a baseline of the same minutes (``empty_burst``).
+                        rate = empty_burst(
+                            server.dsn, workdir, args.batch_size, args.burst, 1000 + len(steps)
+                        )
+                        for done in steps[-2:]:
+                            done["empty_now_rate"] = round(rate)
+                        print(
+                            f"empty    {args.burst:>9,} events into a fresh database: "
+                            f"{rate:>7,.0f}/s"
+                        )
                 if args.restitch_all:
                     steps.append(restitch_all(conn, proc.pid))
                     _print(steps[-1])
@@ -571,9 +620,12 @@ def report(steps: list[dict[str, Any]], profile: str) -> None:
     print(f"\nprofile {profile}: bursts as a ratio of the {first} burst")
     for s in bursts:
         mb = {k: round(v / 2**20) for k, v in s.get("sizes", {}).items()}
+        now = s.get("empty_now_rate")
         print(
             f"  {s['kind']:8} at {s['db_events'] - s['events']:>11,} events: {s['rate']:>7,}/s "
-            f"ratio {s['rate'] / base:.2f}  RSS {s['rss_mb']:.0f} MB  sizes MB {mb}"
+            f"ratio {s['rate'] / base:.2f}"
+            + (f" (to an empty database's burst right after: {s['rate'] / now:.2f})" if now else "")
+            + f"  RSS {s['rss_mb']:.0f} MB  sizes MB {mb}"
         )
     if history:
         total = sum(s["events"] for s in history)

@@ -20,4 +20,6 @@ def test_scale_benchmark_smoke_run() -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "check: partition equals the offline oracle" in done.stdout
     assert "ratio 1.00" in done.stdout and "history:" in done.stdout
+    assert "events into a fresh database" in done.stdout  # the baseline of the same minutes
+    assert "to an empty database's burst right after" in done.stdout
     assert "restitch all:" in done.stdout and "entities unchanged" in done.stdout
