@@ -245,8 +245,9 @@ class Stitcher:
         return out
 
     def lock_first(self, conn: psycopg.Connection[Any], prepared: Prepared) -> Prepared:
-        """Lock the entities of ``prepared``'s identifiers now, as the first statement of a
-        ``within`` transaction (the Kafka path, whose rules ran before it began).
+        """Lock the entities of ``prepared``'s identifiers now, at the start of a ``within``
+        transaction (the Kafka path, whose rules ran before it began; only the rule tables
+        are read before, to check they are still the rules ``prepared`` was evaluated with).
 
         At REPEATABLE READ the first statement takes the snapshot, and locking a row that
         another transaction changed after it fails the whole transaction (40001): attribute
