@@ -136,10 +136,7 @@ class KafkaLoop:
         failure under the retry policy)."""
         batch = self.source.decode(consumed)
         try:
-            if self._ahead is None or self._ahead.closed or self._ahead.broken:
-                if self._ahead is not None:
-                    self._ahead.close()
-                self._ahead = connect(self.settings.dsn, role="kafka-read-ahead", autocommit=True)
+            self._ahead = self._reopened(self._ahead, "kafka-read-ahead")
             ruled = self.applier.rule_ahead(self._ahead, batch.envelopes)
             self._ahead_failing = False
             return batch, ruled
@@ -216,11 +213,16 @@ class KafkaLoop:
         return self.applier.apply(self._db(), envelopes, ruled)
 
     def _db(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
+        self._conn = self._reopened(self._conn, "kafka")
         return self._conn
+
+    def _reopened(self, conn: psycopg.Connection[Any] | None, role: str) -> psycopg.Connection[Any]:
+        """``conn``, or a new connection when it is missing, closed or broken."""
+        if conn is not None and not conn.closed and not conn.broken:
+            return conn
+        if conn is not None:
+            conn.close()
+        return connect(self.settings.dsn, role=role, autocommit=True)
 
     def _maintenance(self, idle: bool) -> None:
         """Replay requests, and purge signals while no messages arrive.

@@ -155,13 +155,12 @@ class Applier:
         # statement, so its snapshot). They name the batch's identifiers: their entities are
         # locked next (``Stitcher.lock_first``), unless changefeed rows of the batch bring
         # identifiers known only later (one round of locks, in id order, as everywhere else).
-        current = self.stitcher.rulebook.refresh(conn)
-        locked = ruled.prepared if ruled is not None else None
-        if locked is not None and locked.ruleset is not current:
+        evaluated = ruled.prepared if ruled is not None else None
+        if evaluated is not None and evaluated.ruleset is not self.stitcher.rulebook.refresh(conn):
             log.info("stitching rules changed since this batch's were evaluated: evaluating again")
-            ruled = locked = None
-        if locked is not None and events and not stitch_ids:
-            locked = self.stitcher.lock_first(conn, locked)
+            ruled = evaluated = None
+        if evaluated is not None and events and not stitch_ids:
+            evaluated = self.stitcher.lock_first(conn, evaluated)
         erased = self.stitcher.erasure.erased_among(conn, list(events))
         for event_id in erased:
             stats.erased += len(events.pop(event_id)[1])
@@ -176,7 +175,7 @@ class Applier:
         columns = _columns(new_events)
         if new_events:
             ahead = (
-                locked if ruled is not None else self.stitcher.prepare_rows(conn, _ROWS, columns)
+                evaluated if ruled is not None else self.stitcher.prepare_rows(conn, _ROWS, columns)
             )
         inserted, failed = self._insert(conn, new_events, ahead, columns)
         for event_id, reason in failed.items():

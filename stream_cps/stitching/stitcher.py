@@ -392,8 +392,10 @@ class Stitcher:
             return self._apply(conn, prepare())
 
     def _prepare(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> Prepared:
-        """Evaluate the rules for those of ``event_ids`` still unstitched, and normalise."""
-        ruleset = self.rulebook.refresh(conn)
+        """Evaluate the rules for those of ``event_ids`` still unstitched, and normalise. With
+        no ids there is nothing to evaluate: the rule tables are not read again (the Kafka
+        path read them at the start of its transaction)."""
+        ruleset = self.rulebook.refresh(conn) if event_ids else self.rulebook.current
         extracted = rules.Extracted({}, [])
         if event_ids:
             with telemetry.tracer().start_as_current_span(telemetry.SPAN_STITCH_EXTRACT):

@@ -1071,6 +1071,16 @@ def test_a_rebalance_drops_the_revoked_partitions_from_the_batch_in_hand(
         second.close()
 
 
+def envelopes(batch: list[Row]) -> list[Envelope]:
+    """The rows as decoded envelopes of one partition (Avro and JSON, as ``events_of`` makes
+    them), for driving the Applier without a broker."""
+    avro = SchemaResolver(None)
+    return [
+        Envelope(f"kafka:t:0:{n}", "kafka", "t", 0, n, k, v, None, decode(k, v, "auto", avro))
+        for n, (k, v) in enumerate(events_of(batch))
+    ]
+
+
 def test_rules_evaluated_ahead_on_another_connection_are_what_the_batch_stores(
     settings: config.Settings, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1080,13 +1090,6 @@ def test_rules_evaluated_ahead_on_another_connection_are_what_the_batch_stores(
     transaction evaluates them again: a rule change applies to the next batch committed."""
     db.execute(generator.config_sql(settings.schemas))
     rows = sample(80, seed=83)
-    avro = SchemaResolver(None)
-
-    def envelopes(batch: list[Row]) -> list[Envelope]:  # Avro and JSON, as events_of makes
-        return [
-            Envelope(f"kafka:t:0:{n}", "kafka", "t", 0, n, k, v, None, decode(k, v, "auto", avro))
-            for n, (k, v) in enumerate(events_of(batch))
-        ]
 
     stitcher = Stitcher(settings)
     applier = Applier(settings.schemas, stitcher)
@@ -1132,13 +1135,6 @@ def test_a_calculation_storing_after_the_batch_began_does_not_make_it_retry(
     snapshot, the lock would fail the batch at REPEATABLE READ (40001) and it would start over."""
     db.execute(generator.config_sql(settings.schemas))
     rows = sample(40, seed=84)
-    avro = SchemaResolver(None)
-
-    def envelopes(batch: list[Row]) -> list[Envelope]:
-        return [
-            Envelope(f"kafka:t:0:{n}", "kafka", "t", 0, n, k, v, None, decode(k, v, "auto", avro))
-            for n, (k, v) in enumerate(events_of(batch))
-        ]
 
     applier = Applier(settings.schemas, Stitcher(settings))
     applier.apply(db, envelopes(rows))
