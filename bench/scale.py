@@ -61,7 +61,7 @@ from stream_cps.config import Schemas
 from stream_cps.db import schema
 from stream_cps.stitching.store import StitchStore
 from stream_cps_dev import embedded
-from stream_cps_dev.procstat import cpu_seconds, stat_fields
+from stream_cps_dev.procstat import cpu_seconds, server_cpu, server_pid, stat_fields, used_since
 from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
@@ -120,33 +120,14 @@ class Profile:
         self.cpu_before = self.cpu()
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far by process role (exited processes, e.g. autovacuum workers
-        that finished, drop out: their share is a lower bound)."""
-        names = dict(
-            self.conn.execute(
-                "SELECT pid, CASE WHEN backend_type = 'client backend' "
-                "THEN coalesce(nullif(application_name, ''), 'client') ELSE backend_type END "
-                "FROM pg_stat_activity"
-            ).fetchall()
-        )
-        out: dict[str, float] = {"service (python)": cpu_seconds(stat_fields(self.service_pid))}
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
-            try:
-                fields = stat_fields(int(proc.name))
-            except OSError:
-                continue
-            if int(fields[1]) != self.server_pid:  # field 4: ppid
-                continue
-            role = names.get(int(proc.name), "other server process")
-            out[role] = out.get(role, 0.0) + cpu_seconds(fields)
+        """CPU seconds so far by process role (``procstat.server_cpu``), and the service's."""
+        out = server_cpu(self.conn, self.server_pid)
+        out["service (python)"] = cpu_seconds(stat_fields(self.service_pid))
         return out
 
     def collect(self, top: int = 12) -> dict[str, Any]:
         time.sleep(1.5)  # backends flush their table and WAL counters at most once a second
-        now = self.cpu()
-        cpu = {k: round(v - self.cpu_before.get(k, 0.0), 2) for k, v in now.items()}
+        cpu = used_since(self.cpu_before, self.cpu())
         statements = [
             {
                 "query": q,
@@ -176,7 +157,7 @@ class Profile:
         }
         wal = self.conn.execute("SELECT wal_records, wal_bytes FROM pg_stat_wal").fetchone()
         return {
-            "cpu_s": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+            "cpu_s": cpu,
             "statements": statements,
             "tables": tables,
             "wal_mb": round(int(wal[1]) / 2**20, 1) if wal else None,
@@ -385,11 +366,6 @@ def restitch_all(conn: psycopg.Connection[Any], pid: int) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "rss_peak_mb": round(peak[0], 1),
     }
-
-
-def server_pid(datadir: Path) -> int:
-    """The postmaster's pid (first line of postmaster.pid)."""
-    return int((datadir / "postmaster.pid").read_text().split()[0])
 
 
 def service(

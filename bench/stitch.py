@@ -17,6 +17,9 @@ Baseline and subject run in the same script on the same server (machines here ar
    size, with one set-based UPDATE each (median of three). The contract makes every stitcher do
    at least this much (fill both columns of every row, keep the table's indexes), so
    "COPY + stitch / floor" is how close the stitcher comes to the least any stitcher could do.
+5. The CPU seconds of every process (service, server processes by role, this script) during
+   the burst and the floor: the burst's work spread perfectly over the machine's cores still
+   takes total / cores, so that bounds the ratio to the floor this machine allows.
 
 The script waits for "all stitched" with a cheap EXISTS probe every 50 ms: a ``count(*)`` every
 20 ms cost PostgreSQL more CPU than some stitching steps, on the same two cores.
@@ -43,7 +46,7 @@ from stream_cps.config import Schemas
 from stream_cps.db import schema
 from stream_cps.db.arrays import array_literal
 from stream_cps_dev import embedded
-from stream_cps_dev.procstat import cpu_seconds, stat_fields
+from stream_cps_dev.procstat import cpu_seconds, server_cpu, server_pid, stat_fields, used_since
 from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
@@ -72,14 +75,14 @@ def main() -> int:
             n = len(rows)
             print(f"COPY into a plain table: {n / copy_s:,.0f} events/s ({copy_s:.2f} s)")
             written: list[tuple[str, list[str]]] = []
-            floor_results: list[tuple[str, float]] = []
+            floor_results: list[tuple[str, float, float]] = []
             for mode in args.modes.split(","):
                 reset(conn)
                 proc = service(server.dsn, workdir, mode, mode, args.batch_size)
                 try:
-                    cpu_before = cpu_seconds(stat_fields(proc.pid))
+                    cpu_before = machine_cpu(conn, server, proc.pid)
                     stitch_s, copy_ce_s = stitch_run(conn, rows)
-                    service_cpu = cpu_seconds(stat_fields(proc.pid)) - cpu_before
+                    spent = used_since(cpu_before, machine_cpu(conn, server, proc.pid))
                     written = stitched_values(conn)
                     p50, p99 = steady_latency(conn, args.rate, args.seconds)
                 finally:
@@ -94,29 +97,60 @@ def main() -> int:
                     f"/ plain COPY {copy_s / stitch_s:.3f} (target >= 0.10), "
                     f"/ customer_events COPY {copy_ce_s / stitch_s:.3f}"
                 )
+                service_cpu = spent[SERVICE]
                 print(
                     f"[{mode}] the service's CPU during the burst: {service_cpu:.1f} s, "
                     f"{service_cpu / n * 100_000:.2f} s per 100,000 events"
                 )
-                floor_results.append((mode, stitch_s))
+                print(f"[{mode}] CPU s of every process: {cpu_line(spent)}")
+                floor_results.append((mode, stitch_s, sum(spent.values())))
                 print(
                     f"[{mode}] insert->stitched at {args.rate}/s after the burst: "
                     f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (target p99 < 1000 ms)",
                     flush=True,
                 )
             reset(conn)
-            floor_s = contract_floor(conn, rows, written, args.batch_size)
+            floor_s, floor_cpu = contract_floor(conn, server, rows, written, args.batch_size)
             print(
                 f"contract floor (COPY into customer_events + one UPDATE of both columns per "
                 f"event, batches of {args.batch_size}): {n / floor_s:,.0f} events/s "
                 f"({floor_s:.2f} s); / plain COPY {copy_s / floor_s:.3f}"
             )
-            for mode, stitch_s in floor_results:
+            print(f"contract floor, CPU s of every process (one run): {cpu_line(floor_cpu)}")
+            cores = len(os.sched_getaffinity(0))
+            for mode, stitch_s, total_cpu in floor_results:
                 print(f"[{mode}] COPY + stitch / contract floor: {floor_s / stitch_s:.3f}")
+                # The least wall time the burst's work could take, spread perfectly over
+                # every core: how close to the floor this machine allows, whatever overlaps.
+                print(
+                    f"[{mode}] CPU bound: {total_cpu:.1f} CPU s on {cores} cores take at least "
+                    f"{total_cpu / cores:.2f} s: at best {floor_s / (total_cpu / cores):.3f} of "
+                    f"the contract floor (whose work is {sum(floor_cpu.values()):.1f} CPU s)"
+                )
     finally:
         embedded.destroy(server)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+SERVICE = "service (python)"
+
+
+def machine_cpu(
+    conn: psycopg.Connection[Any], server: embedded.EmbeddedPostgres, service_pid: int | None
+) -> dict[str, float]:
+    """CPU seconds so far of everything a burst runs: the server's processes by role, the
+    service and this script (which feeds the COPY)."""
+    out = server_cpu(conn, server_pid(server.datadir))
+    out["bench (python)"] = cpu_seconds(stat_fields(os.getpid()))
+    if service_pid is not None:
+        out[SERVICE] = cpu_seconds(stat_fields(service_pid))
+    return out
+
+
+def cpu_line(spent: dict[str, float]) -> str:
+    parts = ", ".join(f"{role} {s:.2f}" for role, s in spent.items() if s >= 0.05)
+    return f"{sum(spent.values()):.1f} in all: {parts}"
 
 
 def reset(conn: psycopg.Connection[Any]) -> None:
@@ -200,13 +234,14 @@ def stitched_values(conn: psycopg.Connection[Any]) -> list[tuple[str, list[str]]
 
 def contract_floor(
     conn: psycopg.Connection[Any],
+    server: embedded.EmbeddedPostgres,
     rows: list[Any],
     written: list[tuple[str, list[str]]],
     batch_size: int,
     repeat: int = 3,
-) -> float:
+) -> tuple[float, dict[str, float]]:
     """Median of ``repeat`` runs of COPY + the one UPDATE per event any stitcher must make
-    (no service running)."""
+    (no service running), and the CPU seconds of one run (the mean) by process."""
     update = sql.SQL(
         "UPDATE {} AS ev SET stitched = clock_timestamp(), identifiers = k.idents::text[] "
         "FROM unnest(%b::text[], %b::text[]) AS k(id, idents) WHERE ev.id = k.id"
@@ -215,8 +250,10 @@ def contract_floor(
     ids = [str(row[0]) for row in rows]
     literals = [array_literal(by_id.get(event_id, [])) for event_id in ids]
     timings = []
+    spent: dict[str, float] = {}
     for _ in range(repeat):
         conn.execute(sql.SQL("TRUNCATE {}").format(EVENTS))
+        cpu_before = machine_cpu(conn, server, None)
         started = time.perf_counter()
         with conn.cursor() as cur:
             generator.copy_events(cur, EVENTS, rows)
@@ -226,7 +263,9 @@ def contract_floor(
                     update, (ids[start : start + batch_size], literals[start : start + batch_size])
                 )
         timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+        for role, s in used_since(cpu_before, machine_cpu(conn, server, None)).items():
+            spent[role] = spent.get(role, 0.0) + s / repeat
+    return statistics.median(timings), used_since({}, spent)
 
 
 def steady_latency(conn: psycopg.Connection[Any], rate: int, seconds: float) -> tuple[float, float]:

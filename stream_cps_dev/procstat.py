@@ -1,9 +1,12 @@
-"""CPU time of a process from ``/proc`` (Linux), for the benchmarks' per-process figures."""
+"""CPU time of processes from ``/proc`` (Linux), for the benchmarks' per-process figures."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -16,3 +19,41 @@ def stat_fields(pid: int) -> list[str]:
 def cpu_seconds(fields: list[str]) -> float:
     """User plus system CPU seconds used so far by the process of ``fields`` (``stat_fields``)."""
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def server_pid(datadir: Path) -> int:
+    """The postmaster's pid (first line of postmaster.pid)."""
+    return int((datadir / "postmaster.pid").read_text().split()[0])
+
+
+def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes by role: client sessions by
+    application_name, the others by backend type (walsender, autovacuum worker, checkpointer).
+    Processes that exited (an autovacuum worker that finished, a closed session) drop out, so
+    a difference of two readings is a lower bound."""
+    names = dict(
+        conn.execute(
+            "SELECT pid, CASE WHEN backend_type = 'client backend' "
+            "THEN coalesce(nullif(application_name, ''), 'client') ELSE backend_type END "
+            "FROM pg_stat_activity"
+        ).fetchall()
+    )
+    out: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = stat_fields(int(proc.name))
+        except OSError:
+            continue
+        if int(fields[1]) != postmaster:  # field 4: ppid
+            continue
+        role = names.get(int(proc.name), "other server process")
+        out[role] = out.get(role, 0.0) + cpu_seconds(fields)
+    return out
+
+
+def used_since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per role between two readings, largest first."""
+    spent = {k: round(v - before.get(k, 0.0), 2) for k, v in now.items()}
+    return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
