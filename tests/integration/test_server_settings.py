@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 
-from stream_cps.db.server_settings import slow_settings
+from stream_cps.db.server_settings import slow_collation, slow_settings
 from stream_cps_dev import embedded
 
 
@@ -48,3 +49,26 @@ def test_no_warning_on_a_tuned_server(tmp_path: Path) -> None:
             assert slow_settings(conn) == []
     finally:
         embedded.destroy(server)
+
+
+def test_a_locale_collation_is_named_and_the_builtin_one_is_not(pg_dsn: str) -> None:
+    """The embedded server compares bytes (builtin C.UTF-8); a database of libc's C.UTF-8
+    collation on the same server gets the warning, naming its locale and the remedy."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert slow_collation(conn) is None
+        conn.execute("DROP DATABASE IF EXISTS collation_libc")
+        conn.execute(
+            "CREATE DATABASE collation_libc TEMPLATE template0 LOCALE_PROVIDER libc "
+            "LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
+        )
+    try:
+        other = psycopg.conninfo.make_conninfo(pg_dsn, dbname="collation_libc")
+        with psycopg.connect(other) as conn:
+            warning = slow_collation(conn)
+            assert warning is not None
+            assert warning.startswith("the database's collation is C.UTF-8 (libc)")
+            assert "BUILTIN_LOCALE 'C.UTF-8'" in warning
+            assert slow_settings(conn)[-1] == warning
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("DROP DATABASE collation_libc WITH (FORCE)")
