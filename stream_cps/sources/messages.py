@@ -179,9 +179,9 @@ def reason_class(reason: str | None) -> str:
     return "_".join(words) or "other"
 
 
-def parse_json(data: bytes) -> Any:
+def parse_json(data: bytes | str) -> Any:
     try:
-        return _JSON.decode(data.decode("utf-8"))
+        return _JSON.decode(data if isinstance(data, str) else data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise InvalidInput(f"not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -213,13 +213,14 @@ def customer_event(record: dict[str, Any], *, from_avro: bool) -> CustomerEvent:
     if from_avro:
         if not isinstance(payload, str):
             raise InvalidInput("payload: not a string")
-        text, payload = payload, parse_json(payload.encode("utf-8"))
+        text, payload = payload, parse_json(payload)
     if not isinstance(payload, dict):
         raise InvalidInput("payload: must be a JSON object")
     if text is None:
         # Re-serialised from the parsed object; Avro's text is kept as sent (it parsed).
         text = json.dumps(payload, separators=(",", ":"))  # ASCII: lone surrogates stay escaped
-    if "\x00" in text or _NUL_ESCAPE.search(text):
+    # The regex only where the escape's text occurs at all (most payloads: a substring scan).
+    if "\x00" in text or ("\\u0000" in text and _NUL_ESCAPE.search(text)):
         raise InvalidInput("payload: contains \\u0000, which jsonb cannot store")
     return CustomerEvent(event_id, fields[0], fields[1], fields[2], event_time, text)
 
