@@ -30,7 +30,8 @@ def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, floa
     """CPU seconds so far of the server's processes by role: client sessions by
     application_name, the others by backend type (walsender, autovacuum worker, checkpointer).
     Processes that exited (an autovacuum worker that finished, a closed session) drop out, so
-    a difference of two readings is a lower bound."""
+    the total of a difference of two readings is a lower bound; one role's figure may not be
+    (a session that names itself between the readings moves its past CPU to that role)."""
     names = dict(
         conn.execute(
             "SELECT pid, CASE WHEN backend_type = 'client backend' "

@@ -6,7 +6,7 @@ that into an empty one; checkpoints every few seconds (each first touch of a pag
 writes the whole page to WAL) and the hot indexes outgrowing the buffer cache are the cause.
 The database's collation is checked too: under a locale-aware one (libc other than C/POSIX,
 ICU) every comparison in the text indexes (event ids, identifiers, entity ids) is a locale
-comparison, not a byte comparison, and stitching was about 10% slower in bench/stitch.py even
+comparison, not a byte comparison, and stitching was 6-10% slower in bench/stitch.py even
 with libc's C.UTF-8. ``init`` logs a warning per finding and ``status`` shows them; nothing is
 refused.
 """
@@ -28,7 +28,8 @@ FLOORS: tuple[tuple[str, float, str, str], ...] = (
 
 
 def slow_settings(conn: psycopg.Connection[Any]) -> list[str]:
-    """One warning line per setting that will make stitching slow."""
+    """One warning line per setting (and for the database's collation) that will make
+    stitching slow."""
     rows = conn.execute(
         "SELECT name, setting::numeric * CASE unit WHEN '8kB' THEN 8192 WHEN 'kB' THEN 1024 "
         "WHEN 'MB' THEN 1048576 WHEN 'min' THEN 60 WHEN 'ms' THEN 0.001 ELSE 1 END, "
@@ -71,8 +72,8 @@ def slow_collation(conn: psycopg.Connection[Any]) -> str | None:
     locale = db.get("datlocale") or db.get("daticulocale") or db.get("datcollate")
     return (
         f"the database's collation is {locale} ({provider}): every text index comparison "
-        "(event ids, identifiers, entity ids) follows locale rules, which made stitching about "
-        "10% slower even for libc's C.UTF-8; a database created with LOCALE_PROVIDER builtin "
-        "BUILTIN_LOCALE 'C.UTF-8' (PostgreSQL 17+) or LC_COLLATE 'C' compares bytes "
-        "(docs/benchmarks.md, 'PostgreSQL settings')"
+        "(event ids, identifiers, entity ids) follows locale rules, which made stitching 6-10% "
+        "slower even for libc's C.UTF-8; a database created with TEMPLATE template0 "
+        "LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8' (PostgreSQL 17+) or LC_COLLATE 'C' "
+        "compares bytes (docs/benchmarks.md, 'PostgreSQL settings')"
     )

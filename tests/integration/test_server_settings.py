@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg
 import psycopg.conninfo
+import pytest
 
 from stream_cps.db.server_settings import slow_collation, slow_settings
 from stream_cps_dev import embedded
@@ -51,24 +53,47 @@ def test_no_warning_on_a_tuned_server(tmp_path: Path) -> None:
         embedded.destroy(server)
 
 
-def test_a_locale_collation_is_named_and_the_builtin_one_is_not(pg_dsn: str) -> None:
-    """The embedded server compares bytes (builtin C.UTF-8); a database of libc's C.UTF-8
-    collation on the same server gets the warning, naming its locale and the remedy."""
+@pytest.mark.parametrize(
+    ("locale", "slow"),
+    [
+        ("LOCALE_PROVIDER builtin BUILTIN_LOCALE 'C.UTF-8'", False),
+        ("LOCALE_PROVIDER libc LC_COLLATE 'C' LC_CTYPE 'C.UTF-8'", False),
+        ("LOCALE_PROVIDER libc LC_COLLATE 'POSIX' LC_CTYPE 'C.UTF-8'", False),
+        ("LOCALE_PROVIDER libc LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'", True),
+    ],
+)
+def test_a_locale_collation_is_named_and_byte_order_ones_are_not(
+    pg_dsn: str, locale: str, slow: bool
+) -> None:
+    """Databases of each kind on the test server: only libc's C.UTF-8 (strcoll) gets the
+    warning, naming its locale and the remedy."""
+    name = f"collation_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        assert slow_collation(conn) is None
-        conn.execute("DROP DATABASE IF EXISTS collation_libc")
-        conn.execute(
-            "CREATE DATABASE collation_libc TEMPLATE template0 LOCALE_PROVIDER libc "
-            "LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
-        )
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 {locale}")
     try:
-        other = psycopg.conninfo.make_conninfo(pg_dsn, dbname="collation_libc")
-        with psycopg.connect(other) as conn:
+        with psycopg.connect(psycopg.conninfo.make_conninfo(pg_dsn, dbname=name)) as conn:
             warning = slow_collation(conn)
+            if not slow:
+                assert warning is None
+                return
             assert warning is not None
             assert warning.startswith("the database's collation is C.UTF-8 (libc)")
-            assert "BUILTIN_LOCALE 'C.UTF-8'" in warning
+            assert "TEMPLATE template0 LOCALE_PROVIDER builtin BUILTIN_LOCALE" in warning
             assert slow_settings(conn)[-1] == warning
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            conn.execute("DROP DATABASE collation_libc WITH (FORCE)")
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_the_embedded_server_compares_bytes(tmp_path: Path) -> None:
+    """What the demo, the tests and the benches run on (``embedded.start``'s initdb)."""
+    server = embedded.start(tmp_path / "pg")
+    try:
+        with psycopg.connect(server.dsn) as conn:
+            assert slow_collation(conn) is None
+            row = conn.execute(
+                "SELECT datlocprovider FROM pg_database WHERE datname = current_database()"
+            ).fetchone()
+            assert row == ("b",)
+    finally:
+        embedded.destroy(server)

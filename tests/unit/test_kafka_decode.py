@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
+import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -138,15 +139,22 @@ def test_webhook_bodies() -> None:
     assert len({e.origin for e in envelopes}) == 3
 
 
+# A producer's newer schema: one more field, which the shipped reader schema does not know.
+EVOLVED = json.loads((kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE).read_text())
+EVOLVED["fields"].append({"name": "campaign", "type": "string"})
+
+
 @pytest.fixture
 def registry() -> Iterator[str]:
-    """A stand-in schema registry serving one id over real HTTP (only GET /schemas/ids/N)."""
+    """A stand-in schema registry over real HTTP (only GET /schemas/ids/N): id 42 is the
+    reader schema, id 43 an evolved writer schema (``EVOLVED``)."""
     schema_text = (kafka_avro.SCHEMAS_DIR / kafka_avro.READER_FILE).read_text()
+    served = {"/schemas/ids/42": schema_text, "/schemas/ids/43": json.dumps(EVOLVED)}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/schemas/ids/42":
-                data, status = json.dumps({"schema": schema_text}).encode(), 200
+            if self.path in served:
+                data, status = json.dumps({"schema": served[self.path]}).encode(), 200
             else:
                 data, status = b'{"error_code": 40403}', 404
             self.send_response(status)
@@ -171,6 +179,18 @@ def test_schema_ids_resolve_through_a_registry_when_configured(registry: str) ->
     assert isinstance(event, CustomerEvent) and event.id == "e1"
     with pytest.raises(InvalidInput, match="registry answered 404"):
         decode(None, encode.encode(RECORD, SCHEMA, schema_id=1), "avro", resolver)
+
+
+def test_a_writer_schema_other_than_the_reader_is_resolved_into_it(registry: str) -> None:
+    """Resolution is skipped only between equal schemas (fastavro would compare them for
+    every message); an evolved writer's record still comes out in the reader's shape."""
+    resolver = kafka_avro.SchemaResolver(kafka_avro.Registry.parse(registry))
+    evolved = fastavro.parse_schema(EVOLVED)
+    record = resolver.decode(encode.encode({**RECORD, "campaign": "spring"}, evolved, 43))
+    assert record["id"] == "e1" and "campaign" not in record
+    assert resolver.resolution(43)[1] is not None
+    assert resolver.decode(encode.encode(RECORD, SCHEMA, schema_id=42))["id"] == "e1"
+    assert resolver.resolution(42)[1] is None
 
 
 _text_st = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))

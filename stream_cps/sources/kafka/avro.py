@@ -93,7 +93,7 @@ class SchemaResolver:
         self.registry = registry
         self.schemas_dir = schemas_dir
         self.reader = load_schema(schemas_dir / READER_FILE)
-        self._cache: dict[int, tuple[Any, Any]] = {}
+        self._cache: dict[int, tuple[Any, Any | None]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -111,7 +111,7 @@ class SchemaResolver:
         )
         return cls(registry)
 
-    def resolution(self, schema_id: int) -> tuple[Any, Any]:
+    def resolution(self, schema_id: int) -> tuple[Any, Any | None]:
         """The writer schema of ``schema_id`` and the reader schema to resolve it into, or None
         when the two are equal: fastavro then skips resolution, which it would otherwise check
         on every message by comparing the two schemas (a fifth of its decoding time)."""
