@@ -1,6 +1,6 @@
 """Kafka -> stitched throughput next to the raw consume rate of the same topic, same run.
 
-    python bench/kafka.py [--events 50000] [--format avro|json] [--batch-sizes 500,2000]
+    python bench/kafka.py [--events 50000] [--format avro|json] [--batch-sizes 500,2000] [--rounds 3]
 
 1. Produce the generated events to a fresh 3-partition topic (Avro with Confluent framing, or
    JSON), keyed by event id.
@@ -16,6 +16,10 @@
    - ``replication``: the same events COPYed into ``customer_events`` while `stream-cps run`
      (the replication path, calculation included) is up: the baseline the Kafka path must
      at least match (``cli`` / ``replication`` is printed at the end).
+
+``--rounds N`` runs the modes N times one after the other (the topic is produced once) and
+prints each round's ratios and their median: a single round lasts seconds, and its ratio
+moves by a tenth between runs on these machines.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +75,9 @@ def main() -> int:
         default="replication,cli,inproc",
         help="replication, cli, cliN (N members) and/or inproc",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the modes this many times, alternated"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-kafka-"))
@@ -100,42 +108,61 @@ def main() -> int:
 
         raw_s = raw_consume(broker.bootstrap, topic, n)
         print(f"raw consume: {n / raw_s:,.0f} messages/s ({raw_s:.2f} s)")
-        rates: dict[str, float] = {}
-        for mode in args.modes.split(","):
-            if mode == "replication":
-                for size in (
-                    args.stitching_batch_sizes.split(",") if args.stitching_batch_sizes else [""]
-                ):
-                    e2e_s = replication(server, rows, workdir, size)
-                    name = f"replication {size}".strip()
-                    rates[name] = n / e2e_s
+        rounds: list[dict[str, float]] = []
+        for round_no in range(args.rounds):
+            if args.rounds > 1:
+                print(f"-- round {round_no + 1} of {args.rounds}", flush=True)
+            rates: dict[str, float] = {}
+            sizes = args.stitching_batch_sizes.split(",") if args.stitching_batch_sizes else [""]
+            for mode in args.modes.split(","):
+                if mode == "replication":
+                    for size in sizes:
+                        e2e_s = replication(server, rows, workdir, size)
+                        name = f"replication {size}".strip()
+                        rates[name] = n / e2e_s
+                        print(
+                            f"end to end [{name}] (COPY + stream-cps run): {n / e2e_s:,.0f} "
+                            f"events/s ({e2e_s:.2f} s first insert -> last stitch)",
+                            flush=True,
+                        )
+                    continue
+                for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                    e2e_s, wall_s = end_to_end(
+                        server, broker.bootstrap, topic, n, batch_size, workdir, mode
+                    )
+                    rates[f"{mode} {batch_size}"] = n / e2e_s
                     print(
-                        f"end to end [{name}] (COPY + stream-cps run): {n / e2e_s:,.0f} "
-                        f"events/s ({e2e_s:.2f} s first insert -> last stitch)",
+                        f"end to end [{mode}] (kafka.batch_size={batch_size}): "
+                        f"{n / e2e_s:,.0f} events/s ({e2e_s:.2f} s first insert -> last stitch; "
+                        f"{wall_s:.1f} s incl. start), ratio to raw consume {raw_s / e2e_s:.4f}",
                         flush=True,
                     )
-                continue
-            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-                e2e_s, wall_s = end_to_end(
-                    server, broker.bootstrap, topic, n, batch_size, workdir, mode
-                )
-                rates[f"{mode} {batch_size}"] = n / e2e_s
-                print(
-                    f"end to end [{mode}] (kafka.batch_size={batch_size}): "
-                    f"{n / e2e_s:,.0f} events/s ({e2e_s:.2f} s first insert -> last stitch; "
-                    f"{wall_s:.1f} s incl. start), ratio to raw consume {raw_s / e2e_s:.4f}",
-                    flush=True,
-                )
-        baselines = {name: rate for name, rate in rates.items() if name.startswith("replication")}
-        for name, rate in rates.items():
-            for base, base_rate in baselines.items():
-                if name not in baselines:
-                    print(f"{name} / {base}: {rate / base_rate:.2f} (target >= 1)")
+            rounds.append(rates)
+        report(rounds)
     finally:
         broker.stop()
         embedded.destroy(server)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def report(rounds: list[dict[str, float]]) -> None:
+    """Each Kafka mode's rate as a ratio of the replication path's in the same round, and
+    with several rounds their median: one round of a few seconds moves by a tenth between
+    runs on these machines."""
+    ratios: dict[str, list[float]] = {}
+    for rates in rounds:
+        baselines = {name: rate for name, rate in rates.items() if name.startswith("replication")}
+        for name, rate in rates.items():
+            for base, base_rate in baselines.items():
+                if name not in baselines:
+                    ratios.setdefault(f"{name} / {base}", []).append(rate / base_rate)
+    for label, values in ratios.items():
+        shown = ", ".join(f"{v:.2f}" for v in values)
+        if len(values) == 1:
+            print(f"{label}: {shown} (target >= 1)")
+        else:
+            print(f"{label}: median {statistics.median(values):.2f} of {shown} (target >= 1)")
 
 
 def raw_consume(bootstrap: str, topic: str, n: int) -> float:
