@@ -128,7 +128,7 @@ def start(
                 "--encoding=UTF8",
                 # Text compared by code point, at C's speed, with Unicode character classes:
                 # the environment's libc C.UTF-8 made every text index comparison a strcoll
-                # (stitching about 10% slower, docs/benchmarks.md, 'PostgreSQL settings').
+                # (stitching 6-10% slower, docs/benchmarks.md, 'PostgreSQL settings').
                 "--locale-provider=builtin",
                 "--builtin-locale=C.UTF-8",
                 "--no-sync",
