@@ -1,6 +1,7 @@
 """Kafka -> stitched throughput next to the raw consume rate of the same topic, same run.
 
-    python bench/kafka.py [--events 50000] [--format avro|json] [--batch-sizes 500,2000] [--rounds 3]
+    python bench/kafka.py [--events 50000] [--format avro|json] [--batch-sizes 500,2000]
+                          [--modes replication,cli,inproc] [--rounds 3]
 
 1. Produce the generated events to a fresh 3-partition topic (Avro with Confluent framing, or
    JSON), keyed by event id.
