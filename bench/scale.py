@@ -61,7 +61,7 @@ from stream_cps.config import Schemas
 from stream_cps.db import schema
 from stream_cps.stitching.store import StitchStore
 from stream_cps_dev import embedded
-from stream_cps_dev.procstat import cpu_seconds, server_cpu, server_pid, stat_fields, used_since
+from stream_cps_dev.procstat import processes_cpu, server_pid, used_since
 from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
@@ -108,8 +108,8 @@ class Profile:
     service's sessions by application_name, the walsender, autovacuum, checkpointer...).
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], server_pid: int, service_pid: int) -> None:
-        self.conn, self.server_pid, self.service_pid = conn, server_pid, service_pid
+    def __init__(self, conn: psycopg.Connection[Any], postmaster: int, service_pid: int) -> None:
+        self.conn, self.postmaster, self.service_pid = conn, postmaster, service_pid
         conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         self.cpu_before: dict[str, float] = {}
 
@@ -120,10 +120,8 @@ class Profile:
         self.cpu_before = self.cpu()
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far by process role (``procstat.server_cpu``), and the service's."""
-        out = server_cpu(self.conn, self.server_pid)
-        out["service (python)"] = cpu_seconds(stat_fields(self.service_pid))
-        return out
+        """CPU seconds so far by process role (``procstat.processes_cpu``)."""
+        return processes_cpu(self.conn, self.postmaster, {"service (python)": self.service_pid})
 
     def collect(self, top: int = 12) -> dict[str, Any]:
         time.sleep(1.5)  # backends flush their table and WAL counters at most once a second

@@ -46,7 +46,7 @@ from stream_cps.config import Schemas
 from stream_cps.db import schema
 from stream_cps.db.arrays import array_literal
 from stream_cps_dev import embedded
-from stream_cps_dev.procstat import cpu_seconds, server_cpu, server_pid, stat_fields, used_since
+from stream_cps_dev.procstat import processes_cpu, server_pid, used_since
 from stream_cps_dev.sample import generator
 
 SCHEMAS = Schemas()
@@ -141,11 +141,10 @@ def machine_cpu(
 ) -> dict[str, float]:
     """CPU seconds so far of everything a burst runs: the server's processes by role, the
     service and this script (which feeds the COPY)."""
-    out = server_cpu(conn, server_pid(server.datadir))
-    out["bench (python)"] = cpu_seconds(stat_fields(os.getpid()))
+    named = {"bench (python)": os.getpid()}
     if service_pid is not None:
-        out[SERVICE] = cpu_seconds(stat_fields(service_pid))
-    return out
+        named[SERVICE] = service_pid
+    return processes_cpu(conn, server_pid(server.datadir), named)
 
 
 def cpu_line(spent: dict[str, float]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,17 @@ def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, floa
             continue
         role = names.get(int(proc.name), "other server process")
         out[role] = out.get(role, 0.0) + cpu_seconds(fields)
+    return out
+
+
+def processes_cpu(
+    conn: psycopg.Connection[Any], postmaster: int, named: Mapping[str, int]
+) -> dict[str, float]:
+    """``server_cpu``, and the CPU seconds of the processes ``named`` (name -> pid): what a
+    benchmark step runs besides the server (the service, the bench feeding a COPY)."""
+    out = server_cpu(conn, postmaster)
+    for name, pid in named.items():
+        out[name] = cpu_seconds(stat_fields(pid))
     return out
 
 
