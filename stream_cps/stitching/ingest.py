@@ -65,6 +65,12 @@ class Ruled:
     rule or a row failed: the batch then goes the stored-rows way, which isolates it."""
 
     prepared: Prepared | None
+    # The insert's parameters for these events (``ids``, in this order), encoded on the
+    # read-ahead thread: the batch's transaction reuses them when its new events are these
+    # (nothing erased meanwhile) and, for ``idents``, the rules still stand
+    ids: tuple[str, ...] = ()
+    columns: dict[str, object] | None = None
+    idents: TextArray | None = None
 
 
 @dataclass
@@ -80,6 +86,7 @@ class ApplyStats:
     resolved: int = 0
     tombstones: int = 0  # Kafka tombstone messages (null value), not erasures
     erased: int = 0  # messages of erased events, dropped (docs/stitching.md, Erase)
+    stored_before: int = 0  # new ids of the batch found stored already (redelivery, replay)
     unknown: int = 0
     dead_letters: list[Envelope] = field(default_factory=list)
     stitch: BatchResult = field(default_factory=BatchResult)
@@ -92,8 +99,23 @@ class Applier:
     def __init__(self, schemas: Schemas, stitcher: Stitcher) -> None:
         self.schemas = schemas
         self.stitcher = stitcher
+        # Insert in the pipeline of the batch's writes, betting that its events are new
+        # (``_pipelined``); off after a batch that found stored ones, until one finds none.
+        self.pipelined = True
         self._events = sql.Identifier(schemas.ce, "customer_events")
         self._dead = sql.Identifier(schemas.ps, "kafka_dead_letters")
+        # One statement with one array per column: no per-row placeholders to parse, and
+        # multi-argument unnest exists in CockroachDB too. Payloads travel as text[] and are
+        # cast row by row (jsonb[] parameters are newer in CockroachDB). Binary parameters (%b)
+        # skip the per-element quoting of text-format array literals. With ``marks`` (every
+        # event's identifiers as an array literal) the rows are stored stitched.
+        self._insert_statement = sql.SQL(
+            "INSERT INTO {} ({}, stitched, identifiers) "
+            "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb), "
+            "CASE WHEN m.idents IS NOT NULL THEN clock_timestamp() END, m.idents::text[] "
+            "FROM {} LEFT JOIN unnest(%(idents)b::text[]) WITH ORDINALITY AS m(idents, n) "
+            "ON m.n = u.n ON CONFLICT (id) DO NOTHING RETURNING id"
+        ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), _UNNEST)
         self._dead_letters = telemetry.counter(telemetry.METRIC_DEAD_LETTERS)
         self._erased = telemetry.counter(telemetry.METRIC_ERASED_DROPPED)
 
@@ -105,9 +127,25 @@ class Applier:
     ) -> ApplyStats:
         """Commit the batch (retried on serialization conflicts); metrics counted after commit.
         ``ruled``: the rules' result for these envelopes, evaluated beforehand."""
-        stats = self.stitcher.within(
-            conn, lambda stitch_in: self._once(conn, envelopes, stitch_in, ruled)
-        )
+
+        def attempt(pipelined: bool) -> ApplyStats:
+            return self.stitcher.within(
+                conn, lambda stitch_in: self._once(conn, envelopes, stitch_in, ruled, pipelined)
+            )
+
+        stats = None
+        if self.pipelined:
+            try:
+                stats = attempt(True)
+            except _StoredBefore:
+                log.info("a batch holds events stored before (redelivered): inserted first")
+                self.pipelined = False
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # the database refused a row (or the writes): the insert on its own isolates it
+                log.debug("batch refused in one pipeline, applied step by step: %s", exc)
+        if stats is None:
+            stats = attempt(False)
+            self.pipelined = stats.stored_before == 0
         _log_outcomes(stats, envelopes)
         for dead in stats.dead_letters:
             self._dead_letters.add(1, {"reason": reason_class(dead.reason)})
@@ -126,7 +164,15 @@ class Applier:
         events = list(first.values())
         if not events:
             return Ruled(None)
-        return Ruled(self.stitcher.prepare_rows(conn, _ROWS, _columns(events)))
+        columns = _columns(events)
+        prepared = self.stitcher.prepare_rows(conn, _ROWS, columns)
+        if prepared is None:
+            return Ruled(None)
+        idents = _idents(events, _mark_texts(prepared))
+        for column in [*columns.values(), idents]:
+            if isinstance(column, TextArray):
+                column.binary()  # encoded here, off the batch's thread
+        return Ruled(prepared, tuple(first), columns, idents)
 
     def _once(
         self,
@@ -134,6 +180,7 @@ class Applier:
         envelopes: Sequence[Envelope],
         stitch_in: StitchIn,
         ruled: Ruled | None,
+        pipelined: bool,
     ) -> ApplyStats:
         stats = _classify(envelopes)
         events: dict[str, tuple[CustomerEvent, list[Envelope]]] = {}
@@ -172,17 +219,24 @@ class Applier:
         # Rules first, over the rows as they will be stored: the insert then writes them
         # already marked, and the stitcher does not write them a second time.
         ahead = None
-        columns = _columns(new_events)
+        encoded = ruled if ruled is not None and ruled.ids == tuple(events) else None
+        columns = encoded.columns if encoded and encoded.columns else _columns(new_events)
+        idents = encoded.idents if encoded and encoded.prepared else None
         if new_events:
             ahead = (
                 evaluated if ruled is not None else self.stitcher.prepare_rows(conn, _ROWS, columns)
             )
-        inserted, failed = self._insert(conn, new_events, ahead, columns)
+        if pipelined and ahead is not None and not stitch_ids:
+            return self._pipelined(
+                conn, stats, events, conflicts, received, ahead, columns, idents, stitch_in
+            )
+        inserted, failed = self._insert(conn, new_events, ahead, columns, idents)
         for event_id, reason in failed.items():
             stats.dead_letters.append(dataclasses.replace(events[event_id][1][0], reason=reason))
         present = [
             ev for eid, (ev, _) in events.items() if eid not in inserted and eid not in failed
         ]
+        stats.stored_before = len(present)
         for event_id in self._differing(conn, present):
             conflicts += events[event_id][1]
         stats.events_new = len(inserted)
@@ -197,22 +251,64 @@ class Applier:
         stats.stitch = stitch_in(ids, ahead.inserted(inserted) if ahead else None)
         return stats
 
+    def _pipelined(
+        self,
+        conn: psycopg.Connection[Any],
+        stats: ApplyStats,
+        events: dict[str, tuple[CustomerEvent, list[Envelope]]],
+        conflicts: list[Envelope],
+        received: int,
+        ahead: Prepared,
+        columns: dict[str, object],
+        idents: TextArray | None,
+        stitch_in: StitchIn,
+    ) -> ApplyStats:
+        """Insert the batch in the pipeline of its stitching writes: PostgreSQL inserts while
+        Python groups (py-spy: the insert was the member's longest wait, with Python idle).
+
+        The bet is that every event is new, as in all but a redelivery or a replay: the
+        stitching is planned for all of them, and if the insert returns fewer rows, or the
+        database refuses one, the whole transaction is rolled back (``_StoredBefore``, or the
+        error) and ``apply`` runs the batch again step by step (``_insert`` first)."""
+        new_events = [ev for ev, _ in events.values()]
+        expected = set(events)
+        marks = {} if idents is not None else _mark_texts(ahead)
+        sent: list[psycopg.Cursor[Any]] = []
+
+        def send_first() -> None:
+            sent.append(self._send_insert(conn, new_events, marks, columns, idents))
+
+        stats.dead_letters += [
+            dataclasses.replace(e, reason=_conflict(e.decoded)) for e in conflicts
+        ]
+        stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
+        self._record_dead(conn, stats.dead_letters)
+        prepared = dataclasses.replace(ahead.inserted(expected), send_first=send_first)
+        stats.stitch = stitch_in(list(events), prepared)
+        inserted = {str(row[0]) for row in sent[0]} if sent else set()
+        if inserted != expected:
+            raise _StoredBefore
+        stats.events_new = len(inserted)
+        stats.events_seen = received - len(inserted) - len(conflicts)
+        return stats
+
     def _insert(
         self,
         conn: psycopg.Connection[Any],
         events: list[CustomerEvent],
         ahead: Prepared | None,
         columns: dict[str, object],
+        idents: TextArray | None,
     ) -> tuple[set[str], dict[str, str]]:
-        """Insert new events (the ids inserted; ``columns`` are theirs), marked with their
-        identifiers when ``ahead`` has them; rows the database refuses are isolated with
-        savepoints."""
+        """Insert new events (the ids inserted; ``columns`` are theirs, and ``idents`` when
+        encoded ahead), marked with their identifiers when ``ahead`` has them; rows the
+        database refuses are isolated with savepoints."""
         if not events:
             return set(), {}
-        marks = dict(zip(ahead.marks.ids, ahead.marks.literals, strict=True)) if ahead else {}
+        marks = _mark_texts(ahead)
         try:
             with conn.transaction():
-                return self._insert_rows(conn, events, marks, columns), {}
+                return self._insert_rows(conn, events, marks, columns, idents), {}
         except (psycopg.DataError, psycopg.IntegrityError):
             pass
         inserted: set[str] = set()
@@ -231,24 +327,25 @@ class Applier:
         events: list[CustomerEvent],
         marks: dict[str, str],
         columns: dict[str, object] | None = None,
+        idents: TextArray | None = None,
     ) -> set[str]:
-        # One statement with one array per column: no per-row placeholders to parse, and
-        # multi-argument unnest exists in CockroachDB too. Payloads travel as text[] and are
-        # cast row by row (jsonb[] parameters are newer in CockroachDB). Binary parameters (%b)
-        # skip the per-element quoting of text-format array literals. With ``marks`` (every
-        # event's identifiers as an array literal) the rows are stored stitched.
-        statement = sql.SQL(
-            "INSERT INTO {} ({}, stitched, identifiers) "
-            "SELECT u.id, u.source_id, u.type, u.version, u.event_time, CAST(u.payload AS jsonb), "
-            "CASE WHEN m.idents IS NOT NULL THEN clock_timestamp() END, m.idents::text[] "
-            "FROM {} LEFT JOIN unnest(%(idents)b::text[]) WITH ORDINALITY AS m(idents, n) "
-            "ON m.n = u.n ON CONFLICT (id) DO NOTHING RETURNING id"
-        ).format(self._events, sql.SQL(", ").join(map(sql.Identifier, EVENT_COLUMNS)), _UNNEST)
+        cursor = self._send_insert(conn, events, marks, columns, idents)
+        return {str(row[0]) for row in cursor}
+
+    def _send_insert(
+        self,
+        conn: psycopg.Connection[Any],
+        events: list[CustomerEvent],
+        marks: dict[str, str],
+        columns: dict[str, object] | None = None,
+        idents: TextArray | None = None,
+    ) -> psycopg.Cursor[Any]:
+        """The insert's cursor (in a pipeline its rows arrive when the pipeline syncs)."""
         params: dict[str, object] = {
             **(columns or _columns(events)),
-            "idents": TextArray([marks[ev.id] for ev in events] if marks else []),
+            "idents": idents if idents is not None else _idents(events, marks),
         }
-        return {str(row[0]) for row in conn.execute(statement, params)}
+        return conn.execute(self._insert_statement, params)
 
     def _differing(self, conn: psycopg.Connection[Any], events: list[CustomerEvent]) -> list[str]:
         """Ids among ``events`` (not inserted: already stored) whose stored content differs.
@@ -316,6 +413,18 @@ def _columns(events: list[CustomerEvent]) -> dict[str, object]:
     }
 
 
+def _mark_texts(prepared: Prepared | None) -> dict[str, str]:
+    """Each event's identifiers as array text, by id (none without rules evaluated)."""
+    if prepared is None:
+        return {}
+    return dict(zip(prepared.marks.ids, prepared.marks.literals, strict=True))
+
+
+def _idents(events: list[CustomerEvent], marks: dict[str, str]) -> TextArray:
+    """The ``identifiers`` column of the insert: each event's mark, or none at all."""
+    return TextArray([marks[ev.id] for ev in events] if marks else [])
+
+
 def _same_event(first: CustomerEvent, other: CustomerEvent) -> bool:
     """Two decodings of the same id with equal content (the payload compared as JSON)."""
     if (first.source_id, first.type, first.version, first.event_time) != (
@@ -341,6 +450,10 @@ def _conflict(decoded: object) -> str:
 def _shortened(envelope: Envelope) -> Envelope:
     reason = short_reason(envelope.reason or "unknown")
     return envelope if reason == envelope.reason else dataclasses.replace(envelope, reason=reason)
+
+
+class _StoredBefore(Exception):
+    """A pipelined batch found some of its events stored already: run it step by step."""
 
 
 def _values(rows: int, placeholders: list[str]) -> sql.Composed:

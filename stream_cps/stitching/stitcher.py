@@ -83,6 +83,9 @@ class Prepared:
     extracted: tuple[int, int] | None = None
     locked: Locked | None = None  # the batch's entities, locked first (``Stitcher.lock_first``)
     ruleset: rules.RuleSet | None = None  # what the rules were evaluated with
+    # Statements that write the rows of ``stored`` themselves, sent first in the pipeline of
+    # the batch's writes (the Kafka path's insert: it runs in PostgreSQL while Python groups)
+    send_first: Callable[[], object] | None = None
 
     def inserted(self, ids: set[str]) -> Prepared:
         """Only the events in ``ids`` (the rows the insert wrote), as stored already."""
@@ -96,6 +99,7 @@ class Prepared:
             self.extracted,
             self.locked,
             self.ruleset,
+            self.send_first,
         )
 
     def joined(self, other: Prepared) -> Prepared:
@@ -109,6 +113,7 @@ class Prepared:
             self.extracted or other.extracted,
             self.locked or other.locked,
             self.ruleset or other.ruleset,
+            self.send_first or other.send_first,
         )
 
 
@@ -488,10 +493,15 @@ class Stitcher:
             self.quarantine.remember(conn, events, excluded)
         if excluded or live.detached:
             marks = _marks(grouped, prepared.stored)
+        if prepared.send_first is not None and not events:
+            prepared.send_first()  # e.g. every event of the batch was erased
         if events:
             # Pipeline mode: marking the events (the largest statement, independent of the
-            # plan) runs in PostgreSQL while Python groups; the entity writes follow it.
+            # plan) or inserting them already marked runs in PostgreSQL while Python groups;
+            # the entity writes follow it.
             with conn.pipeline():
+                if prepared.send_first is not None:
+                    prepared.send_first()
                 marked = self.store.mark(conn, marks, prepared.failures)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_GROUP):
                     gone = set(result.purged)

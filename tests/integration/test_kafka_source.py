@@ -1172,3 +1172,63 @@ def test_a_calculation_storing_after_the_batch_began_does_not_make_it_retry(
     assert stored == [0] and entities > 0  # every entity of the batch was locked: skipped
     assert stats.events_new == len(rows)
     assert observed(db) == expected(db)
+
+
+def test_new_events_are_inserted_in_the_write_pipeline_and_a_redelivery_goes_step_by_step(
+    settings: config.Settings, db: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of new events is inserted inside the pipeline of its stitching writes (it runs
+    in PostgreSQL while Python groups). A batch holding events stored before is rolled back
+    and applied step by step, insert first, with the same outcome; so are the batches after
+    it until one holds no stored event. A row the database refuses is isolated as ever."""
+    db.execute(generator.config_sql(settings.schemas))
+    rows = sample(160, seed=86)
+    applier = Applier(settings.schemas, Stitcher(settings))
+    sends: list[bool] = []  # per insert sent: inside a pipeline?
+    steps: list[int] = []  # per step-by-step insert: its events
+    send_insert, insert = applier._send_insert, applier._insert
+
+    def sent(conn: psycopg.Connection[Any], *args: Any) -> Any:
+        sends.append(conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF)
+        return send_insert(conn, *args)
+
+    def stepped(conn: psycopg.Connection[Any], events: list[Any], *args: Any) -> Any:
+        steps.append(len(events))
+        return insert(conn, events, *args)
+
+    monkeypatch.setattr(applier, "_send_insert", sent)
+    monkeypatch.setattr(applier, "_insert", stepped)
+
+    def apply(batch: list[Row]) -> Any:
+        found = envelopes(batch)
+        with psycopg.connect(settings.dsn, autocommit=True) as ahead:
+            return applier.apply(db, found, applier.rule_ahead(ahead, found))
+
+    stats = apply(rows[:40])
+    assert (stats.events_new, sends, steps) == (40, [True], [])
+    # 10 redelivered, 30 new: the pipelined try is rolled back, then insert first
+    stats = apply(rows[30:70])
+    assert (stats.events_new, stats.events_seen, stats.stored_before) == (30, 10, 10)
+    assert sends == [True, True, False] and steps == [40] and not applier.pipelined
+    stats = apply(rows[70:100])  # all new, step by step once more, then pipelined again
+    assert (stats.events_new, steps[-1], applier.pipelined) == (30, 30, True)
+    sends.clear()
+    steps.clear()
+    stats = apply(rows[100:130])
+    assert (stats.events_new, sends, steps) == (30, [True], [])
+    # a constraint a DBA added refuses one row, which the rules took: the pipelined try
+    # fails, and step by step that row alone is a dead letter
+    db.execute(
+        psycopg.sql.SQL(
+            "ALTER TABLE cdp_ce.customer_events ADD CONSTRAINT refused CHECK (id <> {}) NOT VALID"
+        ).format(rows[130][0])
+    )
+    before = len(sends)
+    stats = apply(rows[130:160])
+    db.execute("ALTER TABLE cdp_ce.customer_events DROP CONSTRAINT refused")
+    # pipelined, then the batch's insert and one insert per row (savepoints)
+    assert sends[before:] == [True, False] + [False] * 30 and steps[-1] == 30
+    assert applier.pipelined
+    assert stats.events_new == 29 and [d.origin for d in stats.dead_letters] == ["kafka:t:0:0"]
+    assert count(db, "SELECT count(*) FROM cdp_ce.customer_events") == 159
+    assert observed(db) == expected(db)
