@@ -139,3 +139,32 @@ def test_a_failed_produce_is_classified_the_same_for_every_producer() -> None:
     assert isinstance(retry.delivery_error("t", [timed_out], 0), Transient)
     assert isinstance(retry.delivery_error("t", [], 3), Transient)
     assert isinstance(retry.delivery_error("t", [timed_out, too_large], 0), Fatal)
+
+
+@pytest.mark.parametrize(
+    ("failures", "waits"),
+    [
+        ([psycopg.errors.SerializationFailure("x")], 0),
+        ([psycopg.errors.SerializationFailure("x")] * 2, 1),
+        ([psycopg.errors.DeadlockDetected("x")], 1),
+        ([psycopg.errors.LockNotAvailable("x")], 1),
+    ],
+)
+def test_a_serialization_failure_is_retried_at_once_the_first_time(
+    failures: list[psycopg.Error], waits: int
+) -> None:
+    """The transaction that won has committed: the first retry does not wait. A deadlock or
+    a lock given way on (the other side still holds it) waits as before, and so does a
+    second serialization failure in a row."""
+    slept: list[float] = []
+    left = list(failures)
+
+    def work() -> str:
+        if left:
+            raise left.pop(0)
+        return "done"
+
+    assert retry.CONFLICT.call(work, sleep=slept.append) == "done"
+    assert len(slept) == len(failures)
+    assert len([s for s in slept if s > 0]) == waits
+    assert all(s >= retry.CONFLICT.first for s in slept if s > 0)
