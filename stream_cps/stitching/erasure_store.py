@@ -8,6 +8,7 @@ check is one statement: the batch's ids in, the erased ones out, over a primary-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,10 +156,17 @@ class ErasureStore:
 
     def erased_among(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> set[str]:
         """Those of ``event_ids`` that were erased (one statement for the whole batch)."""
+        return self.erased_among_later(conn, event_ids)()
+
+    def erased_among_later(
+        self, conn: psycopg.Connection[Any], event_ids: list[str]
+    ) -> Callable[[], set[str]]:
+        """``erased_among``, its statement sent now and its answer read by the function
+        returned: in a pipeline, the next statement goes out with it (one round trip)."""
         if not event_ids:
-            return set()
-        rows = conn.execute(self.erased_events, {"ids": TextArray(event_ids)}).fetchall()
-        return {str(r[0]) for r in rows}
+            return set
+        cursor = conn.execute(self.erased_events, {"ids": TextArray(event_ids)})
+        return lambda: {str(r[0]) for r in cursor.fetchall()}
 
     def suppressed_among(
         self, conn: psycopg.Connection[Any], identifiers: list[str]

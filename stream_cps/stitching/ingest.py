@@ -206,9 +206,11 @@ class Applier:
         if evaluated is not None and evaluated.ruleset is not self.stitcher.rulebook.refresh(conn):
             log.info("stitching rules changed since this batch's were evaluated: evaluating again")
             ruled = evaluated = None
-        if evaluated is not None and events and not stitch_ids:
-            evaluated = self.stitcher.lock_first(conn, evaluated)
-        erased = self.stitcher.erasure.erased_among(conn, list(events))
+        with conn.pipeline():  # the erasure check goes out with the lock: one round trip
+            erased_among = self.stitcher.erasure.erased_among_later(conn, list(events))
+            if evaluated is not None and events and not stitch_ids:
+                evaluated = self.stitcher.lock_first(conn, evaluated)
+        erased = erased_among()
         for event_id in erased:
             stats.erased += len(events.pop(event_id)[1])
         kept = [e for e in conflicts if _event_id(e) not in erased]  # no dead letter either

@@ -149,21 +149,23 @@ class RuleBook:
         comparison and the reload hold the lock: two threads reloading at once would
         otherwise leave one's rule set under the other's fingerprint."""
         s = self.schemas
-        rows = conn.execute(
-            sql.SQL(
-                "SELECT c.attribute_id, c.event_id, c.value_expression, e.source_id, e.type, "
-                "e.version FROM {cfg} c JOIN {events} e ON e.id = c.event_id "
-                "ORDER BY c.attribute_id, c.event_id"
-            ).format(
-                cfg=sql.Identifier(s.ps, "stitching_attributes_config"),
-                events=sql.Identifier(s.cdp, "events"),
+        with conn.pipeline():  # both reads in one round trip
+            rules_read = conn.execute(
+                sql.SQL(
+                    "SELECT c.attribute_id, c.event_id, c.value_expression, e.source_id, "
+                    "e.type, e.version FROM {cfg} c JOIN {events} e ON e.id = c.event_id "
+                    "ORDER BY c.attribute_id, c.event_id"
+                ).format(
+                    cfg=sql.Identifier(s.ps, "stitching_attributes_config"),
+                    events=sql.Identifier(s.cdp, "events"),
+                )
             )
-        ).fetchall()
-        blocked = conn.execute(
-            sql.SQL("SELECT attribute_id, value FROM {} ORDER BY 1, 2").format(
-                sql.Identifier(s.ps, "identifier_blocklist")
+            blocked_read = conn.execute(
+                sql.SQL("SELECT attribute_id, value FROM {} ORDER BY 1, 2").format(
+                    sql.Identifier(s.ps, "identifier_blocklist")
+                )
             )
-        ).fetchall()
+        rows, blocked = rules_read.fetchall(), blocked_read.fetchall()
         fingerprint = (tuple(rows), tuple(blocked))
         with self._lock:
             if fingerprint == self._fingerprint:

@@ -464,9 +464,10 @@ class Stitcher:
                     # after deadlock_timeout (retried, retry.CONFLICT).
                     conn.execute(self.store.give_way)
                 owners = self.store.lock_owners(conn, touched)
-            conn.execute(self.store.give_way)  # no long waits on rows from here on
-            # After the lock: an erase of the owner committed meanwhile is seen here.
-            suppressed = self.erasure.suppressed_among(conn, touched)
+            with conn.pipeline():  # one round trip for both
+                conn.execute(self.store.give_way)  # no long waits on rows from here on
+                # After the lock: an erase of the owner committed meanwhile is seen here.
+                suppressed = self.erasure.suppressed_among(conn, touched)
             if suppressed:
                 events = quarantine.without(events, suppressed)
                 marks = _marks(events, prepared.stored)

@@ -1145,11 +1145,11 @@ def test_a_calculation_storing_after_the_batch_began_does_not_make_it_retry(
         ruled = applier.rule_ahead(ahead, again)
     stored: list[int] = []  # rows the "calculation" stored into
     attempts: list[int] = []
-    erased_among = applier.stitcher.erasure.erased_among
+    lock_first = applier.stitcher.lock_first
     once = applier._once
 
-    def then_calculation_stores(conn: psycopg.Connection[Any], ids: list[str]) -> set[str]:
-        found = erased_among(conn, ids)  # the batch's snapshot exists by now
+    def then_calculation_stores(conn: psycopg.Connection[Any], prepared: Any) -> Any:
+        found = lock_first(conn, prepared)  # the batch's snapshot exists by now
         if not stored:
             with psycopg.connect(settings.dsn, autocommit=True) as calc:
                 stored.append(
@@ -1165,7 +1165,7 @@ def test_a_calculation_storing_after_the_batch_began_does_not_make_it_retry(
         attempts.append(1)
         return once(*args)
 
-    monkeypatch.setattr(applier.stitcher.erasure, "erased_among", then_calculation_stores)
+    monkeypatch.setattr(applier.stitcher, "lock_first", then_calculation_stores)
     monkeypatch.setattr(applier, "_once", counted)
     stats = applier.apply(db, again, ruled)
     assert len(attempts) == 1, f"the batch started over {len(attempts) - 1} time(s)"
