@@ -153,11 +153,12 @@ class KafkaLoop:
         """One trace per batch (an empty poll has none): the consumer's process span, linked
         to each message's producer; receive, stitch and commit inside it."""
         started, polled = batch.polled
+        where = _destination(batch)  # once: a walk over the batch's messages
         with telemetry.root(
             telemetry.SPAN_SOURCE_BATCH,
             started,
             kind=trace.SpanKind.CONSUMER,
-            attributes=self._attributes(batch, "process"),
+            attributes=self._attributes(batch, where, "process"),
             links=_producer_links(batch.envelopes),
         ):
             telemetry.record(
@@ -165,23 +166,29 @@ class KafkaLoop:
                 started,
                 polled,
                 kind=trace.SpanKind.CLIENT,
-                attributes=self._attributes(batch, "receive"),
+                attributes=self._attributes(batch, where, "receive"),
             )
-            self._ingest(batch, ruled, dead_topic)
+            self._ingest(batch, ruled, dead_topic, where)
 
     def _observe_lag(self, _options: Any) -> list[Any]:
         from opentelemetry.metrics import Observation
 
         return [] if self.lag is None else [Observation(self.lag)]
 
-    def _ingest(self, batch: KafkaBatch, ruled: Ruled | None, dead_topic: DeadLetterTopic) -> None:
+    def _ingest(
+        self,
+        batch: KafkaBatch,
+        ruled: Ruled | None,
+        dead_topic: DeadLetterTopic,
+        where: dict[str, str],
+    ) -> None:
         """The commit order of the module docstring, for one batch."""
         stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes, ruled))
         retry.KAFKA_PRODUCE.call(lambda: dead_topic.publish(stats.dead_letters))
         with telemetry.tracer().start_as_current_span(
             telemetry.SPAN_SOURCE_COMMIT,
             kind=trace.SpanKind.CLIENT,
-            attributes=self._attributes(batch, "settle", name="commit"),
+            attributes=self._attributes(batch, where, "settle", name="commit"),
         ):
             self.source.commit(batch)
         self.progress.add_ingest(stats)
@@ -189,24 +196,20 @@ class KafkaLoop:
         if self.on_batch:
             self.on_batch(stats)
 
-    def _attributes(self, batch: KafkaBatch, kind: str, name: str | None = None) -> dict[str, Any]:
-        """The OpenTelemetry messaging conventions' attributes of a batch's span; destination
-        and partition only when the whole batch shares them."""
-        topics = {e.topic for e in batch.envelopes}
-        partitions = {(e.topic, e.partition) for e in batch.envelopes}
-        out: dict[str, Any] = {
+    def _attributes(
+        self, batch: KafkaBatch, where: dict[str, str], kind: str, name: str | None = None
+    ) -> dict[str, Any]:
+        """The OpenTelemetry messaging conventions' attributes of a batch's span (``where``:
+        its ``_destination``)."""
+        return {
             "messaging.system": "kafka",
             "messaging.operation.type": kind,
             "messaging.operation.name": name or kind,
             "messaging.consumer.group.name": self.settings.kafka.group_id,
             "messaging.client.id": self.member,
             "messaging.batch.message_count": len(batch.envelopes),
+            **where,
         }
-        if len(topics) == 1:
-            out["messaging.destination.name"] = next(iter(topics))
-        if len(partitions) == 1:
-            out["messaging.destination.partition.id"] = str(next(iter(partitions))[1])
-        return out
 
     def _apply(self, envelopes: list[Envelope], ruled: Ruled | None) -> ApplyStats:
         """The batch's transaction; a lost connection is reopened by the next try."""
@@ -246,6 +249,18 @@ class KafkaLoop:
                 raise
             log.warning("kafka: maintenance deferred: %s", exc)
             self.source.replay_due = True
+
+
+def _destination(batch: KafkaBatch) -> dict[str, str]:
+    """Destination and partition attributes, only when the whole batch shares them."""
+    topics = {e.topic for e in batch.envelopes}
+    partitions = {(e.topic, e.partition) for e in batch.envelopes}
+    out: dict[str, str] = {}
+    if len(topics) == 1:
+        out["messaging.destination.name"] = next(iter(topics)) or ""
+    if len(partitions) == 1:
+        out["messaging.destination.partition.id"] = str(next(iter(partitions))[1])
+    return out
 
 
 def _producer_links(envelopes: list[Envelope]) -> list[trace.Link]:
