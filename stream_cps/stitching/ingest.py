@@ -137,12 +137,9 @@ class Applier:
         if self.pipelined:
             try:
                 stats = attempt(True)
-            except _StoredBefore:
-                log.info("a batch holds events stored before (redelivered): inserted first")
-                self.pipelined = False
-            except (psycopg.DataError, psycopg.IntegrityError) as exc:
-                # the database refused a row (or the writes): the insert on its own isolates it
-                log.debug("batch refused in one pipeline, applied step by step: %s", exc)
+            except _StepByStep as exc:
+                log.log(exc.level, "%s: applied again step by step", exc)
+                self.pipelined = exc.keep_pipelining
         if stats is None:
             stats = attempt(False)
             self.pipelined = stats.stored_before == 0
@@ -270,8 +267,8 @@ class Applier:
 
         The bet is that every event is new, as in all but a redelivery or a replay: the
         stitching is planned for all of them, and if the insert returns fewer rows, or the
-        database refuses one, the whole transaction is rolled back (``_StoredBefore``, or the
-        error) and ``apply`` runs the batch again step by step (``_insert`` first)."""
+        database refuses one, the whole transaction is rolled back (``_StepByStep``) and
+        ``apply`` runs the batch again step by step (``_insert`` first)."""
         new_events = [ev for ev, _ in events.values()]
         expected = set(events)
         marks = {} if idents is not None else _mark_texts(ahead)
@@ -286,10 +283,14 @@ class Applier:
         stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
         self._record_dead(conn, stats.dead_letters)
         prepared = dataclasses.replace(ahead.inserted(expected), send_first=send_first)
-        stats.stitch = stitch_in(list(events), prepared)
+        try:
+            stats.stitch = stitch_in(list(events), prepared)
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # the database refused a row (or a write): the insert on its own isolates it
+            raise _StepByStep(f"batch refused in one pipeline ({exc})", True) from exc
         inserted = {str(row[0]) for row in sent[0]} if sent else set()
         if inserted != expected:
-            raise _StoredBefore
+            raise _StepByStep("a batch holds events stored before (redelivered)", False)
         stats.events_new = len(inserted)
         stats.events_seen = received - len(inserted) - len(conflicts)
         return stats
@@ -454,8 +455,15 @@ def _shortened(envelope: Envelope) -> Envelope:
     return envelope if reason == envelope.reason else dataclasses.replace(envelope, reason=reason)
 
 
-class _StoredBefore(Exception):
-    """A pipelined batch found some of its events stored already: run it step by step."""
+class _StepByStep(Exception):
+    """The pipelined try of a batch failed and was rolled back: ``apply`` runs it again
+    step by step. ``keep_pipelining`` is False when the batch held events stored before:
+    the batches after a redelivery likely do too."""
+
+    def __init__(self, reason: str, keep_pipelining: bool) -> None:
+        super().__init__(reason)
+        self.keep_pipelining = keep_pipelining
+        self.level = logging.DEBUG if keep_pipelining else logging.INFO
 
 
 def _values(rows: int, placeholders: list[str]) -> sql.Composed:
