@@ -9,7 +9,7 @@ the old state, and a batch that starts later waits for the release and reads the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -191,10 +191,19 @@ class QuarantineStore:
 
     def excluded(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> frozenset[str]:
         """Those of ``identifiers`` that link nothing (quarantined or blocked)."""
+        return self.excluded_later(conn, identifiers)()
+
+    def excluded_later(
+        self, conn: psycopg.Connection[Any], identifiers: list[str]
+    ) -> Callable[[], frozenset[str]]:
+        """``excluded``, its statement sent now and its answer read by the function returned:
+        in a pipeline, the next statement goes out with it (one round trip)."""
         if not identifiers:
-            return frozenset()
-        rows = conn.execute(self.states, {"idents": TextArray(identifiers)}).fetchall()
-        return frozenset(ident for ident, state in rows if state != quarantine.RELEASED)
+            return frozenset
+        cursor = conn.execute(self.states, {"idents": TextArray(identifiers)})
+        return lambda: frozenset(
+            ident for ident, state in cursor.fetchall() if state != quarantine.RELEASED
+        )
 
     # -- the admin ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ batch after it locked the batch's entities, ``FOR SHARE`` (as quarantine states 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -132,15 +133,27 @@ class SplitStore:
     ) -> Live:
         """The live cuts among ``identifiers`` and detaches among ``event_ids`` (``FOR SHARE``:
         an undo waits for this batch)."""
+        return self.live_later(conn, identifiers, event_ids)()
+
+    def live_later(
+        self, conn: psycopg.Connection[Any], identifiers: list[str], event_ids: list[str]
+    ) -> Callable[[], Live]:
+        """``live``, its statement sent now and its answer read by the function returned: in
+        a pipeline, the next statement goes out with it (one round trip)."""
         if not identifiers and not event_ids:
-            return Live(frozenset(), frozenset())
-        rows = conn.execute(
+            return lambda: Live(frozenset(), frozenset())
+        cursor = conn.execute(
             self.probe, {"idents": TextArray(identifiers), "events": TextArray(event_ids)}
-        ).fetchall()
-        return Live(
-            frozenset(i for kind, i, _ in rows if kind == split.CUT),
-            frozenset(e for kind, _, e in rows if kind == split.DETACH),
         )
+
+        def read() -> Live:
+            rows = cursor.fetchall()
+            return Live(
+                frozenset(i for kind, i, _ in rows if kind == split.CUT),
+                frozenset(e for kind, _, e in rows if kind == split.DETACH),
+            )
+
+        return read
 
     # -- the admin ---------------------------------------------------------------------------
 

@@ -464,18 +464,25 @@ class Stitcher:
                     # after deadlock_timeout (retried, retry.CONFLICT).
                     conn.execute(self.store.give_way)
                 owners = self.store.lock_owners(conn, touched)
-            with conn.pipeline():  # one round trip for both
+            # Reads that need nothing from each other go out together (one round trip each
+            # group): every round trip of a batch's serial chain is paid for again waiting
+            # for the GIL while another thread runs Python (docs/benchmarks.md).
+            with conn.pipeline():
                 conn.execute(self.store.give_way)  # no long waits on rows from here on
+                live_of = self.splits.live_later(conn, touched, [ev.id for ev in events])
                 # After the lock: an erase of the owner committed meanwhile is seen here.
                 suppressed = self.erasure.suppressed_among(conn, touched)
+            live = live_of()
             if suppressed:
                 events = quarantine.without(events, suppressed)
                 marks = _marks(events, prepared.stored)
             trips = self.quarantine.record(conn, events, self.limits)
-            excluded = self.quarantine.excluded(conn, touched)
-            live = self.splits.live(conn, touched, [ev.id for ev in events])
-            excluded |= live.cut
-            result.purged = self.store.purge(conn, owners.keys, self.batch_size, self._purged_up_to)
+            with conn.pipeline():  # after the record: its trips are excluded, and purged
+                excluded_of = self.quarantine.excluded_later(conn, touched)
+                result.purged = self.store.purge(
+                    conn, owners.keys, self.batch_size, self._purged_up_to
+                )
+            excluded = excluded_of() | live.cut
             # Past the last share's highest id; a short share went round: from the lowest.
             full = len(result.purged) >= self.batch_size
             self._purged_up_to = max(result.purged) if full else ""
