@@ -288,7 +288,7 @@ class Applier:
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # the database refused a row (or a write): the insert on its own isolates it
             raise _StepByStep(f"batch refused in one pipeline ({exc})", True) from exc
-        inserted = {str(row[0]) for row in sent[0]} if sent else set()
+        inserted = _ids(sent[0]) if sent else set()
         if inserted != expected:
             raise _StepByStep("a batch holds events stored before (redelivered)", False)
         stats.events_new = len(inserted)
@@ -311,7 +311,7 @@ class Applier:
         marks = _mark_texts(ahead)
         try:
             with conn.transaction():
-                return self._insert_rows(conn, events, marks, columns, idents), {}
+                return _ids(self._send_insert(conn, events, marks, columns, idents)), {}
         except (psycopg.DataError, psycopg.IntegrityError):
             pass
         inserted: set[str] = set()
@@ -319,21 +319,10 @@ class Applier:
         for event in events:
             try:
                 with conn.transaction():
-                    inserted |= self._insert_rows(conn, [event], marks)
+                    inserted |= _ids(self._send_insert(conn, [event], marks))
             except (psycopg.DataError, psycopg.IntegrityError) as exc:
                 failed[event.id] = f"database refused the event: {exc.diag.message_primary}"
         return inserted, failed
-
-    def _insert_rows(
-        self,
-        conn: psycopg.Connection[Any],
-        events: list[CustomerEvent],
-        marks: dict[str, str],
-        columns: dict[str, object] | None = None,
-        idents: TextArray | None = None,
-    ) -> set[str]:
-        cursor = self._send_insert(conn, events, marks, columns, idents)
-        return {str(row[0]) for row in cursor}
 
     def _send_insert(
         self,
@@ -414,6 +403,11 @@ def _columns(events: list[CustomerEvent]) -> dict[str, object]:
         "event_time": [ev.event_time for ev in events],
         "payload": TextArray([ev.payload for ev in events]),
     }
+
+
+def _ids(cursor: psycopg.Cursor[Any]) -> set[str]:
+    """The ids an insert returned."""
+    return {str(row[0]) for row in cursor}
 
 
 def _mark_texts(prepared: Prepared | None) -> dict[str, str]:

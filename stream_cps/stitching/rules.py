@@ -142,7 +142,7 @@ class RuleBook:
         return notices
 
     def refresh(self, conn: psycopg.Connection[Any]) -> RuleSet:
-        """Reload rules and blocklist if they changed (one small query when they did not).
+        """Reload rules and blocklist if they changed (one round trip when they did not).
 
         The same object comes back while nothing changed (the Kafka path compares them: a
         batch whose rules were evaluated ahead with another set evaluates them again). The
