@@ -220,7 +220,7 @@ class Applier:
         ahead = None
         encoded = ruled if ruled is not None and ruled.ids == tuple(events) else None
         columns = encoded.columns if encoded and encoded.columns else _columns(new_events)
-        idents = encoded.idents if encoded and encoded.prepared else None
+        idents = encoded.idents if encoded else None
         if new_events:
             ahead = (
                 evaluated if ruled is not None else self.stitcher.prepare_rows(conn, _ROWS, columns)
@@ -240,11 +240,7 @@ class Applier:
             conflicts += events[event_id][1]
         stats.events_new = len(inserted)
         stats.events_seen = received - len(inserted) - len(failed) - len(conflicts)
-        stats.dead_letters += [
-            dataclasses.replace(e, reason=_conflict(e.decoded)) for e in conflicts
-        ]
-        stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
-        self._record_dead(conn, stats.dead_letters)
+        self._record_dead(conn, stats, conflicts)
         ids = [eid for eid in events if eid not in failed]
         ids += [eid for eid in stitch_ids if eid not in events]
         stats.stitch = stitch_in(ids, ahead.inserted(inserted) if ahead else None)
@@ -277,11 +273,7 @@ class Applier:
         def send_first() -> None:
             sent.append(self._send_insert(conn, new_events, marks, columns, idents))
 
-        stats.dead_letters += [
-            dataclasses.replace(e, reason=_conflict(e.decoded)) for e in conflicts
-        ]
-        stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
-        self._record_dead(conn, stats.dead_letters)
+        self._record_dead(conn, stats, conflicts)
         prepared = dataclasses.replace(ahead.inserted(expected), send_first=send_first)
         try:
             stats.stitch = stitch_in(list(events), prepared)
@@ -354,7 +346,15 @@ class Applier:
         ).format(_UNNEST, self._events)
         return [str(row[0]) for row in conn.execute(statement, _columns(events))]
 
-    def _record_dead(self, conn: psycopg.Connection[Any], dead: list[Envelope]) -> None:
+    def _record_dead(
+        self, conn: psycopg.Connection[Any], stats: ApplyStats, conflicts: list[Envelope]
+    ) -> None:
+        """The batch's dead letters, ``conflicts`` (ids stored with other content) added, in
+        the table; ``stats.dead_letters`` holds them as recorded (reasons shortened)."""
+        stats.dead_letters += [
+            dataclasses.replace(e, reason=_conflict(e.decoded)) for e in conflicts
+        ]
+        dead = stats.dead_letters = [_shortened(e) for e in stats.dead_letters]
         if not dead:
             return
         statement = sql.SQL("INSERT INTO {} ({}) VALUES {} ON CONFLICT (id) DO NOTHING").format(
