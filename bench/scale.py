@@ -31,7 +31,8 @@ tables and indexes, and the time the guide's restitch-one script takes to come b
 Rates are reported as ratios against the empty-database burst of the same run (machines here
 are noisy; only the ratio means something). ``--profile defaults`` runs PostgreSQL's defaults
 (shared_buffers 128 MB, max_wal_size 1 GB), ``tuned`` the settings docs/benchmarks.md
-recommends. ``--check`` compares the final partition with the offline oracle (minutes at 10M).
+recommends; ``--set name=value`` changes one setting over the profile's. ``--check``
+compares the final partition with the offline oracle (minutes at 10M).
 ``--restitch-all`` ends with the guide's restitch of everything (both statements as written),
 timed until every entity is purged and every event stitched again; the entities must come back
 unchanged (CI's smoke run does it too).
@@ -426,6 +427,13 @@ def empty_burst(server_dsn: str, workdir: Path, batch_size: int, n: int, seed: i
     return len(rows) / seconds
 
 
+def _setting(text: str) -> str:
+    """A ``--set`` argument: ``name=value``."""
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE")
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,10000000", help="database sizes (events)")
@@ -433,6 +441,14 @@ def main() -> int:
     parser.add_argument("--returning", type=float, default=0.1, help="share of returning people")
     parser.add_argument("--chunk", type=int, default=200_000, help="history COPY size")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="tuned")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        type=_setting,
+        metavar="NAME=VALUE",
+        help="a server setting over the profile's (repeatable): which settings matter",
+    )
     parser.add_argument("--batch-size", type=int, default=5000, help="stitching.batch_size")
     parser.add_argument("--check", action="store_true", help="compare with the offline oracle")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -456,7 +472,11 @@ def main() -> int:
     workdir = args.resume or Path(tempfile.mkdtemp(prefix="stream-cps-scale-"))
     keep = args.keep or args.resume is not None
     state = json.loads((workdir / "loader.json").read_text()) if args.resume else None
-    settings = {**PROFILES[args.profile], "shared_preload_libraries": "pg_stat_statements"}
+    settings = {
+        **PROFILES[args.profile],
+        **dict(item.split("=", 1) for item in args.set),  # checked by _setting
+        "shared_preload_libraries": "pg_stat_statements",
+    }
     server = embedded.start(workdir / "pg", settings=settings)
     steps: list[dict[str, Any]] = []
     loader: Loader | None = None
@@ -534,9 +554,10 @@ def main() -> int:
         else:
             embedded.destroy(server)
             shutil.rmtree(workdir, ignore_errors=True)
-    report(steps, args.profile)
+    report(steps, args.profile, args.set)
     if args.json:
-        args.json.write_text(json.dumps({"profile": args.profile, "steps": steps}, indent=1))
+        figures = {"profile": args.profile, "set": args.set, "steps": steps}
+        args.json.write_text(json.dumps(figures, indent=1))
     return 0
 
 
@@ -584,14 +605,15 @@ def _print(step: dict[str, Any]) -> None:
     )
 
 
-def report(steps: list[dict[str, Any]], profile: str) -> None:
+def report(steps: list[dict[str, Any]], profile: str, overrides: list[str]) -> None:
     bursts = [s for s in steps if s["kind"] in ("burst", "new-only")]
     everything = [s for s in steps if s["kind"] == "restitch-all"]
     history = [s for s in steps if s["kind"] == "history"]
     base = bursts[0]["rate"] if bursts else 1
     empty = bool(bursts) and bursts[0]["db_events"] == bursts[0]["events"]
     first = "empty-database" if empty else "first"
-    print(f"\nprofile {profile}: bursts as a ratio of the {first} burst")
+    shown = profile + "".join(f" {item}" for item in overrides)
+    print(f"\nprofile {shown}: bursts as a ratio of the {first} burst")
     for s in bursts:
         mb = {k: round(v / 2**20) for k, v in s.get("sizes", {}).items()}
         now = s.get("empty_now_rate")
