@@ -189,15 +189,12 @@ class QuarantineStore:
                 },
             )
 
-    def excluded(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> frozenset[str]:
-        """Those of ``identifiers`` that link nothing (quarantined or blocked)."""
-        return self.excluded_later(conn, identifiers)()
-
     def excluded_later(
         self, conn: psycopg.Connection[Any], identifiers: list[str]
     ) -> Callable[[], frozenset[str]]:
-        """``excluded``, its statement sent now and its answer read by the function returned:
-        in a pipeline, the next statement goes out with it (one round trip)."""
+        """Those of ``identifiers`` that link nothing (quarantined or blocked): the statement
+        is sent now and its answer read by the function returned, so in a pipeline the next
+        statement goes out with it (one round trip)."""
         if not identifiers:
             return frozenset
         cursor = conn.execute(self.states, {"idents": TextArray(identifiers)})

@@ -128,18 +128,12 @@ class SplitStore:
 
     # -- per batch ---------------------------------------------------------------------------
 
-    def live(
-        self, conn: psycopg.Connection[Any], identifiers: list[str], event_ids: list[str]
-    ) -> Live:
-        """The live cuts among ``identifiers`` and detaches among ``event_ids`` (``FOR SHARE``:
-        an undo waits for this batch)."""
-        return self.live_later(conn, identifiers, event_ids)()
-
     def live_later(
         self, conn: psycopg.Connection[Any], identifiers: list[str], event_ids: list[str]
     ) -> Callable[[], Live]:
-        """``live``, its statement sent now and its answer read by the function returned: in
-        a pipeline, the next statement goes out with it (one round trip)."""
+        """The live cuts among ``identifiers`` and detaches among ``event_ids`` (``FOR SHARE``:
+        an undo waits for this batch): the statement is sent now and its answer read by the
+        function returned, so in a pipeline the next statement goes out with it."""
         if not identifiers and not event_ids:
             return lambda: Live(frozenset(), frozenset())
         cursor = conn.execute(
