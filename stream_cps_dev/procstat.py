@@ -30,9 +30,10 @@ def server_pid(datadir: Path) -> int:
 def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, float]:
     """CPU seconds so far of the server's processes by role: client sessions by
     application_name, the others by backend type (walsender, autovacuum worker, checkpointer).
-    Processes that exited (an autovacuum worker that finished, a closed session) drop out, so
-    the total of a difference of two readings is a lower bound; one role's figure may not be
-    (a session that names itself between the readings moves its past CPU to that role)."""
+    Processes that exited (an autovacuum worker that finished, a closed session, a walsender
+    whose stream was closed) count under "exited server processes": the postmaster reaps
+    them, and the kernel adds their CPU to its children's. One role's figure may be off (a
+    session that names itself between the readings moves its past CPU to that role)."""
     names = dict(
         conn.execute(
             "SELECT pid, CASE WHEN backend_type = 'client backend' "
@@ -52,6 +53,8 @@ def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, floa
             continue
         role = names.get(int(proc.name), "other server process")
         out[role] = out.get(role, 0.0) + cpu_seconds(fields)
+    reaped = stat_fields(postmaster)
+    out["exited server processes"] = (int(reaped[13]) + int(reaped[14])) / CLK_TCK  # c*time
     return out
 
 
