@@ -167,18 +167,15 @@ class ReplicationLoop:
                         # committed and unstitched) earliest first and reading ahead, instead
                         # of in insertion order; replayed rows it already stitched cost one
                         # empty query, not a lookup each.
-                        swept = self._sweep(conn, ahead)
+                        self._sweep(conn, ahead)
                         last_sweep = time.monotonic()
                     else:
                         self._record(self.stitcher.stitch(conn, batch.event_ids))
-                        swept = None
                     if self.stop.is_set():
                         return  # not acknowledged: replayed and skipped on restart
-                    with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_ACK):
-                        if batch.ack_lsn is not None:
+                    if batch.ack_lsn is not None:
+                        with telemetry.tracer().start_as_current_span(telemetry.SPAN_SOURCE_ACK):
                             self.source.ack(conn, batch.ack_lsn)
-                        if swept is not None:
-                            self.source.skip_to(conn, swept)
             else:
                 # Nothing of ours (a heartbeat, other tables): no trace; pending purges are
                 # the sweep's, just below.
@@ -194,29 +191,15 @@ class ReplicationLoop:
                 check_cost = time.monotonic() - checked
                 if work:
                     with telemetry.root(telemetry.SPAN_STITCH_SWEEP, telemetry.now()):
-                        swept = self._sweep(conn, ahead)
-                    if swept is not None and not self.stop.is_set():
-                        self.source.skip_to(conn, swept)
+                        self._sweep(conn, ahead)
                 last_sweep = time.monotonic()
                 self.progress.lag_bytes = self.source.lag_bytes(conn)
             self.progress.maybe_log()
 
-    def _sweep(self, conn: psycopg.Connection[Any], ahead: psycopg.Connection[Any]) -> int | None:
-        """Stitch everything still unstitched (and run pending purges).
-
-        Returns the WAL position the slot may skip to when the sweep stitched a backlog (a
-        batch or more): the stream's changes before it only announce rows now stitched. A
-        smaller sweep returns None, as the stream's few changes cost less than reopening it."""
-        marks: list[int] = []
-        events = 0
-        for result in self.stitcher.sweep(
-            conn, ahead, self.stop, before_pass=lambda: marks.append(self.source.position(conn))
-        ):
-            events += result.events
+    def _sweep(self, conn: psycopg.Connection[Any], ahead: psycopg.Connection[Any]) -> None:
+        """Stitch everything still unstitched (and run pending purges)."""
+        for result in self.stitcher.sweep(conn, ahead, self.stop):
             self._record(result)
-        if self.stop.is_set() or events < self.settings.stitching.batch_size or not marks:
-            return None
-        return marks[-1]
 
     def _record(self, result: BatchResult) -> None:
         # A full batch means more is waiting: calculation holds back (service/backlog.py).

@@ -198,7 +198,6 @@ class Stitcher:
         conn: psycopg.Connection[Any],
         reader: psycopg.Connection[Any] | None = None,
         stop: threading.Event | None = None,
-        before_pass: Callable[[], None] | None = None,
     ) -> Iterator[BatchResult]:
         """Stitch every row with ``stitched IS NULL``, whatever carried it; one result per
         committed batch.
@@ -214,15 +213,9 @@ class Stitcher:
         sees rows that the batch in flight is stitching; the next pass starts only after the
         last batch committed. Reading before locking is the order every batch keeps anyway
         (module docstring), so purge signals are handled exactly as in ``stitch``.
-
-        ``before_pass`` runs before each pass reads anything. The replication loop notes the
-        WAL position there: when the sweep ends without ``stop``, its last pass found nothing
-        to stitch, so no event committed before the position noted last needs the stream.
         """
         stop = stop or threading.Event()
         while not stop.is_set():
-            if before_pass is not None:
-                before_pass()
             stitched = 0
             for result in self._one_pass(conn, reader or conn, stop):
                 stitched += result.events + len(result.purged)

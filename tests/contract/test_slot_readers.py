@@ -253,37 +253,3 @@ def test_a_publication_someone_else_owns_is_used_as_it_is_with_a_warning(
         source.close()  # the database's teardown drops the slot
         db.execute(f"DROP OWNED BY {role}")
         db.execute(f"DROP ROLE {role}")
-
-
-def test_skipping_passes_over_what_came_before_and_streams_what_comes_after(
-    slot: SlotSource, db: psycopg.Connection[Any], local: config.Settings
-) -> None:
-    """After a sweep the loop moves the slot past the changes it stitched, while the stream is
-    open (its walsender holds the slot): they are not handed out, the ones after are."""
-    assert_streams(slot, db)  # reading: the stream's walsender now holds the slot
-    insert(db, [event("b", 2)])
-    insert(db, [event("c", 3)])
-    position = slot.position(db)
-    insert(db, [event("d", 4)])
-    slot.skip_to(db, position)
-    ids, _ = collect(slot, db, 1, ack=False)
-    assert ids == ["d"]
-    slot.close()
-    again = reader(local)  # and the slot itself moved: a restart does not bring them back
-    try:
-        insert(db, [event("e", 5)])
-        ids, _ = collect(again, db, 2)
-        assert ids == ["d", "e"]  # "d" was handed out but never acknowledged
-    finally:
-        again.close()
-
-
-def test_skipping_to_a_position_already_passed_changes_nothing(
-    slot: SlotSource, db: psycopg.Connection[Any]
-) -> None:
-    position = slot.position(db)
-    assert_streams(slot, db)  # acknowledged past ``position``
-    insert(db, [event("b", 2)])
-    slot.skip_to(db, position)  # an older position: no error, nothing lost
-    ids, _ = collect(slot, db, 1)
-    assert ids == ["b"]

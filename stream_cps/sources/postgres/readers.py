@@ -24,7 +24,7 @@ from psycopg.conninfo import make_conninfo
 
 from stream_cps.config import Schemas, Settings
 from stream_cps.errors import Transient
-from stream_cps.sources.postgres.pgoutput import Commit, Decoder, RowChange, parse_lsn
+from stream_cps.sources.postgres.pgoutput import Commit, Decoder, RowChange, format_lsn, parse_lsn
 from stream_cps.sources.postgres.slot import NEEDED_COLUMNS, SlotBatch, SlotSource, invalidated
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class PeekReader(SlotSource):
     )
 
     def poll(self, conn: psycopg.Connection[Any], max_changes: int, wait: float) -> SlotBatch:
-        head = self.position(conn)
+        head_row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        head = parse_lsn(head_row[0]) if head_row else None
         with self.recognise_invalidation():
             rows = conn.execute(self._peek, [self.slot, max_changes, self.publication]).fetchall()
         ids: dict[str, None] = {}
@@ -56,10 +57,17 @@ class PeekReader(SlotSource):
         return SlotBatch(list(ids), ack, len(rows))
 
     def ack(self, conn: psycopg.Connection[Any], lsn: int) -> None:
-        self.advance(conn, lsn)
+        row = conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            [self.slot],
+        ).fetchone()
+        if row and row[0] and parse_lsn(row[0]) >= lsn:
+            return
+        with self.recognise_invalidation():
+            conn.execute(
+                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [self.slot, format_lsn(lsn)]
+            )
 
-
-SKIP_WAIT = 5.0  # seconds to wait for the walsender to release the slot before advancing it
 
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for status updates.
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -155,25 +163,6 @@ class StreamReader(SlotSource):
     def ack(self, conn: psycopg.Connection[Any], lsn: int) -> None:
         self.flushed = max(self.flushed, lsn)
         self._status(self.flushed)
-
-    def skip_to(self, conn: psycopg.Connection[Any], lsn: int) -> None:
-        """Close the stream (a slot that is streamed cannot be advanced with SQL), advance,
-        and let the next poll start streaming at ``lsn``. Should the walsender not let go of
-        the slot in time, the stream simply resumes where it was: nothing is skipped."""
-        if lsn <= self.flushed:
-            return
-        self.close()
-        deadline = time.monotonic() + SKIP_WAIT
-        while True:
-            try:
-                self.advance(conn, lsn)
-                break
-            except psycopg.errors.ObjectInUse:  # our walsender is still exiting
-                if time.monotonic() > deadline:
-                    log.info("slot %s still in use after %.0f s: not skipped", self.slot, SKIP_WAIT)
-                    return
-                time.sleep(0.02)
-        self.flushed = lsn
 
     def _status(self, lsn: int) -> None:
         now = int((datetime.now(UTC) - _PG_EPOCH).total_seconds() * 1_000_000)

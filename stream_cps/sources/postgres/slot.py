@@ -19,7 +19,7 @@ from psycopg import sql
 
 from stream_cps.config import Schemas
 from stream_cps.errors import SchemaError, Transient
-from stream_cps.sources.postgres.pgoutput import Decoder, RowChange, format_lsn, parse_lsn
+from stream_cps.sources.postgres.pgoutput import Decoder, RowChange
 
 log = logging.getLogger(__name__)
 
@@ -236,37 +236,6 @@ class SlotSource:
             [self.slot],
         ).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
-
-    def position(self, conn: psycopg.Connection[Any]) -> int:
-        """The server's WAL position now (``pg_current_wal_lsn``)."""
-        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        assert row is not None
-        return parse_lsn(row[0])
-
-    def advance(self, conn: psycopg.Connection[Any], lsn: int) -> None:
-        """Move the slot to ``lsn`` with SQL, unless it is there already (the slot must not be
-        streamed meanwhile)."""
-        row = conn.execute(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-            [self.slot],
-        ).fetchone()
-        if row and row[0] and parse_lsn(row[0]) >= lsn:
-            return
-        with self.recognise_invalidation():
-            conn.execute(
-                "SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", [self.slot, format_lsn(lsn)]
-            )
-
-    def skip_to(self, conn: psycopg.Connection[Any], lsn: int) -> None:
-        """Pass over the slot's changes before ``lsn`` without reading them: the sweep has just
-        stitched every event they announce (``Stitcher.sweep``'s ``before_pass``).
-
-        Otherwise, after a backlog, the walsender decodes every change of it and the reader
-        parses an insert message per event, only to find each row stitched. The advance
-        decodes in fast-forward (WAL records only, no rows, nothing sent). A row the sweep
-        could not stitch stays ``stitched IS NULL`` and the periodic sweep takes it, as it
-        takes every row the slot did not carry."""
-        self.advance(conn, lsn)
 
     def poll(self, conn: psycopg.Connection[Any], max_changes: int, wait: float) -> SlotBatch:
         """Unstitched ids of whole committed transactions; blocks up to ``wait`` when idle."""
