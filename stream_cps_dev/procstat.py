@@ -32,8 +32,9 @@ def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, floa
     application_name, the others by backend type (walsender, autovacuum worker, checkpointer).
     Processes that exited (an autovacuum worker that finished, a closed session, a walsender
     whose stream was closed) count under "exited server processes": the postmaster reaps
-    them, and the kernel adds their CPU to its children's. One role's figure may be off (a
-    session that names itself between the readings moves its past CPU to that role)."""
+    them, and the kernel adds their CPU to its children's. So the total of a difference of
+    two readings is whole; one role's may be off, even negative (a process that exits between
+    the readings moves its CPU to "exited"; a session that names itself, to that role)."""
     names = dict(
         conn.execute(
             "SELECT pid, CASE WHEN backend_type = 'client backend' "
