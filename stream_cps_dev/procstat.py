@@ -22,6 +22,11 @@ def cpu_seconds(fields: list[str]) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def children_cpu_seconds(fields: list[str]) -> float:
+    """User plus system CPU seconds of the children the process has reaped (cutime, cstime)."""
+    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+
+
 def server_pid(datadir: Path) -> int:
     """The postmaster's pid (first line of postmaster.pid)."""
     return int((datadir / "postmaster.pid").read_text().split()[0])
@@ -54,8 +59,7 @@ def server_cpu(conn: psycopg.Connection[Any], postmaster: int) -> dict[str, floa
             continue
         role = names.get(int(proc.name), "other server process")
         out[role] = out.get(role, 0.0) + cpu_seconds(fields)
-    reaped = stat_fields(postmaster)
-    out["exited server processes"] = (int(reaped[13]) + int(reaped[14])) / CLK_TCK  # c*time
+    out["exited server processes"] = children_cpu_seconds(stat_fields(postmaster))
     return out
 
 

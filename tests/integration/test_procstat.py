@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import psycopg
 
 from stream_cps_dev import embedded
 from stream_cps_dev.procstat import cpu_seconds, server_cpu, server_pid, stat_fields
+from tests.support import wait_until
 
 EXITED = "exited server processes"
 
@@ -27,11 +26,12 @@ def test_a_closed_sessions_cpu_stays_in_the_servers_total(
             assert row is not None
             used = cpu_seconds(stat_fields(int(row[0])))
         assert used >= 0.1  # the session did use CPU worth measuring
-        deadline = time.monotonic() + 10
-        while True:  # the postmaster reaps the backend soon after the connection closes
-            after = server_cpu(watcher, postmaster)
-            if after[EXITED] - before[EXITED] >= used - 0.02 or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        # The postmaster reaps the backend soon after the connection closes.
+        wait_until(
+            lambda: server_cpu(watcher, postmaster)[EXITED] - before[EXITED] >= used - 0.02,
+            timeout=10,
+            what="the closed session's CPU counted as exited",
+        )
+        after = server_cpu(watcher, postmaster)
     assert after[EXITED] - before[EXITED] >= used - 0.02  # one clock tick of rounding
     assert sum(after.values()) - sum(before.values()) >= used - 0.02
