@@ -86,14 +86,6 @@ class Prepared:
     # Statements that write the rows of ``stored`` themselves, sent first in the pipeline of
     # the batch's writes (the Kafka path's insert: it runs in PostgreSQL while Python groups)
     send_first: Callable[[], object] | None = None
-    # The identifiers the lock lookup looks for (the sweep's pre-probe, ``_one_pass``); the
-    # batch's others had no owner then. None: look for all of them.
-    probed: frozenset[str] | None = None
-
-    @property
-    def touched(self) -> frozenset[str]:
-        """Every identifier the batch's events carry."""
-        return frozenset(i for ev in self.events for i in ev.identifiers)
 
     def inserted(self, ids: set[str]) -> Prepared:
         """Only the events in ``ids`` (the rows the insert wrote), as stored already."""
@@ -123,16 +115,6 @@ class Prepared:
             self.ruleset or other.ruleset,
             self.send_first or other.send_first,
         )
-
-
-class StaleProbe(Exception):
-    """A batch claimed an identifier that its pre-probe had found unowned but that had an
-    owner by then (someone claimed it in between): the batch must run again with a full
-    lock lookup (``Stitcher._commit_prepared``)."""
-
-    def __init__(self, identifiers: set[str]) -> None:
-        super().__init__(f"{len(identifiers)} identifiers claimed since the pre-probe")
-        self.identifiers = identifiers
 
 
 @dataclass
@@ -279,7 +261,7 @@ class Stitcher:
         time in retries (docs/benchmarks.md). Taken first, only a calculation holding the row
         at that very moment still conflicts. The batch reuses these owners when its
         identifiers are among them (``_apply``)."""
-        touched = prepared.touched
+        touched = frozenset(i for ev in prepared.events for i in ev.identifiers)
         owners = self.store.lock_owners(conn, sorted(touched))
         return dataclasses.replace(prepared, locked=Locked(touched, owners))
 
@@ -307,28 +289,16 @@ class Stitcher:
                 yield self._commit_prepared(conn, prepared, span)
                 if after is None or stop.is_set():
                     return
-        # The read-ahead also pre-probes which of the next batch's identifiers have an owner,
-        # so that its lock lookup skips the others. Between that probe and the lock only the
-        # batch in flight can commit (the read of batch N+1 is sent once N-1 committed): the
-        # identifiers the two batches share are looked up too. Anyone else's claim in between
-        # (a process that lost the lease, an admin's split) is caught by the batch's claim.
-        probe = not is_cockroach(reader)  # its claim cannot tell an overwrite (no xmax)
         with ThreadPoolExecutor(1, thread_name_prefix="stitch-read-ahead") as pool:
             span = self._sweep_span()
-            ahead = pool.submit(self._read_next, reader, None, span, probe)
-            in_flight: frozenset[str] = frozenset()
+            ahead = pool.submit(self._read_next, reader, None, span)
             while True:
                 prepared, after = ahead.result()
                 more = after is not None and not stop.is_set()
                 current = span
                 if more:
                     span = self._sweep_span()
-                    ahead = pool.submit(self._read_next, reader, after, span, probe)
-                touched = prepared.touched
-                if prepared.probed is not None:
-                    probed = prepared.probed | (touched & in_flight)
-                    prepared = dataclasses.replace(prepared, probed=probed)
-                in_flight = touched
+                    ahead = pool.submit(self._read_next, reader, after, span)
                 yield self._commit_prepared(conn, prepared, current)
                 if not more:
                     return
@@ -338,17 +308,11 @@ class Stitcher:
         return telemetry.tracer().start_span(telemetry.SPAN_STITCH_BATCH)
 
     def _read_next(
-        self,
-        conn: psycopg.Connection[Any],
-        after: rules.Cursor | None,
-        span: trace.Span,
-        probe: bool = False,
+        self, conn: psycopg.Connection[Any], after: rules.Cursor | None, span: trace.Span
     ) -> tuple[Prepared, rules.Cursor | None]:
         """The sweep's next batch after ``after``, read and normalised, and the cursor to
         continue from (None when this batch ends the pass). One query finds the events and
-        evaluates the rules (``rules.extract_next``); its span is a child of ``span``. With
-        ``probe``, a second one finds which of its identifiers have an owner now
-        (``Prepared.probed``)."""
+        evaluates the rules (``rules.extract_next``); its span is a child of ``span``."""
         limit = self.batch_size
         ruleset = self.rulebook.refresh(conn)
         with telemetry.tracer().start_as_current_span(
@@ -358,9 +322,6 @@ class Stitcher:
                 conn, self.schemas, ruleset.rules, limit, after, self.rulebook.timeout_ms
             )
         prepared = self._normalise(list(extracted.events), extracted, ruleset)
-        if probe:
-            owned = self.store.owned_among(conn, sorted(prepared.touched))
-            prepared = dataclasses.replace(prepared, probed=frozenset(owned))
         return prepared, (extracted.last if len(extracted.events) == limit else None)
 
     def _commit_prepared(
@@ -370,13 +331,7 @@ class Stitcher:
         batch's span (its retries too); the span ends with the commit."""
         span.set_attribute("events.requested", len(prepared.event_ids))
         with trace.use_span(span, end_on_exit=True):
-            try:
-                return self._own_transaction(conn, lambda: self._apply(conn, prepared))
-            except StaleProbe as exc:
-                log.info("%s: the batch runs again with a full lock lookup", exc)
-                span.set_attribute("stitch.probe_stale", len(exc.identifiers))
-                unprobed = dataclasses.replace(prepared, probed=None)
-                return self._own_transaction(conn, lambda: self._apply(conn, unprobed))
+            return self._own_transaction(conn, lambda: self._apply(conn, prepared))
 
     def _own_transaction(
         self, conn: psycopg.Connection[Any], work: Callable[[], BatchResult]
@@ -508,9 +463,7 @@ class Stitcher:
                     # in a cycle with another member's one round: give way at once instead of
                     # after deadlock_timeout (retried, retry.CONFLICT).
                     conn.execute(self.store.give_way)
-                probed = prepared.probed
-                lookup = touched if probed is None else [i for i in touched if i in probed]
-                owners = self.store.lock_owners(conn, lookup)
+                owners = self.store.lock_owners(conn, touched)
             # Reads that need nothing from each other go out together (one round trip each
             # group): every round trip of a batch's serial chain is paid for again waiting
             # for the GIL while another thread runs Python (docs/benchmarks.md).
@@ -563,12 +516,7 @@ class Stitcher:
                     owner = {i: e for i, e in owners.owner.items() if e not in gone}
                     plan = grouping.plan(grouped, owner, owners.keys)
                 with tracer.start_as_current_span(telemetry.SPAN_STITCH_WRITE):
-                    written = self.store.write(conn, plan, len(events), owners, prepared.probed)
-            # An identifier claimed by someone else after the pre-probe was taken over:
-            # undo the batch (its transaction rolls back) and stitch it again in full.
-            missed = written.overwritten() - (prepared.probed or frozenset())
-            if missed:
-                raise StaleProbe(missed)
+                    written = self.store.write(conn, plan, len(events), owners)
             result.events = written.events
             result.created = written.created
             result.merges = written.merged

@@ -7,8 +7,8 @@ clock_timestamp, array casts); that is documented, not verified here (no Cockroa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -101,11 +101,6 @@ def free_identifiers(schemas: Schemas) -> sql.Composed:
     )
 
 
-def _first_column_later(cursor: psycopg.Cursor[Any]) -> Callable[[], set[str]]:
-    """The first column of ``cursor``'s rows, read when called (after a pipeline)."""
-    return lambda: {r[0] for r in cursor.fetchall()}
-
-
 @dataclass(frozen=True)
 class Written:
     """What one batch changed, for progress lines and metrics."""
@@ -114,9 +109,6 @@ class Written:
     created: int
     merged: int
     absorbed: int
-    # With a pre-probe (``write``'s ``probed``): the claimed identifiers that were owned
-    # already, read after the pipeline; empty without one.
-    overwritten: Callable[[], set[str]] = field(default=set)
 
 
 class StitchStore:
@@ -242,27 +234,12 @@ class StitchStore:
         self.alias_live = q(
             "DELETE FROM {al} AS al USING unnest(%(ids)b::text[]) AS d(id) WHERE al.old_id = d.id"
         )
-        # Overwrites on conflict: a dangling identifier (its entity row deleted by hand) is
-        # not found by the lock lookup, so the batch claims it again.
-        claim = (
-            "INSERT INTO {ic} AS ic (identifier, cluster) SELECT u.ident, cl.cluster "
+        self.claim = q(
+            "INSERT INTO {ic} (identifier, cluster) SELECT u.ident, cl.cluster "
             "FROM unnest(%(idents)b::text[], %(owners)b::text[]) AS u(ident, owner) "
             "JOIN {cl} cl ON cl.entity_id = u.owner "
             "ON CONFLICT (identifier) DO UPDATE SET cluster = excluded.cluster"
         )
-        self.claim = q(claim)
-        # The same, after a pre-probe: it also returns the identifiers it overwrote (a row
-        # it updated carries this transaction's id as xmax, a row it inserted none), which
-        # the batch looked up only if the pre-probe had found them (``Stitcher._apply``).
-        self.claim_checked = q(
-            f"WITH c AS ({claim} RETURNING ic.identifier, ic.xmax) "
-            "SELECT identifier FROM c WHERE xmax <> '0'::xid"
-        )
-        # Which identifiers have a row at all, without locks: the sweep's read-ahead asks
-        # for the next batch while the batch before is written, so that the lock lookup
-        # in the batch's transaction probes only these (half of it at 10M was probing
-        # identifiers nobody owns: docs/benchmarks.md, thirteenth session).
-        self.probe_owned = q("SELECT identifier FROM {ic} WHERE identifier = ANY(%(idents)b)")
         # modified is the statement's clock, not the transaction's start: when this batch had
         # to wait for a calculation's row lock, the change must still sort after that
         # calculation's ``calculated``, or the entity would not be due again.
@@ -346,13 +323,6 @@ class StitchStore:
 
     # -- read --------------------------------------------------------------------------------
 
-    def owned_among(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> set[str]:
-        """Those of ``identifiers`` that have an owner row now (no lock: a pre-probe)."""
-        if not identifiers:
-            return set()
-        rows = conn.execute(self.probe_owned, {"idents": TextArray(identifiers)}).fetchall()
-        return {r[0] for r in rows}
-
     def lock_owners(self, conn: psycopg.Connection[Any], identifiers: list[str]) -> Owners:
         """Lock the entities owning ``identifiers``; return each identifier's entity, and each
         entity's first event key and cluster.
@@ -397,16 +367,9 @@ class StitchStore:
         return marked
 
     def write(
-        self,
-        conn: psycopg.Connection[Any],
-        plan: BatchPlan,
-        events: int,
-        owners: Owners,
-        probed: frozenset[str] | None = None,
+        self, conn: psycopg.Connection[Any], plan: BatchPlan, events: int, owners: Owners
     ) -> Written:
-        """Apply a plan: absorb, merge clusters, claim identifiers, upsert survivors. With
-        ``probed`` (the lock lookup looked only for these), the claim also reports which
-        identifiers it overwrote (``Written.overwritten``)."""
+        """Apply a plan: absorb, merge clusters, claim identifiers, upsert survivors."""
         old, new, why = [], [], []
         for comp in plan.components:
             for absorbed in comp.absorbed:
@@ -444,14 +407,11 @@ class StitchStore:
             added.append(sorted(new_to_entity))
             times.append(comp.first_key[0])
             firsts.append(comp.first_key[1])
-        overwritten: Callable[[], set[str]] = set
         if claim_idents:
-            claimed = conn.execute(
-                self.claim if probed is None else self.claim_checked,
+            conn.execute(
+                self.claim,
                 {"idents": TextArray(claim_idents), "owners": TextArray(claim_owners)},
             )
-            if probed is not None:
-                overwritten = _first_column_later(claimed)
         if ids:
             conn.execute(self.alias_live, {"ids": TextArray(ids)})
             conn.execute(
@@ -463,7 +423,7 @@ class StitchStore:
                     "firsts": TextArray(firsts),
                 },
             )
-        return Written(events, plan.created, plan.merges, len(old), overwritten)
+        return Written(events, plan.created, plan.merges, len(old))
 
     def _write_clusters(
         self, conn: psycopg.Connection[Any], plan: BatchPlan, clusters: dict[str, int]

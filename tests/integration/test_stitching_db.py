@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import subprocess
 import threading
@@ -17,7 +16,6 @@ from stream_cps.db import schema
 from stream_cps.db.arrays import TextArray
 from stream_cps.stitching.grouping import entity_id_for
 from stream_cps.stitching.stitcher import Stitcher
-from stream_cps.stitching.store import StitchStore
 from stream_cps_dev import embedded
 from stream_cps_dev.sample import generator
 from tests.support import (
@@ -32,16 +30,9 @@ from tests.support import (
 )
 
 
-def stitch_all(
-    stitcher: Stitcher,
-    conn: psycopg.Connection[Any],
-    reader: psycopg.Connection[Any] | None = None,
-) -> None:
-    for _ in stitcher.sweep(conn, reader):
+def stitch_all(stitcher: Stitcher, conn: psycopg.Connection[Any]) -> None:
+    for _ in stitcher.sweep(conn):
         pass
-
-
-RERUN = "the batch runs again with a full lock lookup"
 
 
 def test_merge_marks_survivor_records_alias_and_outbox_delete(
@@ -380,14 +371,10 @@ def test_rule_failing_on_some_events_of_a_large_batch_isolates_exactly_those(
         assert identifiers[eid] == ([] if eid in bad else [f"num:{k + 1}"])
 
 
-def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(
-    pg_server: Any, caplog: Any
-) -> None:
+def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(pg_server: Any) -> None:
     """The service's sweep (next batch read on a second connection while the current one is
     written) ends where the one-connection sweep ends, across many small batches."""
     import threading
-
-    caplog.set_level(logging.INFO)
 
     rows = list(generator.events(seed=13, persons=40, per_person=6))
     snapshots = []
@@ -404,7 +391,6 @@ def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(
             schema.migrate(conn, local.schemas)
             conn.execute(generator.config_sql(local.schemas))
             stitcher = Stitcher(local)
-            caplog.clear()
             for start in range(0, len(rows), 120):  # more arrives between passes
                 insert(conn, rows[start : start + 120])
                 if mode == "plain":
@@ -417,8 +403,6 @@ def test_read_ahead_sweep_pass_equals_the_oracle_and_the_plain_sweep(
             assert conn.execute(
                 "SELECT count(*) FROM customer_events WHERE stitched IS NULL"
             ).fetchone() == (0,)
-            # the identifiers a batch shares with the one in flight are looked up in full
-            assert not [r for r in caplog.records if RERUN in r.getMessage()]
             snapshots.append(snapshot(conn))
     assert snapshots[0] == snapshots[1]
 
@@ -528,18 +512,14 @@ def test_rekey_and_merge_cost_the_smaller_side_not_the_large_entity(
     assert observed(db) == expected(db)
 
 
-@pytest.mark.parametrize("read_ahead", [False, True])
 def test_entity_rows_deleted_by_hand_then_restitched_stitch_again(
-    db: psycopg.Connection[Any], settings: config.Settings, read_ahead: bool, caplog: Any
+    db: psycopg.Connection[Any], settings: config.Settings
 ) -> None:
     """customer_attributes rows deleted directly (not through the purge) leave their clusters
     behind; restitching their events must not trip over them, for founded, re-keyed and
-    merged entities alike. Read ahead, the pre-probe finds their dangling identifiers, so
-    the claim may take them over without running the batch again."""
-    caplog.set_level(logging.INFO)
+    merged entities alike."""
     setup_rules(db)
     stitcher = Stitcher(settings)
-    reader = psycopg.connect(settings.dsn, autocommit=True) if read_ahead else None
     insert(
         db,
         [
@@ -554,52 +534,12 @@ def test_entity_rows_deleted_by_hand_then_restitched_stitch_again(
     insert(  # a re-key of a1's entity, and a merge of b's and c's
         db, [event("a0", 5, cookie="ca"), event("bc", 40, email="b@x", cookie="cc")]
     )
-    stitch_all(stitcher, db, reader)
+    stitch_all(stitcher, db)
     assert observed(db) == expected(db)
     assert {r[0] for r in db.execute("SELECT customer_entity_id FROM customer_attributes")} == {
         entity_id_for("a0"),
         entity_id_for("b1"),
     }
-    assert not [r for r in caplog.records if RERUN in r.getMessage()]
-    if reader is not None:
-        reader.close()
-
-
-def test_an_identifier_claimed_between_the_pre_probe_and_the_lock_is_not_taken_over(
-    db: psycopg.Connection[Any], settings: config.Settings, caplog: Any, monkeypatch: Any
-) -> None:
-    """The read-ahead pre-probes which identifiers have an owner and the batch locks only
-    those. Another stitcher (a process that lost its lease) founds an entity with one of the
-    others in between: the batch must not claim that identifier over it (two entities would
-    share an email), but run again with a full lookup and join that entity."""
-    caplog.set_level(logging.INFO)
-    setup_rules(db)
-    insert(db, [event("a", 20, email="x@a", cookie="ca"), event("b", 30, cookie="cb")])
-    real_probe = StitchStore.owned_among
-    intruded: list[list[str]] = []
-
-    def probe_then_intrude(
-        store: StitchStore, conn: psycopg.Connection[Any], identifiers: list[str]
-    ) -> set[str]:
-        owned = real_probe(store, conn, identifiers)
-        if not intruded:
-            intruded.append(identifiers)
-            with psycopg.connect(settings.dsn, autocommit=True) as other:
-                insert(other, [event("x", 10, email="x@a")])
-                assert Stitcher(settings).stitch(other, ["x"]).created == 1
-        return owned
-
-    monkeypatch.setattr(StitchStore, "owned_among", probe_then_intrude)
-    with psycopg.connect(settings.dsn, autocommit=True) as reader:
-        stitch_all(Stitcher(settings), db, reader)
-    assert intruded == [["cookie:ca", "cookie:cb", "email:x@a"]]  # found none of them
-    assert observed(db) == expected(db)
-    assert observed(db)["a"] == entity_id_for("x")
-    owners = db.execute(
-        "SELECT count(*) FROM customer_attributes WHERE identifiers @> '{email:x@a}'"
-    ).fetchone()
-    assert owners == (1,)
-    assert [r for r in caplog.records if RERUN in r.getMessage()]
 
 
 def test_the_lock_lookup_finds_clusters_by_key_however_many_identifiers_a_batch_has(
