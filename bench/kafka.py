@@ -110,6 +110,9 @@ def main() -> int:
         admin.create_topics([NewTopic(topic, 3, 1), NewTopic(topic + "-dlq", 3, 1)])[topic].result(
             30
         )
+        # Clients this process no longer needs go now: alive when the broker stops at the
+        # end, they log a connection failure every second until the process exits.
+        del admin
         encode = avro_event if args.format == "avro" else json_event
         started = time.monotonic()
         producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20})
@@ -121,6 +124,7 @@ def main() -> int:
                 except BufferError:
                     producer.poll(0.1)
         producer.flush(60)
+        del producer
         n = len(rows)
         print(f"produced {n} {args.format} events in {time.monotonic() - started:.1f} s")
 
