@@ -2,7 +2,7 @@
 
     python bench/kafka.py [--events 50000] [--format avro|json] [--batch-sizes 500,2000]
                           [--modes replication,cli,inproc] [--rounds 3]
-                          [--order shuffled|time]
+                          [--order shuffled|time] [--statements]
 
 1. Produce the generated events to a fresh 3-partition topic (Avro with Confluent framing, or
    JSON), keyed by event id.
@@ -25,6 +25,13 @@ order. The replication path stitches a backlog in ``event_time`` order either wa
 reads the table); a Kafka member applies the topic's order, and an entity founded by a later
 event is re-keyed when an earlier one arrives.
 
+After each mode it prints where the CPU went while the events were stitched (CPU seconds by
+process: the service, each of its database sessions by role, the broker, the bench), and how
+many of the machine's cores that kept busy: a path that leaves cores idle waits on itself.
+
+``--statements`` loads pg_stat_statements and prints, after each mode, the statements that
+took most of its database's time (each mode runs in a database of its own).
+
 ``--rounds N`` runs the modes N times one after the other (the topic is produced once) and
 prints each round's ratios and their median: a single round lasts seconds, and its ratio
 moves by a tenth between runs on these machines.
@@ -44,6 +51,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +71,7 @@ from stream_cps.db import schema  # noqa: E402
 from stream_cps.service.kafka import KafkaLoop  # noqa: E402
 from stream_cps_dev import embedded  # noqa: E402
 from stream_cps_dev.encode import avro_event, json_event  # noqa: E402
+from stream_cps_dev.procstat import processes_cpu, server_pid, used_since  # noqa: E402
 from stream_cps_dev.sample import generator  # noqa: E402
 
 SCHEMAS = Schemas()
@@ -94,10 +103,16 @@ def main() -> int:
         help="the events as generated (a history in random time order) or sorted by "
         "event_time (as a live stream arrives); both paths get the same order",
     )
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="print each mode's top statements (pg_stat_statements, per database)",
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="stream-cps-bench-kafka-"))
-    server = embedded.start(workdir / "pg")
+    preload = {"shared_preload_libraries": "pg_stat_statements"} if args.statements else {}
+    server = embedded.start(workdir / "pg", settings=preload)
     lib = Path(os.environ.get(kafka_service.LIB_ENV) or ROOT / "infra" / "kafka" / ".lib")
     broker = kafka_service.start(workdir / "kafka", lib_dir=lib, timeout=120)
     try:
@@ -139,7 +154,7 @@ def main() -> int:
             for mode in args.modes.split(","):
                 if mode == "replication":
                     for size in sizes:
-                        e2e_s = replication(server, rows, workdir, size)
+                        e2e_s, dsn = replication(server, rows, workdir, size)
                         name = f"replication {size}".strip()
                         rates[name] = n / e2e_s
                         print(
@@ -147,10 +162,12 @@ def main() -> int:
                             f"events/s ({e2e_s:.2f} s first insert -> last stitch)",
                             flush=True,
                         )
+                        if args.statements:
+                            print_statements(dsn)
                     continue
                 for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-                    e2e_s, wall_s = end_to_end(
-                        server, broker.bootstrap, topic, n, batch_size, workdir, mode
+                    e2e_s, wall_s, dsn = end_to_end(
+                        server, broker, topic, n, batch_size, workdir, mode
                     )
                     rates[f"{mode} {batch_size}"] = n / e2e_s
                     print(
@@ -159,6 +176,8 @@ def main() -> int:
                         f"{wall_s:.1f} s incl. start), ratio to raw consume {raw_s / e2e_s:.4f}",
                         flush=True,
                     )
+                    if args.statements:
+                        print_statements(dsn)
             rounds.append(rates)
         report(rounds)
     finally:
@@ -220,12 +239,30 @@ def fresh_database(server: embedded.EmbeddedPostgres) -> str:
     return dsn
 
 
+def print_statements(dsn: str, top: int = 15) -> None:
+    """The statements that took most of this database's time (``--statements``): where one
+    mode's server time went, to compare the paths statement by statement."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        rows = conn.execute(
+            "SELECT calls, total_exec_time, rows, "
+            "left(regexp_replace(query, '\\s+', ' ', 'g'), 110) FROM pg_stat_statements "
+            "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND query NOT ILIKE '%%pg_stat%%' ORDER BY total_exec_time DESC LIMIT %s",
+            [top],
+        ).fetchall()
+    total = sum(float(r[1]) for r in rows)
+    print(f"   top {len(rows)} statements, {total:,.0f} ms in all:")
+    for calls, ms, nrows, query in rows:
+        print(f"   {float(ms):8,.0f} ms {calls:6} calls {nrows:8} rows  {query}")
+
+
 def replication(
     server: embedded.EmbeddedPostgres, rows: list[Any], workdir: Path, batch_size: str = ""
-) -> float:
+) -> tuple[float, str]:
     """COPY the events while `stream-cps run` (replication) is up; seconds from the COPY's
     insert to the last stitch (database clock). ``batch_size``: stitching.batch_size, when
-    not the default."""
+    not the default. Returns the seconds and the run's database."""
     dsn = fresh_database(server)
     env = {
         **os.environ,
@@ -251,7 +288,9 @@ def replication(
                 time.sleep(0.1)
             with conn.cursor() as cur:
                 generator.copy_events(cur, sql.Identifier(SCHEMAS.ce, "customer_events"), rows)
-            wait_stitched(conn, len(rows), lambda: process.poll() is None)
+            used = wait_stitched(
+                conn, len(rows), lambda: process.poll() is None, _cpu(conn, server, process.pid)
+            )
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
@@ -262,24 +301,25 @@ def replication(
         # The slot's name is the cluster's: the next replication run, in a database of its
         # own, creates it again.
         conn.execute("SELECT pg_drop_replication_slot('stream_cps')")
-        return float(span[0])
+        print_cpu(used)
+        return float(span[0]), dsn
 
 
 def end_to_end(
     server: embedded.EmbeddedPostgres,
-    bootstrap: str,
+    broker: kafka_service.KafkaBroker,
     topic: str,
     n: int,
     batch_size: int,
     workdir: Path,
     mode: str,
-) -> tuple[float, float]:
+) -> tuple[float, float, str]:
     dsn = fresh_database(server)
     name = dsn.rsplit("=", 1)[1]
     with psycopg.connect(dsn, autocommit=True) as conn:
         env = {
             "STREAM_CPS_DSN": dsn,
-            "STREAM_CPS_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "STREAM_CPS_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
             "STREAM_CPS_KAFKA_TOPICS": topic,
             "STREAM_CPS_KAFKA_GROUP_ID": f"bench-{name}",
             "STREAM_CPS_KAFKA_DEAD_LETTER_TOPIC": topic + "-dlq",
@@ -294,7 +334,9 @@ def end_to_end(
             thread = threading.Thread(target=service.run, daemon=True)
             thread.start()
             try:
-                wait_stitched(conn, n, thread.is_alive)
+                used = wait_stitched(
+                    conn, n, thread.is_alive, _cpu(conn, server, os.getpid(), broker.pid)
+                )
                 wall = time.monotonic() - started
             finally:
                 stop.set()
@@ -313,7 +355,12 @@ def end_to_end(
                     for _ in range(members)
                 ]
                 try:
-                    wait_stitched(conn, n, lambda: all(p.poll() is None for p in processes))
+                    used = wait_stitched(
+                        conn,
+                        n,
+                        lambda: all(p.poll() is None for p in processes),
+                        _cpu(conn, server, processes[0].pid, broker.pid),
+                    )
                     wall = time.monotonic() - started
                 finally:
                     for process in processes:
@@ -324,22 +371,74 @@ def end_to_end(
             "SELECT extract(epoch FROM max(stitched) - min(created)) FROM cdp_ce.customer_events"
         ).fetchone()
         assert span is not None
-        return float(span[0]), wall
+        print_cpu(used)
+        return float(span[0]), wall, dsn
 
 
-def wait_stitched(conn: psycopg.Connection[Any], n: int, alive: Callable[[], bool]) -> None:
-    """Until ``n`` events are stitched. The count is a sequential scan that grows with the
-    table (25-50 ms at 150,000 events), taken from the 2 cores the paths share: polled twice
-    a second, which only delays the stop, since the span measured is the database's clock."""
+@dataclass(frozen=True)
+class CpuUsed:
+    """CPU seconds by process between the first count that saw stitched events and the
+    last, and what was stitched and how long it took in between."""
+
+    events: int
+    seconds: float
+    by_process: dict[str, float]
+
+
+def _cpu(
+    conn: psycopg.Connection[Any], server: embedded.EmbeddedPostgres, service: int, broker: int = 0
+) -> Callable[[], dict[str, float]]:
+    """A reading of CPU seconds so far: the server's processes by role (the service's
+    sessions are named ``stream-cps <role>``), the service (``cli``: its first member; with
+    ``inproc`` it is the bench), the broker and, apart from the service, the bench."""
+    postmaster = server_pid(server.datadir)
+    named = {"service (python)": service}
+    if broker:
+        named["kafka broker"] = broker
+    if service != os.getpid():
+        named["bench"] = os.getpid()
+    return lambda: processes_cpu(conn, postmaster, named)
+
+
+def wait_stitched(
+    conn: psycopg.Connection[Any],
+    n: int,
+    alive: Callable[[], bool],
+    cpu: Callable[[], dict[str, float]],
+) -> CpuUsed:
+    """Until ``n`` events are stitched; the CPU used from the first count that saw stitched
+    events to the last. The count is a sequential scan that grows with the table (25-50 ms
+    at 150,000 events), taken from the 2 cores the paths share: polled twice a second, which
+    only delays the stop, since the span measured is the database's clock."""
+    first: tuple[int, float, dict[str, float]] | None = None
     while True:
         row = conn.execute(
             "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
         ).fetchone()
-        if row and row[0] >= n:
-            return
+        done = int(row[0]) if row else 0
+        if first is None and done:
+            first = (done, time.monotonic(), cpu())
+        if done >= n:
+            assert first is not None
+            used = used_since(first[2], cpu())
+            return CpuUsed(done - first[0], time.monotonic() - first[1], used)
         if not alive():
             raise SystemExit("the consumer stopped before stitching everything")
         time.sleep(POLL_EVERY)
+
+
+def print_cpu(used: CpuUsed) -> None:
+    """CPU seconds per 100,000 events by process, and the cores they kept busy: a path
+    that keeps fewer busy than the machine has is waiting on itself, not on the CPU."""
+    if used.events <= 0 or used.seconds <= 0:
+        return
+    per = 100_000 / used.events
+    total = sum(max(v, 0.0) for v in used.by_process.values())
+    shown = ", ".join(f"{name} {v * per:.1f}" for name, v in used.by_process.items() if v > 0.05)
+    print(
+        f"   CPU s per 100k events over the last {used.seconds:.1f} s: {shown}; "
+        f"{total / used.seconds:.2f} of {os.cpu_count()} cores busy"
+    )
 
 
 if __name__ == "__main__":
