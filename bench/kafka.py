@@ -431,6 +431,7 @@ def print_cpu(used: CpuUsed) -> None:
     """CPU seconds per 100,000 events by process, and the cores they kept busy: a path
     that keeps fewer busy than the machine has is waiting on itself, not on the CPU."""
     if used.events <= 0 or used.seconds <= 0:
+        print("   CPU: not measured (every event was stitched by the first count: too short a run)")
         return
     per = 100_000 / used.events
     total = sum(max(v, 0.0) for v in used.by_process.values())
