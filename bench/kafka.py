@@ -25,9 +25,13 @@ order. The replication path stitches a backlog in ``event_time`` order either wa
 reads the table); a Kafka member applies the topic's order, and an entity founded by a later
 event is re-keyed when an earlier one arrives.
 
-After each mode it prints where the CPU went while the events were stitched (CPU seconds by
-process: the service, each of its database sessions by role, the broker, the bench), and how
-many of the machine's cores that kept busy: a path that leaves cores idle waits on itself.
+After each mode it prints where the CPU went (CPU seconds per 100,000 events by process: the
+service or each member, each of their database sessions by role, the bench's own sessions,
+the broker, the bench's Python), and how many of the machine's cores that kept busy: a path
+that leaves cores idle waits on itself. The window starts, for ``replication``, when the
+bench starts its COPY (the path's work includes it) and, for a Kafka mode, at the first count
+that sees stitched events (the member's start and group join are not its work); it ends at
+the count that sees them all.
 
 ``--statements`` loads pg_stat_statements and prints, after each mode, the statements that
 took most of its database's time (each mode runs in a database of its own).
@@ -76,6 +80,9 @@ from stream_cps_dev.sample import generator  # noqa: E402
 
 SCHEMAS = Schemas()
 POLL_EVERY = 0.5  # s between counts of the stitched events (``wait_stitched``)
+POLL_FIRST = 0.1  # ... in the first seconds, so that even a short run's CPU has a window
+# The bench's own sessions (its COPY, its counts), named so in the CPU figures.
+BENCH_SESSION = "bench"
 
 
 def main() -> int:
@@ -154,7 +161,7 @@ def main() -> int:
             for mode in args.modes.split(","):
                 if mode == "replication":
                     for size in sizes:
-                        e2e_s, dsn = replication(server, rows, workdir, size)
+                        e2e_s, dsn = replication(server, broker, rows, workdir, size)
                         name = f"replication {size}".strip()
                         rates[name] = n / e2e_s
                         print(
@@ -258,7 +265,11 @@ def print_statements(dsn: str, top: int = 15) -> None:
 
 
 def replication(
-    server: embedded.EmbeddedPostgres, rows: list[Any], workdir: Path, batch_size: str = ""
+    server: embedded.EmbeddedPostgres,
+    broker: kafka_service.KafkaBroker,
+    rows: list[Any],
+    workdir: Path,
+    batch_size: str = "",
 ) -> tuple[float, str]:
     """COPY the events while `stream-cps run` (replication) is up; seconds from the COPY's
     insert to the last stitch (database clock). ``batch_size``: stitching.batch_size, when
@@ -272,7 +283,7 @@ def replication(
         "STREAM_CPS_LOG_LEVEL": "WARNING",
     }
     with (
-        psycopg.connect(dsn, autocommit=True) as conn,
+        psycopg.connect(dsn, autocommit=True, application_name=BENCH_SESSION) as conn,
         (workdir / "replication.log").open("wb") as log,
     ):
         process = subprocess.Popen(
@@ -286,11 +297,11 @@ def replication(
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("the replication service did not start")
                 time.sleep(0.1)
+            cpu = _cpu(conn, server, [process.pid], broker)
+            copying = (0, time.monotonic(), cpu())  # the COPY is the path's work too
             with conn.cursor() as cur:
                 generator.copy_events(cur, sql.Identifier(SCHEMAS.ce, "customer_events"), rows)
-            used = wait_stitched(
-                conn, len(rows), lambda: process.poll() is None, _cpu(conn, server, process.pid)
-            )
+            used = wait_stitched(conn, len(rows), lambda: process.poll() is None, cpu, copying)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
@@ -316,7 +327,7 @@ def end_to_end(
 ) -> tuple[float, float, str]:
     dsn = fresh_database(server)
     name = dsn.rsplit("=", 1)[1]
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, application_name=BENCH_SESSION) as conn:
         env = {
             "STREAM_CPS_DSN": dsn,
             "STREAM_CPS_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
@@ -334,9 +345,7 @@ def end_to_end(
             thread = threading.Thread(target=service.run, daemon=True)
             thread.start()
             try:
-                used = wait_stitched(
-                    conn, n, thread.is_alive, _cpu(conn, server, os.getpid(), broker.pid)
-                )
+                used = wait_stitched(conn, n, thread.is_alive, _cpu(conn, server, [], broker))
                 wall = time.monotonic() - started
             finally:
                 stop.set()
@@ -359,7 +368,7 @@ def end_to_end(
                         conn,
                         n,
                         lambda: all(p.poll() is None for p in processes),
-                        _cpu(conn, server, processes[0].pid, broker.pid),
+                        _cpu(conn, server, [p.pid for p in processes], broker),
                     )
                     wall = time.monotonic() - started
                 finally:
@@ -377,8 +386,8 @@ def end_to_end(
 
 @dataclass(frozen=True)
 class CpuUsed:
-    """CPU seconds by process between the first count that saw stitched events and the
-    last, and what was stitched and how long it took in between."""
+    """CPU seconds by process over a mode's window (``wait_stitched``), and the events
+    stitched and the seconds in it."""
 
     events: int
     seconds: float
@@ -386,17 +395,19 @@ class CpuUsed:
 
 
 def _cpu(
-    conn: psycopg.Connection[Any], server: embedded.EmbeddedPostgres, service: int, broker: int = 0
+    conn: psycopg.Connection[Any],
+    server: embedded.EmbeddedPostgres,
+    services: list[int],
+    broker: kafka_service.KafkaBroker,
 ) -> Callable[[], dict[str, float]]:
     """A reading of CPU seconds so far: the server's processes by role (the service's
-    sessions are named ``stream-cps <role>``), the service (``cli``: its first member; with
-    ``inproc`` it is the bench), the broker and, apart from the service, the bench."""
+    sessions are named ``stream-cps <role>``, the bench's ``bench``), the service's process
+    (or each member's; none for ``inproc``, which runs in the bench's), the broker and the
+    bench's own Python."""
     postmaster = server_pid(server.datadir)
-    named = {"service (python)": service}
-    if broker:
-        named["kafka broker"] = broker
-    if service != os.getpid():
-        named["bench"] = os.getpid()
+    named = {"kafka broker": broker.pid, "bench (python)": os.getpid()}
+    for i, pid in enumerate(services):
+        named["service (python)" if len(services) == 1 else f"member {i + 1} (python)"] = pid
     return lambda: processes_cpu(conn, postmaster, named)
 
 
@@ -405,12 +416,14 @@ def wait_stitched(
     n: int,
     alive: Callable[[], bool],
     cpu: Callable[[], dict[str, float]],
+    first: tuple[int, float, dict[str, float]] | None = None,
 ) -> CpuUsed:
-    """Until ``n`` events are stitched; the CPU used from the first count that saw stitched
-    events to the last. The count is a sequential scan that grows with the table (25-50 ms
-    at 150,000 events), taken from the 2 cores the paths share: polled twice a second, which
-    only delays the stop, since the span measured is the database's clock."""
-    first: tuple[int, float, dict[str, float]] | None = None
+    """Until ``n`` events are stitched; the CPU used from ``first`` (events stitched, clock
+    and CPU reading then), by default the first count that saw stitched events, to the last.
+    The count is a sequential scan that grows with the table (25-50 ms at 150,000 events),
+    taken from the 2 cores the paths share: polled twice a second after the first seconds,
+    which only delays the stop, since the span measured is the database's clock."""
+    started = time.monotonic()
     while True:
         row = conn.execute(
             "SELECT count(*) FROM cdp_ce.customer_events WHERE stitched IS NOT NULL"
@@ -424,21 +437,23 @@ def wait_stitched(
             return CpuUsed(done - first[0], time.monotonic() - first[1], used)
         if not alive():
             raise SystemExit("the consumer stopped before stitching everything")
-        time.sleep(POLL_EVERY)
+        time.sleep(POLL_FIRST if time.monotonic() - started < 2 else POLL_EVERY)
 
 
 def print_cpu(used: CpuUsed) -> None:
     """CPU seconds per 100,000 events by process, and the cores they kept busy: a path
     that keeps fewer busy than the machine has is waiting on itself, not on the CPU."""
     if used.events <= 0 or used.seconds <= 0:
-        print("   CPU: not measured (every event was stitched by the first count: too short a run)")
+        print("   CPU: not measured (every event was stitched by the first count: too short)")
         return
     per = 100_000 / used.events
-    total = sum(max(v, 0.0) for v in used.by_process.values())
+    # Unclipped: a session that closed meanwhile counts negative, its CPU being in "exited
+    # server processes" (procstat.used_since), so the total is whole.
+    total = sum(used.by_process.values())
     shown = ", ".join(f"{name} {v * per:.1f}" for name, v in used.by_process.items() if v > 0.05)
     print(
         f"   CPU s per 100k events over the last {used.seconds:.1f} s: {shown}; "
-        f"{total / used.seconds:.2f} of {os.cpu_count()} cores busy"
+        f"{total / used.seconds:.2f} of {len(os.sched_getaffinity(0))} cores busy"
     )
 
 

@@ -75,6 +75,8 @@ def processes_cpu(
 
 
 def used_since(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
-    """CPU seconds per role between two readings, largest first."""
-    spent = {k: round(v - before.get(k, 0.0), 2) for k, v in now.items()}
+    """CPU seconds per role between two readings, largest first. A role of the first reading
+    that is gone from the second (a session that closed, whose CPU the postmaster's
+    "exited server processes" now holds) counts negative, so that the total stays whole."""
+    spent = {k: round(now.get(k, 0.0) - before.get(k, 0.0), 2) for k in {**before, **now}}
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
