@@ -27,7 +27,11 @@ def run_bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[s
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=120)
+            try:
+                out, _ = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # it did not stop on the interrupt either
+                out, _ = proc.communicate()
             raise AssertionError(f"bench/kafka.py overran {timeout} s: {out[-2000:]}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
