@@ -298,7 +298,7 @@ def replication(
                     raise SystemExit("the replication service did not start")
                 time.sleep(0.1)
             cpu = _cpu(conn, server, [process.pid], broker)
-            copying = (0, time.monotonic(), cpu())  # the COPY is the path's work too
+            copying = Mark.now(0, cpu)  # the COPY is the path's work too
             with conn.cursor() as cur:
                 generator.copy_events(cur, sql.Identifier(SCHEMAS.ce, "customer_events"), rows)
             used = wait_stitched(conn, len(rows), lambda: process.poll() is None, cpu, copying)
@@ -385,6 +385,19 @@ def end_to_end(
 
 
 @dataclass(frozen=True)
+class Mark:
+    """The start of a mode's CPU window: events stitched by then, the clock, a CPU reading."""
+
+    events: int
+    clock: float
+    cpu: dict[str, float]
+
+    @classmethod
+    def now(cls, events: int, cpu: Callable[[], dict[str, float]]) -> Mark:
+        return cls(events, time.monotonic(), cpu())
+
+
+@dataclass(frozen=True)
 class CpuUsed:
     """CPU seconds by process over a mode's window (``wait_stitched``), and the events
     stitched and the seconds in it."""
@@ -416,10 +429,10 @@ def wait_stitched(
     n: int,
     alive: Callable[[], bool],
     cpu: Callable[[], dict[str, float]],
-    first: tuple[int, float, dict[str, float]] | None = None,
+    first: Mark | None = None,
 ) -> CpuUsed:
-    """Until ``n`` events are stitched; the CPU used from ``first`` (events stitched, clock
-    and CPU reading then), by default the first count that saw stitched events, to the last.
+    """Until ``n`` events are stitched; the CPU used from ``first``, by default the first
+    count that saw stitched events, to the last.
     The count is a sequential scan that grows with the table (25-50 ms at 150,000 events),
     taken from the 2 cores the paths share: polled twice a second after the first seconds,
     which only delays the stop, since the span measured is the database's clock."""
@@ -430,11 +443,11 @@ def wait_stitched(
         ).fetchone()
         done = int(row[0]) if row else 0
         if first is None and done:
-            first = (done, time.monotonic(), cpu())
+            first = Mark.now(done, cpu)
         if done >= n:
             assert first is not None
-            used = used_since(first[2], cpu())
-            return CpuUsed(done - first[0], time.monotonic() - first[1], used)
+            used = used_since(first.cpu, cpu())
+            return CpuUsed(done - first.events, time.monotonic() - first.clock, used)
         if not alive():
             raise SystemExit("the consumer stopped before stitching everything")
         time.sleep(POLL_FIRST if time.monotonic() - started < 2 else POLL_EVERY)

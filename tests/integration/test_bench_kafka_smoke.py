@@ -46,16 +46,17 @@ def test_kafka_benchmark_smoke_run() -> None:
     assert "end to end [replication]" in out and "end to end [cli]" in out
     assert re.search(r"cli 1000 / replication: \d+\.\d\d", out)
     # Each mode's CPU line: the stitching sessions by name, and the cores kept busy.
-    lines = re.findall(r"CPU s per 100k events over the last .*? of (\d+) cores busy", out)
+    lines = re.findall(
+        r"(CPU s per 100k events over the last .*; ([\d.]+) of (\d+) cores busy)", out
+    )
     assert len(lines) == 2, out
-    cpu = re.findall(r"CPU s per 100k events over the last .*", out)
+    cpu = [line for line, _, _ in lines]
     assert re.search(r"stream-cps stitching \d", cpu[0]) and "service (python)" in cpu[0]
     assert re.search(r"bench \d", cpu[0])  # the replication window includes the bench's COPY
     assert re.search(r"stream-cps kafka \d", cpu[1]) and "service (python)" in cpu[1]
-    for line, cores in zip(cpu, lines, strict=True):
-        busy = float(re.findall(r"; ([\d.]+) of \d+ cores busy", line)[0])
-        assert 0.1 < busy <= int(cores) + 0.25, line  # a whole total, not counted twice
-    assert int(lines[0]) == len(os.sched_getaffinity(0))
+    for line, busy, cores in lines:
+        assert 0.1 < float(busy) <= int(cores) + 0.25, line  # a whole total, not counted twice
+    assert int(lines[0][2]) == len(os.sched_getaffinity(0))
     # --statements: each mode's own database, so only the Kafka mode shows its insert.
     tops = re.split(r"top \d+ statements", out)
     assert len(tops) == 3, out
