@@ -326,10 +326,17 @@ ENTITIES_DIGEST = (
 )
 
 
-def restitch_all(conn: psycopg.Connection[Any], pid: int) -> dict[str, Any]:
+SLOT_BEHIND = (
+    "SELECT confirmed_flush_lsn < %s::pg_lsn FROM pg_replication_slots "
+    "WHERE slot_name = 'stream_cps'"
+)
+
+
+def restitch_all(conn: psycopg.Connection[Any], pid: int, profiler: Profile) -> dict[str, Any]:
     """The guide's restitch of everything on the whole database, timed until every entity is
-    purged and every event stitched again, with the service's peak RSS meanwhile; the entities
-    must come back the same (ids and identifiers depend only on the events)."""
+    purged and every event stitched again, with the service's peak RSS and the statements'
+    profile meanwhile; the entities must come back the same (ids and identifiers depend only
+    on the events)."""
     entities, digest = conn.execute(ENTITIES_DIGEST).fetchone() or (0, "")
     peak = [rss_mb(pid)]
     done = threading.Event()
@@ -345,15 +352,25 @@ def restitch_all(conn: psycopg.Connection[Any], pid: int) -> dict[str, Any]:
     sampler.start()
     pending = StitchStore(SCHEMAS).has_work  # an unstitched event or a purge signal
     try:
+        profiler.start()
         started = time.perf_counter()
         statements = []
         for statement in RESTITCH_ALL:
             begun = time.perf_counter()
             conn.execute(statement)
             statements.append(round(time.perf_counter() - begun, 2))
+        written = conn.execute("SELECT pg_current_wal_lsn()").fetchone()
         while (row := conn.execute(pending).fetchone()) and row[0]:
             time.sleep(0.5)
         seconds = time.perf_counter() - started
+        # The service has also read the statements' changes off its slot (a 10M-row
+        # transaction's ids: the stream reader's memory) when the slot has passed them.
+        while (
+            row := conn.execute(SLOT_BEHIND, [written[0] if written else None]).fetchone()
+        ) and row[0]:
+            time.sleep(0.5)
+        caught_up = time.perf_counter() - started
+        profile = profiler.collect()
     finally:
         done.set()
         sampler.join()
@@ -365,7 +382,9 @@ def restitch_all(conn: psycopg.Connection[Any], pid: int) -> dict[str, Any]:
         "entities": entities,
         "statements_s": statements,
         "seconds": round(seconds, 2),
+        "slot_caught_up_s": round(caught_up, 2),
         "rss_peak_mb": round(peak[0], 1),
+        "profile": profile,
     }
 
 
@@ -545,8 +564,9 @@ def main() -> int:
                     burst["restitch_one"] = restitch_one(conn)
                     _print_restitch_one(burst["restitch_one"])
                 if args.restitch_all:
-                    steps.append(restitch_all(conn, proc.pid))
+                    steps.append(restitch_all(conn, proc.pid, profiler))
                     _print(steps[-1])
+                    print_profile(steps[-1]["profile"])
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
@@ -593,8 +613,9 @@ def _print(step: dict[str, Any]) -> None:
         print(
             f"restitch all: {step['entities']:,} entities purged and rebuilt, every event "
             f"restitched, in {step['seconds']:.1f} s (the guide's statements "
-            f"{' + '.join(f'{s:.1f}' for s in step['statements_s'])} s of it); "
-            f"RSS peak {step['rss_peak_mb']:.0f} MB; entities unchanged",
+            f"{' + '.join(f'{s:.1f}' for s in step['statements_s'])} s of it); the slot passed "
+            f"the statements after {step['slot_caught_up_s']:.1f} s; RSS peak "
+            f"{step['rss_peak_mb']:.0f} MB; entities unchanged",
             flush=True,
         )
         return
