@@ -70,6 +70,13 @@ def is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.Error) and exc.sqlstate in _CONFLICT_STATES
 
 
+def rows_held(exc: BaseException) -> bool:
+    """A batch that gave way on a row lock (55P03, its ``lock_timeout``) more often than
+    ``CONFLICT`` retries it: another transaction holds the rows for long, such as the guide's
+    ``UPDATE customer_events`` of a restitch of everything (minutes at 10M events)."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate == "55P03"
+
+
 def lost_to_a_commit(exc: BaseException) -> bool:
     """A serialization failure (40001): a transaction that changed what this one read has
     committed, so trying again at once sees its change instead of colliding with it."""
@@ -255,10 +262,28 @@ CONFLICT = RetryPolicy(
     # (docs/benchmarks.md): the store has committed; waiting was 4-9% of a member's time.
     at_once=lost_to_a_commit,
 )
+# A batch that keeps giving way to rows another transaction holds: the loops wait as long as
+# that transaction runs (until stopped), in the session they have. As a "database unavailable"
+# failure it restarted the whole session (and the replication stream) every few seconds.
+HELD = RetryPolicy(
+    "stitching waits for rows another transaction holds (an UPDATE of customer_events?)",
+    first=0.2,
+    longest=5.0,
+    attempts=None,
+    jitter=0.2,
+    retry_on=rows_held,
+)
 # An always-on loop whose database went away: outlives restarts and failovers.
 DATABASE = RetryPolicy("database unavailable", first=0.5, longest=30.0, attempts=None, jitter=0.5)
 # One Kafka batch's transaction (a lost connection is reopened on the next try).
-KAFKA_BATCH = RetryPolicy("kafka batch", first=0.2, longest=5.0, attempts=8)
+# Rows held for long are ``HELD``'s (the loop waits, however long the other transaction runs).
+KAFKA_BATCH = RetryPolicy(
+    "kafka batch",
+    first=0.2,
+    longest=5.0,
+    attempts=8,
+    retry_on=lambda exc: is_transient(exc) and not rows_held(exc),
+)
 # Producing to Kafka after the batch committed (dead letters, command copies).
 KAFKA_PRODUCE = RetryPolicy("kafka produce", first=0.2, longest=5.0, attempts=5)
 # A schema registry look-up.

@@ -10,6 +10,7 @@ stitched rows. Any number of processes may share the group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from stream_cps import retry, telemetry
 from stream_cps.config import Settings
 from stream_cps.db import schema
 from stream_cps.db.connect import connect
-from stream_cps.errors import StreamCpsError
+from stream_cps.errors import Stopped, StreamCpsError
 from stream_cps.observe.health import Health
 from stream_cps.service.backlog import Backlog
 from stream_cps.service.progress import Progress
@@ -79,7 +80,9 @@ class KafkaLoop:
             self._conn = connect(self.settings.dsn, role="kafka", autocommit=True)
             self.source.open()
             self.health.role = "member"
-            self._loop(dead_topic)
+            # Stopped while a batch waited for held rows: not committed, so redelivered.
+            with contextlib.suppress(Stopped):
+                self._loop(dead_topic)
         finally:
             try:
                 self.source.close()
@@ -183,7 +186,12 @@ class KafkaLoop:
         where: dict[str, str],
     ) -> None:
         """The commit order of the module docstring, for one batch."""
-        stats = retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes, ruled))
+        # Rows another transaction holds for long (the guide's restitch script) are waited
+        # for, not counted against the batch's tries (retry.HELD).
+        stats = retry.HELD.call(
+            lambda: retry.KAFKA_BATCH.call(lambda: self._apply(batch.envelopes, ruled)),
+            stop=self.stop,
+        )
         retry.KAFKA_PRODUCE.call(lambda: dead_topic.publish(stats.dead_letters))
         with telemetry.tracer().start_as_current_span(
             telemetry.SPAN_SOURCE_COMMIT,

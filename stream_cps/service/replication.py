@@ -9,6 +9,7 @@ transactions, and the stitcher skips rows that are already stitched. Rows the sl
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -162,15 +163,15 @@ class ReplicationLoop:
                     },
                 ):
                     telemetry.record(telemetry.SPAN_SOURCE_POLL, started, telemetry.now())
-                    if len(batch.event_ids) >= batch_size:
-                        # A backlog: the sweep takes it (these rows included, they are
-                        # committed and unstitched) earliest first and reading ahead, instead
-                        # of in insertion order; replayed rows it already stitched cost one
-                        # empty query, not a lookup each.
-                        self._sweep(conn, ahead)
+                    if batch.backlog:
+                        # The sweep takes it (these rows included, they are committed and
+                        # unstitched) earliest first and reading ahead, instead of in
+                        # insertion order; replayed rows it already stitched cost one empty
+                        # query, not a lookup each.
+                        self._patiently(lambda: self._sweep(conn, ahead))
                         last_sweep = time.monotonic()
                     else:
-                        self._record(self.stitcher.stitch(conn, batch.event_ids))
+                        self._patiently(functools.partial(self._stitch, conn, batch.event_ids))
                     if self.stop.is_set():
                         return  # not acknowledged: replayed and skipped on restart
                     if batch.ack_lsn is not None:
@@ -191,21 +192,38 @@ class ReplicationLoop:
                 check_cost = time.monotonic() - checked
                 if work:
                     with telemetry.root(telemetry.SPAN_STITCH_SWEEP, telemetry.now()):
-                        self._sweep(conn, ahead)
+                        self._patiently(lambda: self._sweep(conn, ahead))
                 last_sweep = time.monotonic()
                 self.progress.lag_bytes = self.source.lag_bytes(conn)
             self.progress.maybe_log()
+
+    def _stitch(self, conn: psycopg.Connection[Any], event_ids: list[str]) -> None:
+        self._record(self.stitcher.stitch(conn, event_ids))
 
     def _sweep(self, conn: psycopg.Connection[Any], ahead: psycopg.Connection[Any]) -> None:
         """Stitch everything still unstitched (and run pending purges)."""
         for result in self.stitcher.sweep(conn, ahead, self.stop):
             self._record(result)
 
+    def _patiently(self, work: Callable[[], None]) -> None:
+        """``work``, waiting in this session while another transaction holds its rows
+        (``retry.HELD``: the guide's restitch script), the stream kept alive meanwhile."""
+        retry.HELD.call(work, stop=self.stop, sleep=self._wait_alive)
+
+    def _wait_alive(self, seconds: float) -> None:
+        """A retry's wait that keeps the replication connection and the health beat alive."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.stop.wait(min(left, 1.0))
+            self.source.keepalive()
+            self.health.beat("stitching")
+
     def _record(self, result: BatchResult) -> None:
         # A full batch means more is waiting: calculation holds back (service/backlog.py).
         self.backlog.report(result.events >= self.settings.stitching.batch_size)
         self.progress.add(result)
         self.health.beat("stitching")
+        self.source.keepalive()  # a sweep reads no stream for as long as it runs
         self.progress.maybe_log()  # also during long sweeps (a restitch of everything)
 
     def _register_lag_gauge(self) -> None:

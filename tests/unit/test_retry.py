@@ -133,6 +133,36 @@ def test_conflict_policy_retries_only_lost_conflicts() -> None:
     assert not retry.is_conflict(Transient("x"))
 
 
+def test_rows_held_for_long_are_waited_for_not_counted_against_a_kafka_batch() -> None:
+    """A batch giving way to the guide's restitch script (55P03, minutes at 10M) past
+    ``CONFLICT``'s tries: ``HELD`` waits without an attempt limit, until stopped, and a Kafka
+    batch does not spend its eight tries on it (before, the member gave up after about a
+    minute and the replication session restarted as if the database were away)."""
+    held = psycopg.errors.LockNotAvailable("x")
+    assert retry.rows_held(held) and not retry.rows_held(psycopg.errors.DeadlockDetected("x"))
+    assert not retry.KAFKA_BATCH.retry_on(held)
+    assert retry.KAFKA_BATCH.retry_on(psycopg.errors.AdminShutdown("x"))
+    assert retry.HELD.attempts is None and not retry.HELD.retry_on(Transient("x"))
+    stop = threading.Event()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if len(slept) == 50:
+            stop.set()  # the script still runs; SIGTERM arrives
+
+    def still_held() -> None:  # CONFLICT's ten quick tries, then the failure surfaces
+        retry.CONFLICT.call(lambda: _raise(held), sleep=lambda _s: None)
+
+    with pytest.raises(Stopped):
+        retry.HELD.call(still_held, stop=stop, sleep=sleep)
+    assert len(slept) == 50 and max(slept) <= retry.HELD.longest + retry.HELD.jitter
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
 def test_a_failed_produce_is_classified_the_same_for_every_producer() -> None:
     timed_out = KafkaError(KafkaError._MSG_TIMED_OUT)
     too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)

@@ -54,7 +54,7 @@ class PeekReader(SlotSource):
         if not rows:
             ack = head  # heartbeat: nothing of ours before ``head``, let the slot move on
             time.sleep(wait)
-        return SlotBatch(list(ids), ack, len(rows))
+        return SlotBatch(list(ids), ack, len(rows), backlog=len(ids) >= max_changes)
 
     def ack(self, conn: psycopg.Connection[Any], lsn: int) -> None:
         row = conn.execute(
@@ -71,6 +71,9 @@ class PeekReader(SlotSource):
 
 # Microseconds between the Unix epoch and PostgreSQL's (2000-01-01), for status updates.
 _PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# A status update at least this often while the stream is not read (a fraction of the
+# server's wal_sender_timeout, this at most when it is off or long).
+KEEPALIVE_EVERY = 10.0
 
 
 class StreamReader(SlotSource):
@@ -80,8 +83,11 @@ class StreamReader(SlotSource):
         super().__init__(dsn, schemas, slot, publication)
         self.repl: psycopg.Connection[Any] | None = None
         self.open_txn: dict[str, None] = {}
+        self.overflowed = False  # the open transaction has more unstitched rows than listed
         self.flushed = 0
         self.server_end = 0
+        self.keepalive_every = KEEPALIVE_EVERY
+        self._last_status = 0.0
 
     def _pgconn(self) -> pq.abc.PGconn:
         if self.repl is None or self.repl.closed:
@@ -97,6 +103,7 @@ class StreamReader(SlotSource):
         while True:
             repl = psycopg.connect(dsn, autocommit=True)
             pg = repl.pgconn
+            self.keepalive_every = _keepalive_every(pg)
             # Names are validated lower-case identifiers (config); the walsender takes no params.
             pg.send_query(
                 f"START_REPLICATION SLOT {self.slot} LOGICAL 0/0 "
@@ -116,6 +123,8 @@ class StreamReader(SlotSource):
             time.sleep(0.2)
         self.repl = repl
         self.open_txn = {}
+        self.overflowed = False
+        self._last_status = time.monotonic()
         self.decoder = Decoder(NEEDED_COLUMNS)
         log.info("streaming slot %s", self.slot)
 
@@ -125,6 +134,7 @@ class StreamReader(SlotSource):
         ids: dict[str, None] = {}
         ack: int | None = None
         messages = 0
+        backlog = False
         while len(ids) < max_changes:
             size, data = pg.get_copy_data(1)
             if size == 0:
@@ -145,10 +155,18 @@ class StreamReader(SlotSource):
                 messages += 1
                 message = self.decoder.decode(chunk[25:])
                 if isinstance(message, RowChange) and self._is_unstitched(message):
-                    self.open_txn[str(message.values["id"])] = None
+                    # A transaction's ids up to a batch's worth: the rest is the sweep's
+                    # (``SlotBatch.backlog``), and memory stays bounded through a COPY of ten
+                    # million events in one transaction.
+                    if len(self.open_txn) < max_changes:
+                        self.open_txn[str(message.values["id"])] = None
+                    else:
+                        self.overflowed = True
                 elif isinstance(message, Commit):
                     ids.update(self.open_txn)
+                    backlog = backlog or self.overflowed
                     self.open_txn = {}
+                    self.overflowed = False
                     ack = message.end_lsn
             elif chunk[:1] == b"k":
                 wal_end, _, reply = struct.unpack("!QqB", chunk[1:18])
@@ -158,22 +176,52 @@ class StreamReader(SlotSource):
         if ack is None and not ids and not self.open_txn and self.server_end > self.flushed:
             # Heartbeat: everything the server sent up to its keepalive position is processed.
             ack = self.server_end
-        return SlotBatch(list(ids), ack, messages)
+        return SlotBatch(list(ids), ack, messages, backlog=backlog or len(ids) >= max_changes)
 
     def ack(self, conn: psycopg.Connection[Any], lsn: int) -> None:
         self.flushed = max(self.flushed, lsn)
         self._status(self.flushed)
+
+    def keepalive(self) -> None:
+        """A status update (the position already acknowledged) when none went out for a
+        while. The walsender ends a connection that has not replied for
+        ``wal_sender_timeout`` (60 s by default), and a sweep through a large backlog, or a
+        batch waiting for the rows of the guide's restitch script, reads no stream for
+        minutes: the session then started over, decoding again from the slot's restart
+        point. A connection that is gone is closed here and reopened by the next poll."""
+        if self.repl is None or self.repl.closed:
+            return
+        if time.monotonic() - self._last_status < self.keepalive_every:
+            return
+        try:
+            self._status(self.flushed)
+        except psycopg.OperationalError as exc:
+            log.info("replication stream lost while not read (reopened by the next poll): %s", exc)
+            self.close()
 
     def _status(self, lsn: int) -> None:
         now = int((datetime.now(UTC) - _PG_EPOCH).total_seconds() * 1_000_000)
         pg = self._pgconn()
         pg.put_copy_data(b"r" + struct.pack("!QQQqB", lsn, lsn, lsn, now, 0))
         pg.flush()
+        self._last_status = time.monotonic()
 
     def close(self) -> None:
         if self.repl is not None and not self.repl.closed:
             self.repl.close()
         self.repl = None
+
+
+def _keepalive_every(pg: pq.abc.PGconn) -> float:
+    """A quarter of the walsender's own ``wal_sender_timeout`` (it may be set per role or
+    connection), at most ``KEEPALIVE_EVERY``. Asked with the simple protocol, the only one a
+    replication connection speaks."""
+    result = pg.exec_(b"SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'")
+    value = result.get_value(0, 0) if result.status == pq.ExecStatus.TUPLES_OK else None
+    timeout_ms = int(value) if value else 0
+    if timeout_ms <= 0:
+        return KEEPALIVE_EVERY
+    return min(KEEPALIVE_EVERY, timeout_ms / 4000)
 
 
 def reader(settings: Settings) -> SlotSource:

@@ -52,11 +52,16 @@ def invalidated(slot: str, message: str) -> SlotInvalidated | None:
 @dataclass(frozen=True)
 class SlotBatch:
     """Unstitched event ids carried by whole transactions, and the LSN to acknowledge after
-    they are stitched (None: nothing new to acknowledge)."""
+    they are stitched (None: nothing new to acknowledge).
+
+    ``backlog``: at least a batch's worth, or a transaction too big to list every id of (a
+    backfill COPYing ten million events at once): the sweep takes it, finding the rows by
+    ``stitched IS NULL``, so ``event_ids`` need not hold them all."""
 
     event_ids: list[str]
     ack_lsn: int | None
     messages: int
+    backlog: bool = False
 
 
 class SlotSource:
@@ -244,6 +249,10 @@ class SlotSource:
     def ack(self, conn: psycopg.Connection[Any], lsn: int) -> None:
         """Report ``lsn`` as done; only ever called after the work up to it committed."""
         raise NotImplementedError
+
+    def keepalive(self) -> None:
+        """Tell the server the reader is alive while the stitcher is busy elsewhere (a long
+        sweep, waiting for rows a script holds); readers without a stream have nothing to do."""
 
     def close(self) -> None:
         """Release what the reader holds open."""
