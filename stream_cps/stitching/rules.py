@@ -289,8 +289,10 @@ def extract_next(
     """Evaluate every rule against the next ``limit`` unstitched events after ``after`` in
     (event_time, id) order, finding and reading them in the same query (the sweep's read).
 
-    When a rule fails, the events are named first and the failing (rule, event) pairs are
-    isolated as in ``extract``.
+    When the query fails, the events are named first and evaluated by id as in ``extract``,
+    which isolates the failing (rule, event) pairs. A timeout here need not be a rule's: while
+    a long transaction (the guide's restitch of everything) holds uncommitted unstitched rows,
+    the scan walks their index entries, and the same rules by id run in time.
     """
     source = sql.SQL(
         "SELECT * FROM {events} WHERE stitched IS NULL {after} "
@@ -312,7 +314,21 @@ def extract_next(
         return extracted
     except psycopg.Error as exc:
         _raise_unless_isolable(conn, exc)
-        log.warning("rule evaluation failed for the next %d unstitched events; isolating", limit)
+        if _timed_out(exc):
+            log.warning(
+                "reading the next %d unstitched events with the rules took longer than "
+                "stitching.rule_timeout_ms (%d ms; a long transaction on customer_events slows "
+                "the scan); evaluating them by id",
+                limit,
+                timeout_ms,
+            )
+        else:
+            log.warning(
+                "rule evaluation failed for the next %d unstitched events (%s); evaluating "
+                "them by id",
+                limit,
+                _message(exc),
+            )
     with conn.transaction():
         found = conn.execute(
             sql.SQL(
@@ -320,7 +336,7 @@ def extract_next(
             ).format(source),
             params,
         ).fetchall()
-    extracted = _isolate(conn, schemas, rules, [str(r[0]) for r in found], timeout_ms)
+    extracted = extract(conn, schemas, rules, [str(r[0]) for r in found], timeout_ms)
     extracted.last = _cursor(found)
     return extracted
 
