@@ -259,7 +259,7 @@ def _cmd_init(settings: config.Settings, args: argparse.Namespace) -> int:
         print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
         from stream_cps.db.server_settings import slow_settings
 
-        for warning in slow_settings(conn):
+        for warning in slow_settings(conn, settings.schemas):
             log.warning("%s", warning)  # a log line: "stream-cps: ..." lines are errors
         if args.service_role:
             from stream_cps.db import roles

@@ -7,8 +7,9 @@ writes the whole page to WAL) and the hot indexes outgrowing the buffer cache ar
 The database's collation is checked too: under a locale-aware one (libc other than C/POSIX,
 ICU) every comparison in the text indexes (event ids, identifiers, entity ids) is a locale
 comparison, not a byte comparison, and stitching was 6-10% slower in bench/stitch.py even
-with libc's C.UTF-8. ``init`` logs a warning per finding and ``status`` shows them; nothing is
-refused.
+with libc's C.UTF-8. And shared_buffers is compared with what it has to hold: the tables every
+batch probes at random (about 2 GB at 10M events). ``init`` logs a warning per finding and
+``status`` shows them; nothing is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from stream_cps.config import Schemas
 from stream_cps.db.connect import is_cockroach
 
 # (setting, floor in bytes or seconds, the floor as postgresql.conf writes it, why)
@@ -27,9 +29,9 @@ FLOORS: tuple[tuple[str, float, str, str], ...] = (
 )
 
 
-def slow_settings(conn: psycopg.Connection[Any]) -> list[str]:
-    """One warning line per setting (and for the database's collation) that will make
-    stitching slow."""
+def slow_settings(conn: psycopg.Connection[Any], schemas: Schemas) -> list[str]:
+    """One warning line per setting (and for the database's collation, and a buffer cache
+    smaller than the tables it must hold) that will make stitching slow."""
     rows = conn.execute(
         "SELECT name, setting::numeric * CASE unit WHEN '8kB' THEN 8192 WHEN 'kB' THEN 1024 "
         "WHEN 'MB' THEN 1048576 WHEN 'min' THEN 60 WHEN 'ms' THEN 0.001 ELSE 1 END, "
@@ -44,10 +46,46 @@ def slow_settings(conn: psycopg.Connection[Any]) -> list[str]:
                 f"{name} is {found[name][1]} (at least {wanted} recommended): {why} "
                 "(docs/benchmarks.md, 'PostgreSQL settings')"
             )
-    collation = slow_collation(conn)
-    if collation is not None:
-        warnings.append(collation)
+    for warning in (slow_collation(conn), outgrown_cache(conn, schemas)):
+        if warning is not None:
+            warnings.append(warning)
     return warnings
+
+
+def hot_relations(schemas: Schemas) -> list[str]:
+    """What every batch probes at random (the lock lookup, the entity upsert, the marking's
+    GIN entries), with their indexes: at 10M events identifier_clusters 675 MB,
+    customer_attributes 909 MB, the GIN index 389 MB. With shared_buffers of 2 GB the bench's
+    bursts at 10M read almost nothing from outside it; with 128 MB the marking read 300,000
+    blocks per 100,000 events (docs/benchmarks.md, 'PostgreSQL settings')."""
+    quoted = [
+        (schemas.ps, "identifier_clusters"),
+        (schemas.cdp, "customer_attributes"),
+        (schemas.ce, "customer_events_identifiers_idx"),
+    ]
+    return [f'"{schema}"."{name}"' for schema, name in quoted]
+
+
+def outgrown_cache(conn: psycopg.Connection[Any], schemas: Schemas) -> str | None:
+    """A warning when the hot tables are larger than shared_buffers, else None. The floor in
+    ``FLOORS`` is for a small database; this one grows with the data."""
+    if is_cockroach(conn):
+        return None
+    row = conn.execute(
+        "SELECT current_setting('shared_buffers'), pg_size_bytes(current_setting("
+        "'shared_buffers')), sum(pg_total_relation_size(to_regclass(r))), "
+        "pg_size_pretty(sum(pg_total_relation_size(to_regclass(r)))) "
+        "FROM unnest(%s::text[]) AS r",
+        [hot_relations(schemas)],
+    ).fetchone()
+    if row is None or row[2] is None or row[2] <= row[1]:
+        return None
+    return (
+        f"shared_buffers is {row[0]}, less than the {row[3]} of identifier_clusters, "
+        "customer_attributes and the identifiers GIN index, which every batch probes at "
+        "random: their pages are read from outside the buffer cache (a restitch of everything "
+        "wants about twice their size; docs/benchmarks.md, 'PostgreSQL settings')"
+    )
 
 
 # Collations whose comparisons are byte comparisons: libc's C and POSIX, and every locale of

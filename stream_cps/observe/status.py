@@ -200,7 +200,7 @@ def read(
     snap.quarantined = _capped_count(
         conn, sql.Identifier(ps, "quarantined_identifiers"), "state = 'quarantined'"
     )
-    snap.settings = slow_settings(conn)
+    snap.settings = slow_settings(conn, schemas)
     try:
         with conn.transaction():
             conn.execute(f"SET LOCAL statement_timeout = '{STATEMENT_TIMEOUT}'")

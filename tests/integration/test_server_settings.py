@@ -12,7 +12,9 @@ import psycopg
 import psycopg.conninfo
 import pytest
 
-from stream_cps.db.server_settings import slow_collation, slow_settings
+from stream_cps.config import Schemas
+from stream_cps.db import schema
+from stream_cps.db.server_settings import outgrown_cache, slow_collation, slow_settings
 from stream_cps_dev import embedded
 
 
@@ -48,7 +50,7 @@ def test_no_warning_on_a_tuned_server(tmp_path: Path) -> None:
     )
     try:
         with psycopg.connect(server.dsn) as conn:
-            assert slow_settings(conn) == []
+            assert slow_settings(conn, Schemas()) == []
     finally:
         embedded.destroy(server)
 
@@ -79,7 +81,7 @@ def test_a_locale_collation_is_named_and_byte_order_ones_are_not(
             assert warning is not None
             assert warning.startswith("the database's collation is C.UTF-8 (libc)")
             assert "TEMPLATE template0 LOCALE_PROVIDER builtin BUILTIN_LOCALE" in warning
-            assert slow_settings(conn)[-1] == warning
+            assert slow_settings(conn, Schemas())[-1] == warning
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
@@ -95,5 +97,33 @@ def test_the_embedded_server_compares_bytes(tmp_path: Path) -> None:
                 "SELECT datlocprovider FROM pg_database WHERE datname = current_database()"
             ).fetchone()
             assert row == ("b",)
+    finally:
+        embedded.destroy(server)
+
+
+def test_a_buffer_cache_smaller_than_the_hot_tables_is_named(tmp_path: Path) -> None:
+    """The floors are for a small database; what shared_buffers must hold grows with the
+    data. A server with 1MB of it: no warning while the tables are empty, one naming both
+    sizes once identifier_clusters outgrows it (``init`` logs it, ``status`` lists it)."""
+    server = embedded.start(tmp_path / "pg", settings={"shared_buffers": "1MB"})
+    try:
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            assert outgrown_cache(conn, Schemas()) is None  # not initialised yet
+            schema.migrate(conn, Schemas())
+            assert outgrown_cache(conn, Schemas()) is None
+            conn.execute(
+                "INSERT INTO cdp_ps.identifier_clusters (identifier, cluster) "
+                "SELECT 'email:person' || g || '@example.com', g FROM generate_series(1, 30000) g"
+            )
+            warning = outgrown_cache(conn, Schemas())
+            assert warning is not None
+            size = conn.execute(
+                "SELECT pg_size_pretty(pg_total_relation_size('cdp_ps.identifier_clusters') "
+                "+ pg_total_relation_size('customer_attributes') "
+                "+ pg_total_relation_size('cdp_ce.customer_events_identifiers_idx'))"
+            ).fetchone()
+            assert size is not None
+            assert warning.startswith(f"shared_buffers is 1MB, less than the {size[0]} of ")
+            assert warning in slow_settings(conn, Schemas())
     finally:
         embedded.destroy(server)
