@@ -58,12 +58,12 @@ def hot_relations(schemas: Schemas) -> list[str]:
     customer_attributes 909 MB, the GIN index 389 MB. With shared_buffers of 2 GB the bench's
     bursts at 10M read almost nothing from outside it; with 128 MB the marking read 300,000
     blocks per 100,000 events (docs/benchmarks.md, 'PostgreSQL settings')."""
-    quoted = [
+    names = [
         (schemas.ps, "identifier_clusters"),
         (schemas.cdp, "customer_attributes"),
         (schemas.ce, "customer_events_identifiers_idx"),
     ]
-    return [f'"{schema}"."{name}"' for schema, name in quoted]
+    return [f'"{schema}"."{name}"' for schema, name in names]
 
 
 def outgrown_cache(conn: psycopg.Connection[Any], schemas: Schemas) -> str | None:
