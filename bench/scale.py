@@ -326,9 +326,9 @@ ENTITIES_DIGEST = (
 )
 
 
+SLOT = "stream_cps"  # the service's slot (``service``); the paired baselines use their own
 SLOT_BEHIND = (
-    "SELECT confirmed_flush_lsn < %s::pg_lsn FROM pg_replication_slots "
-    "WHERE slot_name = 'stream_cps'"
+    "SELECT confirmed_flush_lsn < %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s"
 )
 
 
@@ -366,7 +366,7 @@ def restitch_all(conn: psycopg.Connection[Any], pid: int, profiler: Profile) -> 
         # The service has also read the statements' changes off its slot (a 10M-row
         # transaction's ids: the stream reader's memory) when the slot has passed them.
         while (
-            row := conn.execute(SLOT_BEHIND, [written[0] if written else None]).fetchone()
+            row := conn.execute(SLOT_BEHIND, [written[0] if written else None, SLOT]).fetchone()
         ) and row[0]:
             time.sleep(0.5)
         caught_up = time.perf_counter() - started
@@ -389,7 +389,7 @@ def restitch_all(conn: psycopg.Connection[Any], pid: int, profiler: Profile) -> 
 
 
 def service(
-    dsn: str, workdir: Path, batch_size: int, slot: str = "stream_cps", log_name: str = "service"
+    dsn: str, workdir: Path, batch_size: int, slot: str = SLOT, log_name: str = "service"
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,

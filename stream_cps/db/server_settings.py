@@ -72,10 +72,10 @@ def outgrown_cache(conn: psycopg.Connection[Any], schemas: Schemas) -> str | Non
     if is_cockroach(conn):
         return None
     row = conn.execute(
-        "SELECT current_setting('shared_buffers'), pg_size_bytes(current_setting("
-        "'shared_buffers')), sum(pg_total_relation_size(to_regclass(r))), "
-        "pg_size_pretty(sum(pg_total_relation_size(to_regclass(r)))) "
-        "FROM unnest(%s::text[]) AS r",
+        "SELECT current_setting('shared_buffers'), "
+        "pg_size_bytes(current_setting('shared_buffers')), total, pg_size_pretty(total) "
+        "FROM (SELECT sum(pg_total_relation_size(to_regclass(r))) AS total "
+        "FROM unnest(%s::text[]) AS r) hot",
         [hot_relations(schemas)],
     ).fetchone()
     if row is None or row[2] is None or row[2] <= row[1]:
